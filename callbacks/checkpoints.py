@@ -1,0 +1,112 @@
+"""Step checkpoints as directories: ``<output_dir>/checkpoints/<step>/``.
+
+Each holds the Lightning checkpoint (``checkpoint.ckpt``: trainable weights, optimiser, scheduler,
+loop and data-sampler state), the weights in diffusers format (usable on their own) and
+``tracker_state.json``. A checkpoint is written under a temporary name and renamed when whole; the
+limit removes old checkpoints only after that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+CKPT_NAME = "checkpoint.ckpt"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.isdigit() and (p / CKPT_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def resolve_checkpoint(spec: str | None, root: str | os.PathLike) -> str | None:
+    """``latest`` -> the newest complete checkpoint under ``root`` (None if there is none);
+    a step directory or a ``.ckpt`` path -> that file."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(root)
+        return str(found[-1] / CKPT_NAME) if found else None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / CKPT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no checkpoint at {path}")
+    return str(path)
+
+
+class StepCheckpoint(L.Callback):
+    """Save every ``every_n_steps`` optimiser steps and at the last step; keep at most ``total_limit``."""
+
+    def __init__(self, dirpath: str | os.PathLike, every_n_steps: int | None, total_limit: int | None = None):
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.total_limit = total_limit
+        self._last_saved = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_saved = trainer.global_step  # never re-save the step we resumed from
+
+    def _is_last_batch(self, trainer: L.Trainer) -> bool:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return True
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
+        return trainer.max_steps < 0 and last_epoch and trainer.is_last_batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if step <= 0 or step == self._last_saved:
+            return
+        periodic = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        if periodic or self._is_last_batch(trainer):
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        step = trainer.global_step
+        final = self.dirpath / str(step)
+        tmp = self.dirpath / f".tmp-{step}"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        trainer.strategy.barrier("tuner.checkpoint.mkdir")
+        trainer.save_checkpoint(tmp / CKPT_NAME, weights_only=False)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            pl_module.save_weights(tmp, full_pipeline=False)
+            (tmp / "tracker_state.json").write_text(json.dumps(self.tracker_state(trainer), indent=1))
+            if final.exists():  # a re-run of the same step replaces it, still only once the new one is whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            log.info("checkpoint saved: %s", final)
+            self._prune()
+        trainer.strategy.barrier("tuner.checkpoint.done")
+        self._last_saved = step
+        return final
+
+    def tracker_state(self, trainer: L.Trainer) -> dict:
+        datamodule = trainer.datamodule
+        batch_size = getattr(datamodule, "batch_size", 1)
+        batches = trainer.fit_loop.total_batch_idx + 1
+        return {
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "images_seen": batches * batch_size * trainer.world_size,
+            "data": datamodule.state_dict() if datamodule is not None else {},
+        }
+
+    def _prune(self) -> None:
+        if not self.total_limit or self.total_limit < 1:
+            return
+        for old in list_checkpoints(self.dirpath)[: -self.total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint removed (checkpoints_total_limit=%d): %s", self.total_limit, old)

@@ -1,0 +1,3 @@
+from datamodules.datamodule import DiffusionDataModule, EmptyDatasetError
+
+__all__ = ["DiffusionDataModule", "EmptyDatasetError"]

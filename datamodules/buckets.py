@@ -1,0 +1,112 @@
+"""Aspect buckets and the stateful, distributed-aware bucket batch sampler."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+RESOLUTION_TYPES = ("pixel", "area")
+MAX_ASPECT = 4.0  # wider or taller images are cropped to this ratio rather than given a sliver bucket
+
+
+def _align(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def bucket_for(width: int, height: int, resolution: float, resolution_type: str, step: int = 64) -> tuple[int, int]:
+    """The (width, height) bucket of an image of the given size.
+
+    ``area``: the bucket's area is ``resolution``² pixels (or ``resolution`` megapixels when it is
+    below 16), with the image's aspect ratio. ``pixel``: the shorter edge is ``resolution``. Both edges
+    are then aligned to ``step``, so images of near-equal aspect share a bucket.
+    """
+    aspect = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
+    if resolution_type == "area":
+        area = resolution * 1e6 if resolution < 16 else resolution**2
+        w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+    elif resolution_type == "pixel":
+        w, h = (resolution * aspect, resolution) if aspect >= 1 else (resolution, resolution / aspect)
+    else:
+        raise ValueError(f"unknown resolution_type {resolution_type!r}; valid: {', '.join(RESOLUTION_TYPES)}")
+    return _align(w, step), _align(h, step)
+
+
+class BucketBatchSampler:
+    """Yields batches of ``(index, epoch)`` keys in which every sample shares one bucket.
+
+    - A bucket smaller than a batch, or a bucket's last partial batch, is filled by repeating its own
+      images, so no image is dropped.
+    - The batch order is a pure function of (seed, epoch); ranks take disjoint slices of it
+      (padded so every rank gets the same count, which DDP needs).
+    - ``state_dict``/``load_state_dict`` hold the position inside an epoch, for exact resume.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[tuple[int, int]],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not buckets:
+            raise ValueError("no samples to batch")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, bucket in enumerate(buckets):
+            groups[tuple(bucket)].append(index)
+        self.groups = dict(sorted(groups.items()))
+        self.epoch = 0
+        self._resume: dict | None = None
+
+    def _all_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        batches = []
+        for indices in self.groups.values():
+            order = list(indices)
+            rng.shuffle(order)
+            short = -len(order) % self.batch_size
+            order += [order[i % len(order)] for i in range(short)]  # fill from the bucket itself
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        pad = -len(batches) % self.world_size
+        return batches + batches[:pad]
+
+    def __len__(self) -> int:
+        total = sum(math.ceil(len(ix) / self.batch_size) for ix in self.groups.values())
+        return math.ceil(total / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler`` at each epoch start; this
+        # sampler keeps its own epoch, so it stands as its own inner sampler.
+        return self
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        mine = self._all_batches(epoch)[self.rank :: self.world_size]
+        start = 0
+        if self._resume is not None:
+            if self._resume["epoch"] == epoch:
+                start = self._resume["batch"]
+            self._resume = None
+        for batch in mine[start:]:
+            yield [(index, epoch) for index in batch]
+
+    def state_dict(self, batches_done: int) -> dict:
+        return {"epoch": self.epoch, "batch": batches_done, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(
+                f"checkpoint was written with {state['world_size']} processes, this run has {self.world_size}; "
+                "the sampler position cannot be carried over"
+            )
+        self._resume = {"epoch": int(state["epoch"]), "batch": int(state["batch"])}

@@ -1,0 +1,244 @@
+"""The LightningDataModule: scan datasets, bucket them, and serve one-bucket batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.buckets import BucketBatchSampler, bucket_for
+from datamodules.captions import caption_for
+from datamodules.images import IMAGE_EXTENSIONS, load_rgb, probe, resize_and_crop, to_tensor
+
+log = logging.getLogger(__name__)
+
+# Keys a dataset entry may set; any it leaves out come from the data-level defaults.
+DATASET_KEYS = (
+    "path",
+    "resolution",
+    "resolution_type",
+    "bucket_step",
+    "crop_style",
+    "caption_strategy",
+    "instance_prompt",
+    "minimum_image_size",
+)
+
+
+class EmptyDatasetError(ValueError):
+    """No usable image in any dataset: raised before any model weights load."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    width: int  # after EXIF orientation
+    height: int
+    bucket: tuple[int, int]  # (w, h)
+    caption: str
+    dataset: str
+    crop_style: str
+
+
+def scan_folder(name: str, spec: dict) -> tuple[list[Sample], list[dict], int]:
+    """Every image under ``spec['path']`` (recursive): usable samples, skipped {path, reason}, fallbacks."""
+    root = Path(spec["path"]).expanduser()
+    if not root.is_dir():
+        raise EmptyDatasetError(f"data path {str(root)!r} (dataset {name!r}) is not a directory")
+    usable, skipped, fallbacks = [], [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            if filename.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                if path.stat().st_size == 0:
+                    raise ValueError("empty file")
+                width, height = probe(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                skipped.append({"path": str(path), "reason": f"unreadable image: {err}"})
+                continue
+            if min(width, height) < spec["minimum_image_size"]:
+                reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
+                skipped.append({"path": str(path), "reason": reason})
+                continue
+            try:
+                caption, fell_back = caption_for(path, spec["caption_strategy"], spec["instance_prompt"])
+            except OSError as err:
+                skipped.append({"path": str(path), "reason": f"unreadable caption: {err}"})
+                continue
+            fallbacks += fell_back
+            bucket = bucket_for(width, height, spec["resolution"], spec["resolution_type"], spec["bucket_step"])
+            usable.append(Sample(str(path), width, height, bucket, caption, name, spec["crop_style"]))
+    return usable, skipped, fallbacks
+
+
+class BucketedImageDataset(Dataset):
+    """Loads ``samples[index]`` resized and cropped to its bucket. Keys are ``(index, epoch)``."""
+
+    def __init__(self, samples: list[Sample], seed: int):
+        self.samples, self.seed = samples, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        sample = self.samples[index]
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")  # random crops repeat exactly on resume
+        image, (top, left) = resize_and_crop(load_rgb(sample.path), sample.bucket, sample.crop_style, rng)
+        bw, bh = sample.bucket
+        return {
+            "pixels": to_tensor(image),
+            "caption": sample.caption,
+            "original_size": (sample.height, sample.width),
+            "crop_top_left": (top, left),
+            "target_size": (bh, bw),
+        }
+
+
+def collate(items: list[dict]) -> dict[str, Any]:
+    return {
+        "pixels": torch.stack([it["pixels"] for it in items]),  # (B, 3, H, W), one bucket
+        "captions": [it["caption"] for it in items],
+        "original_size": torch.tensor([it["original_size"] for it in items]),  # (B, 2) as (h, w)
+        "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),  # (B, 2) as (y, x)
+        "target_size": torch.tensor([it["target_size"] for it in items]),  # (B, 2) as (h, w)
+    }
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    """One or more image folders, aspect-bucketed, in one-bucket batches.
+
+    Data-level keys are the defaults for every entry of ``datasets``; with no entries, ``path`` is the
+    single dataset. ``caption_dropout_probability`` is read by the model's training step, not here.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        batch_size: int = 1,
+        resolution: float = 1024,
+        resolution_type: str = "area",
+        bucket_step: int = 64,
+        crop_style: str = "center",
+        caption_strategy: str = "filename",
+        caption_dropout_probability: float = 0.1,
+        instance_prompt: str | None = None,
+        minimum_image_size: int = 0,
+        num_workers: int = 0,
+        datasets: dict[str, dict] | None = None,
+        seed: int = 0,
+        report_path: str | None = None,
+    ):
+        super().__init__()
+        defaults = {
+            "path": path,
+            "resolution": resolution,
+            "resolution_type": resolution_type,
+            "bucket_step": bucket_step,
+            "crop_style": crop_style,
+            "caption_strategy": caption_strategy,
+            "instance_prompt": instance_prompt,
+            "minimum_image_size": minimum_image_size,
+        }
+        entries = datasets or {"default": {}}
+        self.specs = {
+            name: {k: (entry.get(k) if entry.get(k) is not None else defaults[k]) for k in DATASET_KEYS}
+            for name, entry in entries.items()
+        }
+        for name, spec in self.specs.items():
+            if not spec["path"]:
+                raise EmptyDatasetError(f"dataset {name!r} has no path: set data.path or data.datasets.{name}.path")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.report_path = report_path
+        self.samples: list[Sample] | None = None
+        self._resume: dict | None = None
+        self._sampler: BucketBatchSampler | None = None
+
+    def scan(self) -> list[Sample]:
+        """Scan every dataset once; write the report; fail clearly when nothing is usable."""
+        if self.samples is not None:
+            return self.samples
+        usable, skipped, fallbacks = [], [], 0
+        for name, spec in self.specs.items():
+            u, s, f = scan_folder(name, spec)
+            usable += u
+            skipped += s
+            fallbacks += f
+        if self.report_path:
+            self._write_report(usable, skipped)
+        buckets: dict[tuple[int, int], int] = {}
+        for sample in usable:
+            buckets[sample.bucket] = buckets.get(sample.bucket, 0) + 1
+        log.info(
+            "data: %d usable, %d skipped, %d captions from file names for want of a sidecar; buckets %s",
+            len(usable),
+            len(skipped),
+            fallbacks,
+            {f"{w}x{h}": n for (w, h), n in sorted(buckets.items())},
+        )
+        for item in skipped:
+            log.warning("skipped %s: %s", item["path"], item["reason"])
+        if not usable:
+            paths = ", ".join(repr(spec["path"]) for spec in self.specs.values())
+            raise EmptyDatasetError(
+                f"no usable images in {paths} ({len(skipped)} skipped; see dataset_report.json for reasons)"
+            )
+        self.samples = usable
+        return usable
+
+    def _write_report(self, usable: list[Sample], skipped: list[dict]) -> None:
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0:
+            return
+        report = {
+            "usable": [
+                {k: v for k, v in asdict(s).items() if k in ("path", "width", "height", "bucket", "caption", "dataset")}
+                for s in usable
+            ],
+            "skipped": skipped,
+        }
+        path = Path(self.report_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, path)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.scan()
+
+    def train_dataloader(self) -> DataLoader:
+        samples = self.scan()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self._sampler = BucketBatchSampler([s.bucket for s in samples], self.batch_size, self.seed, rank, world)
+        if self._resume is not None:
+            self._sampler.load_state_dict(self._resume)
+            self._resume = None
+        return DataLoader(
+            BucketedImageDataset(samples, self.seed),
+            batch_sampler=self._sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    # The position inside the epoch comes from the trainer's own progress counters, not from how far
+    # the loader's iterator ran: Lightning prefetches a batch ahead, so the iterator is always early.
+    def state_dict(self) -> dict:
+        if self._sampler is None or self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"sampler": self._sampler.state_dict(batches_done=done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state.get("sampler")

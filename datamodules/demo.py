@@ -1,0 +1,46 @@
+"""A small generated image set for the built-in demo and the tests: shapes on plain backgrounds."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+_SHAPES = ("circle", "square")
+# Three aspect ratios so the demo exercises more than one bucket.
+_SIZES = ((96, 96), (128, 80), (80, 128))
+
+
+def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Path:
+    """Write ``count`` PNGs named by their caption (e.g. ``a red circle on white.png``) atomically."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    rng = random.Random(seed)
+    try:
+        for i in range(count):
+            colour = list(_COLOURS)[i % len(_COLOURS)]
+            shape = _SHAPES[(i // len(_COLOURS)) % len(_SHAPES)]
+            w, h = _SIZES[i % len(_SIZES)]
+            img = Image.new("RGB", (w, h), (250, 250, 250))
+            draw = ImageDraw.Draw(img)
+            r = rng.randint(min(w, h) // 5, min(w, h) // 3)
+            cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=_COLOURS[colour])
+            img.save(tmp / f"a {colour} {shape} on white ({i}).png")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path.is_dir() and any(path.iterdir())):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,244 @@
+"""The shared LightningModule: everything a diffusion family does the same way.
+
+A family subclass (models/sd.py, models/sdxl.py) supplies only what differs: how its components load,
+how prompts are encoded, how the denoiser is called and how its diffusers pipeline is assembled.
+This base owns the training step (built from models/objectives.py), LoRA/full setup through peft,
+optimiser wiring over the trainable parameters only, slim checkpoints and export.
+
+The surface other parts use: ``pipeline()`` (sampling), ``trainable_state_dict()`` and
+``save_weights(dir)`` (export), ``encode_images`` / ``encode_prompts`` (caching).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+
+from models import objectives as obj
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DiffusionModule(L.LightningModule):
+    #: diffusers pipeline class, used for LoRA export and ``pipeline()``.
+    pipeline_class: ClassVar[type]
+    #: peft target modules when ``lora.target_modules`` is not set.
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    #: keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16).
+    vae_in_fp32: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        family: str,
+        finetune: str = "lora",
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+        revision: str | None = None,
+        variant: str | None = None,
+        prediction_type: str | None = None,
+        timestep_sampling: str = "uniform",
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
+        min_snr_gamma: float | None = None,
+        zero_terminal_snr: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        caption_dropout_probability: float = 0.0,
+        mixed_precision: str = "no",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        # Frozen weights are left out of checkpoints (on_save_checkpoint), so loading is not strict.
+        self.strict_loading = False
+
+        load_kwargs = {"revision": revision, "variant": variant}
+        for name, component in self.load_components(pretrained_model_name_or_path, load_kwargs).items():
+            setattr(self, name, component)
+        self._setup_noise_schedule(pretrained_model_name_or_path, revision)
+        self._setup_trainable(finetune, dict(lora or {}), DTYPES[mixed_precision], gradient_checkpointing)
+
+    # ---- what a family supplies -------------------------------------------------------------
+    def load_components(self, path: str, load_kwargs: dict) -> dict[str, Any]:
+        """Load ``unet``, ``vae``, text encoders and tokenizers with ``from_pretrained``."""
+        raise NotImplementedError
+
+    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of captions (an empty caption is the unconditional prompt)."""
+        raise NotImplementedError
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
+        """Call the denoiser with the family's conditioning. noisy: (B, C, h, w) -> (B, C, h, w)."""
+        raise NotImplementedError
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """Keyword arguments for ``pipeline_class`` beyond the scheduler, from the in-memory modules."""
+        raise NotImplementedError
+
+    def lora_layers(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``save_lora_weights`` keyword -> diffusers-format LoRA state dict. The denoiser by default."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))}
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _setup_noise_schedule(self, path: str, revision: str | None) -> None:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        self.scheduler_config = dict(sched.config)  # the checkpoint's own inference scheduler config
+        betas = sched.betas
+        if self.hparams.zero_terminal_snr:
+            betas = obj.rescale_zero_terminal_snr(betas)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas.float(), 0), persistent=False)
+        self.prediction_type = self.hparams.prediction_type or sched.config.prediction_type
+        if self.prediction_type not in obj.PREDICTION_TYPES:
+            raise ValueError(
+                f"model.prediction_type={self.prediction_type!r}; valid: {', '.join(obj.PREDICTION_TYPES)}"
+            )
+        if self.hparams.zero_terminal_snr and self.prediction_type != "v_prediction":
+            log.warning("zero_terminal_snr with %s prediction: the last timestep has nothing to predict", self.prediction_type)
+
+    def _setup_trainable(self, finetune: str, lora: dict, weight_dtype: torch.dtype, checkpointing: bool) -> None:
+        for module in self.children():
+            module.requires_grad_(False)
+        vae_dtype = torch.float32 if self.vae_in_fp32 else weight_dtype
+        for name, module in self.named_children():
+            dtype = vae_dtype if name == "vae" else weight_dtype
+            frozen = name != "unet" or finetune == "lora"
+            if frozen and next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
+        if finetune == "lora":
+            from diffusers.training_utils import cast_training_params
+            from peft import LoraConfig
+
+            rank = int(lora.get("rank", 16))
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=lora.get("alpha") or rank,
+                lora_dropout=float(lora.get("dropout", 0.0)),
+                init_lora_weights="gaussian",
+                target_modules=list(lora.get("target_modules") or self.default_lora_targets),
+            )
+            self.unet.add_adapter(config)
+            cast_training_params(self.unet, dtype=torch.float32)  # only what trains is upcast
+        elif finetune == "full":
+            self.unet.requires_grad_(True)
+        else:
+            raise ValueError(f"model.finetune={finetune!r}; valid: lora, full")
+        if checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info("%s: %s trainable parameters (%s)", type(self).__name__, f"{n_train:,}", finetune)
+
+    def train(self, mode: bool = True):
+        # Lightning puts the whole module in train mode; frozen parts stay in eval (no dropout).
+        super().train(mode)
+        for name, module in self.named_children():
+            if name != "unet":
+                module.eval()
+        return self
+
+    # ---- training -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = dist.sample(generator=generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def _step_generator(self, batch_idx: int) -> torch.Generator:
+        # Every random draw of a step comes from a generator keyed by (seed, epoch, batch, rank), so a
+        # resumed run draws exactly what a straight run would, without saving RNG state.
+        seed = obj.step_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator().manual_seed(seed)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        hp = self.hparams
+        with torch.no_grad():
+            latents = self.encode_images(batch["pixels"], generator).float()
+            captions = obj.drop_captions(batch["captions"], hp.caption_dropout_probability, generator)
+            cond = self.encode_prompts(captions)
+        noise = obj.offset_noise(obj.randn(latents.shape, generator, latents), hp.noise_offset, generator)
+        timesteps = obj.sample_timesteps(
+            latents.shape[0],
+            len(self.alphas_cumprod),
+            generator,
+            hp.timestep_sampling,
+            hp.min_timestep,
+            hp.max_timestep,
+        ).to(self.device)
+        noisy = obj.add_noise(
+            latents, obj.perturb_noise(noise, hp.input_perturbation, generator), self.alphas_cumprod, timesteps
+        )
+        pred = self.denoise(noisy, timesteps, cond, batch)
+        tgt = obj.target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
+        weights = None
+        if hp.min_snr_gamma:
+            snr = obj.snr(self.alphas_cumprod, timesteps)
+            weights = obj.min_snr_weights(snr, hp.min_snr_gamma, self.prediction_type)
+        return obj.weighted_mse(pred, tgt, weights)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self._step_generator(batch_idx))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["captions"]))
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints and export -------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that train, by their module path: all a checkpoint needs of the weights."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen VAE, text encoders and (under LoRA) the base denoiser stay out of .ckpt files.
+        keep = set(self.trainable_state_dict())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def pipeline(self):
+        """The family's diffusers pipeline, assembled from the in-memory modules (nothing reloaded)."""
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, self.scheduler_config.get("_class_name", "DDPMScheduler"))
+        scheduler = scheduler_cls.from_config(self.scheduler_config)
+        return self.pipeline_class(scheduler=scheduler, **self.pipeline_components())
+
+    def save_weights(self, directory: str | Path, full_pipeline: bool = True) -> Path:
+        """Write the trained weights in diffusers format.
+
+        LoRA: ``<dir>/pytorch_lora_weights.safetensors``. Full: ``<dir>/pipeline/`` (the whole pipeline),
+        or ``<dir>/unet/`` alone when ``full_pipeline`` is false (checkpoints).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.hparams.finetune == "lora":
+            self.pipeline_class.save_lora_weights(directory, **self.lora_layers(), safe_serialization=True)
+            return directory / "pytorch_lora_weights.safetensors"
+        if full_pipeline:
+            self.pipeline().save_pretrained(directory / "pipeline", safe_serialization=True)
+            return directory / "pipeline"
+        self.unet.save_pretrained(directory / "unet", safe_serialization=True)
+        return directory / "unet"

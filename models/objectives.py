@@ -1,0 +1,147 @@
+"""The diffusion training objective as small pure functions.
+
+Each takes tensors (and a ``torch.Generator`` where it draws noise) and returns tensors; none of them
+touches a model. ``models/base.py`` composes them into the training step. Every scheme is named and
+an unknown name raises ``ValueError``, in the manner of ``diffusers.training_utils``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SAMPLING = ("uniform",)
+
+
+def randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``like``'s device and dtype.
+
+    Drawing on a CPU generator keeps runs bit-identical across devices and resumes.
+    """
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+    scheme: str = "uniform",
+    min_timestep: int = 0,
+    max_timestep: int | None = None,
+) -> torch.Tensor:
+    """Integer timesteps in ``[min_timestep, max_timestep)``, one per sample. Shape (B,)."""
+    high = num_train_timesteps if max_timestep is None else max_timestep
+    if not 0 <= min_timestep < high <= num_train_timesteps:
+        raise ValueError(f"timestep range [{min_timestep}, {high}) is outside [0, {num_train_timesteps})")
+    if scheme == "uniform":
+        return torch.randint(min_timestep, high, (batch_size,), generator=generator, dtype=torch.long)
+    raise ValueError(f"unknown timestep sampling {scheme!r}; valid: {', '.join(TIMESTEP_SAMPLING)}")
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Add a per-(sample, channel) constant to the noise, so the model can learn to shift mean brightness.
+
+    Guttenberg 2023, "Diffusion with Offset Noise". Shape of ``noise``: (B, C, H, W).
+    """
+    if strength == 0:
+        return noise
+    b, c = noise.shape[:2]
+    return noise + strength * randn((b, c, 1, 1), generator, noise)
+
+
+def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """Input perturbation: noise the input with ``noise + gamma * n'`` but keep ``noise`` as the target.
+
+    Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models".
+    """
+    if gamma == 0:
+        return noise
+    return noise + gamma * randn(noise.shape, generator, noise)
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) broadcastable against ``like``."""
+    return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(
+    latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Forward diffusion q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
+    a = _expand(alphas_cumprod[timesteps.cpu()], latents)
+    out = a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()
+    return out.to(latents.dtype)
+
+
+def target(
+    prediction_type: str,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """What the denoiser is trained to predict.
+
+    ``epsilon``: the noise. ``v_prediction``: v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
+    (Salimans & Ho 2022, "Progressive Distillation", sec. 4).
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = _expand(alphas_cumprod[timesteps.cpu()], latents)
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()).to(latents.dtype)
+    raise ValueError(f"unknown prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t) at each timestep. Shape (B,)."""
+    a = alphas_cumprod[timesteps.cpu()].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
+
+    The paper's weight min(SNR, gamma) is for x_0 loss; for an epsilon loss it becomes min(SNR, gamma)/SNR
+    and for a v loss min(SNR, gamma)/(SNR + 1).
+    """
+    clipped = torch.clamp(snr_values, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr_values
+    if prediction_type == "v_prediction":
+        return clipped / (snr_values + 1)
+    raise ValueError(f"unknown prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+
+def weighted_mse(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, optionally weighted per sample, averaged over the batch."""
+    per_sample = (pred.float() - tgt.float()).pow(2).flatten(1).mean(1)  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device)
+    return per_sample.mean()
+
+
+def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by the empty prompt with ``probability`` (classifier-free guidance training)."""
+    if probability == 0:
+        return list(captions)
+    draws = torch.rand(len(captions), generator=generator)
+    return ["" if d < probability else c for c, d in zip(captions, draws.tolist())]
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale a beta schedule so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
+    alphas_bar_sqrt = torch.cumprod(1 - betas.double(), 0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1 - alphas).to(betas.dtype)
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (run seed, epoch, batch, rank), stable across runs."""
+    return random.Random(":".join(str(p) for p in parts)).getrandbits(63)

@@ -1,0 +1,250 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML files in conf/ are merged onto these dataclasses, so a misspelled key, a wrong type or an
+unknown enum value fails while the config is composed, before any weights load. ``check`` adds the
+rules that span keys. Nothing here imports torch or the model stack.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from datetime import datetime
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class Finetune(Enum):
+    lora = "lora"
+    full = "full"
+
+
+class MixedPrecision(Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ResolutionType(Enum):
+    pixel = "pixel"
+    area = "area"
+
+
+class CropStyle(Enum):
+    center = "center"
+    random = "random"
+
+
+class CaptionStrategy(Enum):
+    filename = "filename"
+    textfile = "textfile"
+    instanceprompt = "instanceprompt"
+
+
+class PredictionType(Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
+class TimestepSampling(Enum):
+    uniform = "uniform"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: Optional[float] = None  # None: equal to rank (scale 1)
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # None: the family's default
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    _convert_: str = "all"
+    family: str = MISSING
+    pretrained_model_name_or_path: str = MISSING
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    finetune: Finetune = Finetune.lora
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    prediction_type: Optional[PredictionType] = None  # None: from the checkpoint's scheduler config
+    timestep_sampling: TimestepSampling = TimestepSampling.uniform
+    min_timestep: int = 0
+    max_timestep: Optional[int] = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    min_snr_gamma: Optional[float] = None
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """One entry of ``data.datasets``; a key left null takes the data-level value."""
+
+    path: Optional[str] = None
+    resolution: Optional[float] = None
+    resolution_type: Optional[ResolutionType] = None
+    bucket_step: Optional[int] = None
+    crop_style: Optional[CropStyle] = None
+    caption_strategy: Optional[CaptionStrategy] = None
+    instance_prompt: Optional[str] = None
+    minimum_image_size: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "datamodules.DiffusionDataModule"
+    _convert_: str = "all"
+    path: Optional[str] = None
+    batch_size: int = 1
+    resolution: float = 1024
+    resolution_type: ResolutionType = ResolutionType.area
+    bucket_step: int = 64
+    crop_style: CropStyle = CropStyle.center
+    caption_strategy: CaptionStrategy = CaptionStrategy.filename
+    caption_dropout_probability: float = 0.1
+    instance_prompt: Optional[str] = None
+    minimum_image_size: int = 0
+    num_workers: int = 0
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    _convert_: str = "all"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+
+@dataclass
+class LRSchedulerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    warmup_steps: int = 0
+
+
+@dataclass
+class CosineSchedulerConfig(LRSchedulerConfig):
+    num_cycles: float = 0.5
+
+
+@dataclass
+class QuantizationConfig:
+    base_model_precision: str = "no_change"
+    text_encoder_precision: str = "no_change"
+
+
+@dataclass
+class TrainerConfig:
+    _target_: str = "lightning.pytorch.Trainer"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    log_every_n_steps: int = 1
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    deterministic: bool = False
+    benchmark: bool = False
+
+
+@dataclass
+class CallbacksConfig:
+    """Lifecycle callbacks (EMA, validation, webhook, hub) join this group in later issues."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    output_dir: str = MISSING
+    max_train_steps: Optional[int] = None
+    num_train_epochs: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a path
+    checkpointing_steps: Optional[int] = 500
+    checkpoints_total_limit: Optional[int] = None
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    demo_assets_dir: Optional[str] = None  # where the tiny demo's pipeline and images are written
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: Any = MISSING
+    lr_scheduler: Any = MISSING
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    logger: Any = None
+
+
+QUANTIZATION_LEVELS = ("no_change",)  # the quantisation issue adds int8/int4/fp8-quanto and nf4-bnb
+
+
+def _run_id() -> str:
+    # Kept in the environment so that DDP workers, which Lightning starts as new processes of the
+    # same command, resolve the same default output_dir as the process that launched them.
+    return os.environ.setdefault("TUNER_RUN_ID", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("tuner_run_id"):
+        OmegaConf.register_new_resolver("tuner_run_id", _run_id)
+    cs = ConfigStore.instance()
+    # The root schema types model, data, trainer, quantization and callbacks. Groups whose options differ
+    # in keys (optimizers, schedules) pull their own schema in with `/schema/<group>/<name>@_here_`.
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="schema/optimizer", name="adamw", node=AdamWConfig)
+    cs.store(group="schema/lr_scheduler", name="base", node=LRSchedulerConfig)
+    cs.store(group="schema/lr_scheduler", name="cosine", node=CosineSchedulerConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before any weights load."""
+
+
+def _unset(value: Optional[int]) -> bool:
+    return value is None or value <= 0  # the seed's convention: 0 means "not this one"
+
+
+def check(cfg: DictConfig) -> None:
+    """Rules that span keys. Raises ConfigError naming the keys and the valid values."""
+    steps, epochs = cfg.max_train_steps, cfg.num_train_epochs
+    if not _unset(steps) and not _unset(epochs):
+        raise ConfigError(
+            f"max_train_steps={steps} and num_train_epochs={epochs} are both set; set one and leave the other "
+            "at 0 or null (e.g. num_train_epochs=0)"
+        )
+    if _unset(steps) and _unset(epochs):
+        raise ConfigError("neither max_train_steps nor num_train_epochs is set; set one of them (e.g. max_train_steps=1000)")
+    if cfg.gradient_accumulation_steps < 1:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
+    if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
+        raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
+    if not 0 <= cfg.data.caption_dropout_probability <= 1:
+        raise ConfigError(f"data.caption_dropout_probability={cfg.data.caption_dropout_probability}; valid: 0 to 1")
+    for key in ("base_model_precision", "text_encoder_precision"):
+        value = cfg.quantization[key]
+        if value not in QUANTIZATION_LEVELS:
+            raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
+    strategies = [d.caption_strategy for d in cfg.data.datasets.values()] + [cfg.data.caption_strategy]
+    prompts = [d.instance_prompt for d in cfg.data.datasets.values()] + [cfg.data.instance_prompt]
+    if CaptionStrategy.instanceprompt in strategies and not any(prompts):
+        raise ConfigError("caption_strategy=instanceprompt needs data.instance_prompt")
+
+
+def suggest(key: str, valid: list[str]) -> str:
+    """'Did you mean' text for a misspelled key, listing the valid keys."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{hint} Valid keys: {', '.join(sorted(valid))}."

@@ -1,0 +1,156 @@
+"""Assemble a run from the composed config and train it.
+
+The order matters: validate the config and scan the data (cheap, and where most mistakes show),
+then load weights, then fit. Every object comes from its config group through Hydra's instantiate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tuner.config import ConfigError, check
+
+log = logging.getLogger("tuner")
+
+PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def job_output_dir(cfg: DictConfig) -> str:
+    """``output_dir`` for a single run; ``<output_dir>/<job number>`` for a job of a sweep."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().runtime.output_dir
+    return str(cfg.output_dir)
+
+
+def setup_logging(output_dir: Path, rank_zero: bool) -> None:
+    """Console at TUNER_LOG_LEVEL (default INFO); ``train.log`` (INFO) and, at DEBUG, ``debug.log``."""
+    import lightning  # noqa: F401  (it installs console handlers on import; they are replaced below)
+
+    level = os.environ.get("TUNER_LOG_LEVEL", "INFO").upper()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers[0].setLevel(level)
+    if rank_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        train_log = logging.FileHandler(output_dir / "train.log")
+        train_log.setLevel(logging.INFO)
+        handlers.append(train_log)
+        if level == "DEBUG":
+            handlers.append(logging.FileHandler(output_dir / "debug.log"))
+    for handler in list(root.handlers):  # Hydra's console handler would print every line twice
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler.addFilter(_drop_adverts)
+        root.addHandler(handler)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        # Lightning installs its own console handler when it is imported first; route through ours.
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def _drop_adverts(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def _is_rank_zero() -> bool:
+    return all(int(os.environ.get(var, "0")) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Validate and settle the config; nothing heavy is imported or loaded here."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config values: {', '.join(missing)}")
+    check(cfg)
+    with open_dict(cfg):
+        cfg.output_dir = str(Path(job_output_dir(cfg)).absolute())
+    # From here on a plain, fully resolved config: enums become their names, interpolations values.
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path):
+    from callbacks.checkpoints import StepCheckpoint
+
+    steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
+    epochs = cfg.num_train_epochs if steps < 0 else -1
+    callbacks = [StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit)]
+    return instantiate(
+        cfg.trainer,
+        max_steps=steps,
+        max_epochs=epochs,
+        precision=PRECISION[cfg.mixed_precision],
+        accumulate_grad_batches=cfg.gradient_accumulation_steps,
+        gradient_clip_val=cfg.max_grad_norm or None,
+        callbacks=callbacks,
+        logger=instantiate(cfg.logger) if cfg.logger else False,
+        default_root_dir=str(output_dir),
+        enable_checkpointing=False,  # StepCheckpoint owns checkpoints
+        use_distributed_sampler=False,  # the bucket sampler splits batches across ranks itself
+    )
+
+
+def ensure_demo_assets(cfg: DictConfig) -> None:
+    """Write the tiny demo pipeline and images under ``demo_assets_dir`` if they are not there yet."""
+    from datamodules.demo import write_images
+    from models.tiny import write_pipeline
+
+    root = Path(cfg.demo_assets_dir)
+    write_pipeline(cfg.model.family, root / cfg.model.family)
+    write_images(root / "images")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train as configured. Returns the final epoch-mean train loss (the sweep metric)."""
+    cfg = prepare(cfg)
+    output_dir = Path(cfg.output_dir)
+    rank_zero = _is_rank_zero()
+    setup_logging(output_dir, rank_zero)
+
+    import lightning as L
+
+    from callbacks.checkpoints import resolve_checkpoint
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.demo_assets_dir:
+        ensure_demo_assets(cfg)
+
+    datamodule = instantiate(cfg.data, seed=cfg.seed, report_path=str(output_dir / "dataset_report.json"))
+    datamodule.scan()  # an unusable dataset fails here, before any weights load
+
+    ckpt_path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir / "checkpoints")
+    if cfg.resume_from_checkpoint == "latest" and ckpt_path is None:
+        log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from scratch", output_dir)
+
+    module = instantiate(
+        cfg.model,
+        optimizer=instantiate(cfg.optimizer),
+        lr_scheduler=instantiate(cfg.lr_scheduler),
+        caption_dropout_probability=cfg.data.caption_dropout_probability,
+        mixed_precision=cfg.mixed_precision,
+        seed=cfg.seed,
+    )
+    trainer = build_trainer(cfg, output_dir)
+    with warnings.catch_warnings():
+        # The data module restores the sampler's position itself (DiffusionDataModule.state_dict).
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # The frozen VAE and text encoders are kept in eval mode on purpose (DiffusionModule.train).
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    if trainer.is_global_zero:
+        weights = module.save_weights(output_dir)
+        print(f"tuner: trained to step {trainer.global_step}; weights: {weights}; outputs: {output_dir}")
+    metrics = trainer.callback_metrics
+    loss = metrics.get("train/loss_epoch", metrics.get("train/loss_step"))
+    return float(loss) if loss is not None else None

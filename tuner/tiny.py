@@ -1,0 +1,33 @@
+"""`python -m tuner.tiny FAMILY DIR`: write a tiny random pipeline in the real on-disk layout.
+
+`python -m tuner.tiny images DIR` writes the demo's small generated image set instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.tiny import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="python -m tuner.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=[*FAMILIES, "images"], help="model family, or 'images'")
+    parser.add_argument("dir", help="output directory (left as it is if it already holds one)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.family == "images":
+        from datamodules.demo import write_images
+
+        path = write_images(args.dir, seed=args.seed)
+    else:
+        from models.tiny import write_pipeline
+
+        path = write_pipeline(args.family, args.dir, seed=args.seed)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
