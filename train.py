@@ -1,19 +1,34 @@
 """tuner's entry point: `python train.py [overrides]`. See README.md and conf/train.yaml."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from tuner.config import register
+from tuner.config import ConfigError, register, unknown_key_hint
 
 register()
+CONF = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from datamodules import EmptyDatasetError
     from tuner.run import train
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except (ConfigError, EmptyDatasetError) as err:
+        print(f"tuner: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):  # single runs only; a sweep reports through Hydra
+        hint = unknown_key_hint(args, CONF)
+        if hint:
+            print(f"tuner: error: {hint}", file=sys.stderr)
+            sys.exit(2)
     main()

@@ -98,7 +98,8 @@ class DiffusionModule(L.LightningModule):
     def _setup_noise_schedule(self, path: str, revision: str | None) -> None:
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        # Only the noise schedule is used, never DDPM sampling, so clip_sample does not matter.
+        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, clip_sample=False)
         self.scheduler_config = dict(sched.config)  # the checkpoint's own inference scheduler config
         betas = sched.betas
         if self.hparams.zero_terminal_snr:

@@ -248,3 +248,31 @@ def suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"{hint} Valid keys: {', '.join(sorted(valid))}."
+
+
+def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "train") -> str | None:
+    """For a single run whose overrides name a key that no schema has, a message that names the key
+    and lists the valid keys at that level (Hydra's own error names only the key). None otherwise."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        try:
+            compose(config_name, overrides=overrides)
+            return None
+        except ConfigCompositionException as err:
+            cause = err.__cause__
+        if not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or not cause.full_key:
+            return None  # not a misspelled key: Hydra's own message says it best
+        bad = cause.full_key
+        try:
+            base = compose(config_name, overrides=[o for o in overrides if o.split("=", 1)[0] != bad])
+        except ConfigCompositionException:
+            return None
+    parent_path, _, leaf = bad.rpartition(".")
+    parent = OmegaConf.select(base, parent_path) if parent_path else base
+    if not isinstance(parent, DictConfig):
+        return None
+    valid = [str(k) for k in parent.keys() if not str(k).startswith("_")]
+    return f"unknown config key {bad!r}.{suggest(leaf, valid)}"

@@ -1,0 +1,68 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk; tiny pipelines written once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from tuner.config import register
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+register()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """Tiny pipelines for every family plus the demo images, built once for the whole session."""
+    from datamodules.demo import write_images
+    from models.tiny import FAMILIES, write_pipeline
+
+    root = tmp_path_factory.mktemp("demo")
+    for family in FAMILIES:
+        write_pipeline(family, root / family)
+    write_images(root / "images")
+    return root
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def make_cfg(demo_dir, tmp_path):
+    """Compose the real config with the tiny demo assets, a temp output_dir and a few quiet steps."""
+
+    def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+        cfg = compose_cfg(
+            [
+                f"demo_assets_dir={demo_dir}",
+                f"output_dir={output_dir or tmp_path / 'out'}",
+                "max_train_steps=4",
+                "checkpointing_steps=2",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ]
+        )
+        with open_dict(cfg):
+            cfg.trainer.accelerator = "cpu"
+        return cfg
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command line of this project (``train.py ...`` or ``-m tuner.x ...``) in a fresh process."""
+    full_env = {**os.environ, "TUNER_LOG_LEVEL": "WARNING", **(env or {})}
+    full_env.pop("TUNER_RUN_ID", None)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
