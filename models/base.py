@@ -196,7 +196,9 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._step_generator(batch_idx))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["captions"]))
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=len(batch["captions"])
+        )
         return loss
 
     def configure_optimizers(self):

@@ -229,6 +229,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
         raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
+    if not cfg.data.path and not any(d.path for d in cfg.data.datasets.values()):
+        raise ConfigError("data.path is not set: point it at a folder of images (or set data.datasets.<id>.path)")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:

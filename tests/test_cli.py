@@ -1,0 +1,92 @@
+"""The user-facing commands, each in a fresh process: the demo, a sweep, DDP and the tiny-pipeline writer."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+
+def test_quick_start_demo_runs_offline_from_nothing(tmp_path):
+    """`python train.py` with no overrides: writes its tiny assets, trains, says where the outputs are."""
+    result = run_cli(str(ROOT / "train.py"), cwd=tmp_path, env={"TUNER_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out,) = (tmp_path / "outputs").iterdir()
+    assert f"outputs: {out}" in result.stdout
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["20", "30"]
+    assert (tmp_path / "home" / "demo" / "sd15" / "model_index.json").is_file()
+    tracker = json.loads((out / "checkpoints" / "30" / "tracker_state.json").read_text())
+    assert tracker["global_step"] == 30 and tracker["images_seen"] == 60
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_output_per_job(demo_dir, tmp_path):
+    result = run_cli(
+        "train.py",
+        "-m",
+        "optimizer.lr=1e-5,5e-5,1e-4",
+        f"output_dir={tmp_path}",
+        f"demo_assets_dir={demo_dir}",
+        "max_train_steps=2",
+        "trainer.enable_progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lr in enumerate(("1e-05", "5e-05", "0.0001")):
+        job_dir = tmp_path / str(job)
+        assert (job_dir / "pytorch_lora_weights.safetensors").is_file()
+        assert f"optimizer.lr={lr}" in (job_dir / ".hydra" / "overrides.yaml").read_text().replace("'", "")
+    assert not (tmp_path / "checkpoints").exists()  # nothing written outside the job directories
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_cli(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"output_dir={out}",
+        f"demo_assets_dir={demo_dir}",
+        "max_train_steps=3",
+        "checkpointing_steps=3",
+        "trainer.enable_progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("tuner: trained to step 3") == 1  # only rank 0 exports and reports
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".hydra", "checkpoints", "dataset_report.json", "logs", "pytorch_lora_weights.safetensors", "train.log"]
+    tracker = json.loads((out / "checkpoints" / "3" / "tracker_state.json").read_text())
+    assert tracker["images_seen"] == 3 * 2 * 2  # steps x batch x ranks
+    final, at_step = load_file(out / "pytorch_lora_weights.safetensors"), load_file(
+        out / "checkpoints" / "3" / "pytorch_lora_weights.safetensors"
+    )
+    assert all(torch.equal(final[k], at_step[k]) for k in final)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_tiny_writes_the_real_layout_and_loads(family, tmp_path):
+    result = run_cli("-m", "tuner.tiny", family, str(tmp_path / family))
+    assert result.returncode == 0, result.stderr[-2000:]
+    root = tmp_path / family
+    index = json.loads((root / "model_index.json").read_text())
+    expected = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    if family == "sdxl":
+        expected |= {"text_encoder_2", "tokenizer_2"}
+    assert expected <= {k for k, v in index.items() if isinstance(v, list) and v[0]}
+    for sub in expected:
+        assert (root / sub).is_dir()
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(root)
+    assert pipe.tokenizer.model_max_length == 77
+    prediction = pipe.scheduler.config.prediction_type
+    assert prediction == ("v_prediction" if family == "sd2" else "epsilon")
+
+
+def test_tiny_rejects_unknown_family(tmp_path):
+    result = run_cli("-m", "tuner.tiny", "sd99", str(tmp_path))
+    assert result.returncode == 2 and "sd15" in result.stderr

@@ -1,0 +1,100 @@
+"""The composed config: schemas catch mistakes early, and every preset trains on tiny weights."""
+
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from conftest import CONF, compose_cfg, run_cli
+from tuner.config import ConfigError, unknown_key_hint
+from tuner.run import prepare, train
+
+PRESETS = sorted(p.stem for p in Path(CONF, "preset").glob("*.yaml"))
+
+
+def test_presets_set_real_hub_ids_and_family_defaults():
+    assert set(PRESETS) >= {"tiny", "sd15", "sd2", "sdxl"}
+    sdxl = compose_cfg(["preset=sdxl"])
+    assert sdxl.model.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert sdxl.model._target_ == "models.sdxl.SDXLModule"
+    assert sdxl.data.resolution == 1024 and sdxl.model.lora.rank == 16 and sdxl.optimizer.lr == 1e-4
+    assert sdxl.data.path is None and sdxl.demo_assets_dir is None  # a real preset brings no data of its own
+    assert compose_cfg(["preset=sd2"]).data.resolution == 768
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "tiny"])
+def test_every_preset_trains_on_tiny_weights(preset, make_cfg, demo_dir, tmp_path):
+    family = compose_cfg([f"preset={preset}"]).model.family
+    cfg = make_cfg(
+        f"preset={preset}",
+        f"model.pretrained_model_name_or_path={demo_dir / family}",
+        f"data.path={demo_dir / 'images'}",
+        "data.resolution=64",
+        "data.bucket_step=16",
+        "data.batch_size=2",
+        "max_train_steps=2",
+        output_dir=tmp_path,
+    )
+    assert cfg.mixed_precision.value == "bf16" and cfg.model.gradient_checkpointing  # the preset's own settings
+    loss = train(cfg)
+    assert loss is not None and loss == loss  # finite, not NaN
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_steps_and_epochs_together_fail_before_weights_load(tmp_path):
+    start = time.monotonic()
+    result = run_cli("train.py", f"output_dir={tmp_path}", "max_train_steps=10", "num_train_epochs=2")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    assert "max_train_steps" in result.stderr and "num_train_epochs" in result.stderr
+    assert elapsed < 20, elapsed
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_steps_or_epochs_must_be_set(make_cfg):
+    with pytest.raises(ConfigError, match="neither max_train_steps nor num_train_epochs"):
+        prepare(make_cfg("max_train_steps=null"))
+    assert prepare(make_cfg("max_train_steps=0", "num_train_epochs=1")).num_train_epochs == 1
+
+
+def test_misspelled_key_names_it_and_the_valid_keys():
+    hint = unknown_key_hint(["optimizer.lrr=1e-4"], CONF)
+    assert "optimizer.lrr" in hint and "Did you mean 'lr'" in hint and "weight_decay" in hint
+    assert "rank" in unknown_key_hint(["model.lora.rnak=4"], CONF)
+    assert unknown_key_hint(["optimizer.lr=1e-4"], CONF) is None
+
+
+def test_cli_reports_misspelled_key_wrong_type_and_unknown_family():
+    typo = run_cli("train.py", "data.batch_sise=4")
+    assert typo.returncode == 2 and "data.batch_sise" in typo.stderr and "batch_size" in typo.stderr
+    wrong_type = run_cli("train.py", "data.batch_size=four")
+    assert wrong_type.returncode != 0 and "data.batch_size" in wrong_type.stderr
+    family = run_cli("train.py", "model=sd99")
+    assert family.returncode != 0
+    assert "sd15" in family.stderr and "sdxl" in family.stderr  # the known families are listed
+    enum = run_cli("train.py", "model.finetune=lorra")
+    assert "lora" in enum.stderr and "full" in enum.stderr
+
+
+def test_enum_and_type_errors_in_compose():
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["mixed_precision=fp8"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["data.resolution_type=edges"])
+
+
+def test_real_preset_without_data_path_fails_early(tmp_path):
+    result = run_cli("train.py", "preset=sdxl", f"output_dir={tmp_path}")
+    assert result.returncode == 2 and "data.path" in result.stderr
+
+
+def test_empty_dataset_fails_before_model_loads(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.png").write_bytes(b"not a png")
+    # The model path does not exist: reaching it would be a different error.
+    result = run_cli(
+        "train.py", f"data.path={empty}", "model.pretrained_model_name_or_path=/nonexistent", f"output_dir={tmp_path}"
+    )
+    assert result.returncode == 2 and "no usable images" in result.stderr
