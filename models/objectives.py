@@ -129,7 +129,7 @@ def drop_captions(captions: Sequence[str], probability: float, generator: torch.
     if probability == 0:
         return list(captions)
     draws = torch.rand(len(captions), generator=generator)
-    return ["" if d < probability else c for c, d in zip(captions, draws.tolist())]
+    return ["" if d < probability else c for c, d in zip(captions, draws.tolist(), strict=True)]
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

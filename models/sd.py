@@ -45,8 +45,8 @@ class SDModule(DiffusionModule):
         return {"encoder_hidden_states": self.text_encoder(ids)[0]}  # (B, 77, D)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
-        hidden = cond["encoder_hidden_states"].to(self.unet.dtype)
-        return self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=hidden).sample
+        hidden = cond["encoder_hidden_states"].to(self.unet_dtype)
+        return self.unet(noisy.to(self.unet_dtype), timesteps, encoder_hidden_states=hidden).sample
 
     def pipeline_components(self) -> dict[str, Any]:
         return {

@@ -49,7 +49,7 @@ class SDXLModule(DiffusionModule):
         return {"prompt_embeds": prompt_embeds * keep[:, None, None], "pooled": pooled * keep[:, None]}
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
-        dtype = self.unet.dtype
+        dtype = self.unet_dtype
         # (B, 6): original (h, w), crop top-left (y, x), target (h, w), per sample.
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
         added = {"text_embeds": cond["pooled"].to(dtype), "time_ids": time_ids.to(self.device, dtype)}

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_cli
+from safetensors.torch import load_file
 
 
 def test_quick_start_demo_runs_offline_from_nothing(tmp_path):
@@ -58,11 +57,19 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tuner: trained to step 3") == 1  # only rank 0 exports and reports
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".hydra", "checkpoints", "dataset_report.json", "logs", "pytorch_lora_weights.safetensors", "train.log"]
+    assert names == [
+        ".hydra",
+        "checkpoints",
+        "dataset_report.json",
+        "logs",
+        "pytorch_lora_weights.safetensors",
+        "train.log",
+    ]
     tracker = json.loads((out / "checkpoints" / "3" / "tracker_state.json").read_text())
     assert tracker["images_seen"] == 3 * 2 * 2  # steps x batch x ranks
-    final, at_step = load_file(out / "pytorch_lora_weights.safetensors"), load_file(
-        out / "checkpoints" / "3" / "pytorch_lora_weights.safetensors"
+    final, at_step = (
+        load_file(out / "pytorch_lora_weights.safetensors"),
+        load_file(out / "checkpoints" / "3" / "pytorch_lora_weights.safetensors"),
     )
     assert all(torch.equal(final[k], at_step[k]) for k in final)
 

@@ -4,9 +4,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CONF, compose_cfg, run_cli
 from hydra.errors import ConfigCompositionException
 
-from conftest import CONF, compose_cfg, run_cli
 from tuner.config import ConfigError, unknown_key_hint
 from tuner.run import prepare, train
 

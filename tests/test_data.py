@@ -105,7 +105,9 @@ def test_scan_skips_bad_files_with_reasons(tmp_path):
     (data / ".hidden.png").write_bytes(b"junk")
     (data / "notes.md").write_text("clutter is ignored")
     report = tmp_path / "out" / "dataset_report.json"
-    dm = DiffusionDataModule(path=str(data), resolution=64, bucket_step=16, minimum_image_size=16, report_path=str(report))
+    dm = DiffusionDataModule(
+        path=str(data), resolution=64, bucket_step=16, minimum_image_size=16, report_path=str(report)
+    )
     samples = dm.scan()
     assert [s.caption for s in samples] == ["good one"]
     written = json.loads(report.read_text())

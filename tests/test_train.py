@@ -72,7 +72,7 @@ def test_full_finetune_writes_a_loadable_pipeline(family, make_cfg, demo_dir, tm
     assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
     assert _generate(pipe).shape == (64, 64, 3)
     base = UNet2DConditionModel.from_pretrained(demo_dir / family, subfolder="unet")
-    changed = [not torch.equal(a, b) for a, b in zip(base.parameters(), pipe.unet.parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(base.parameters(), pipe.unet.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
     assert (out / "checkpoints" / "3" / "unet" / "config.json").is_file()  # checkpoint weights: the unet alone
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from typing import Any, Optional
 
@@ -224,7 +224,9 @@ def check(cfg: DictConfig) -> None:
             "at 0 or null (e.g. num_train_epochs=0)"
         )
     if _unset(steps) and _unset(epochs):
-        raise ConfigError("neither max_train_steps nor num_train_epochs is set; set one of them (e.g. max_train_steps=1000)")
+        raise ConfigError(
+            "neither max_train_steps nor num_train_epochs is set; set one of them (e.g. max_train_steps=1000)"
+        )
     if cfg.gradient_accumulation_steps < 1:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
