@@ -58,17 +58,18 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_text_config(projection: bool, hidden: int = 32, penultimate_ok: bool = True):
+def _clip_text_config():
     from transformers import CLIPTextConfig
 
+    # Three layers, so SDXL's penultimate hidden state is a real intermediate layer.
     return CLIPTextConfig(
         vocab_size=1000,
-        hidden_size=hidden,
+        hidden_size=32,
         intermediate_size=37,
         num_attention_heads=4,
-        num_hidden_layers=3 if penultimate_ok else 2,
+        num_hidden_layers=3,
         max_position_embeddings=77,
-        projection_dim=hidden,
+        projection_dim=32,
         hidden_act="gelu",
         bos_token_id=512,
         eos_token_id=513,
@@ -76,21 +77,22 @@ def _clip_text_config(projection: bool, hidden: int = 32, penultimate_ok: bool =
     )
 
 
+# Shared by every family's UNet: two blocks, so 8x8 latents (64 px images) downsample once.
+_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32
+)
+
+
 def _unet_sd(cross_attention_dim: int, linear_proj: bool):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=(2, 4) if linear_proj else 8,
         use_linear_projection=linear_proj,
-        norm_num_groups=32,
     )
 
 
@@ -99,11 +101,7 @@ def _unet_sdxl():
 
     # Pooled text embeds (32) + six time ids of 8 each, as SDXL's add_embedding expects.
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,
@@ -113,7 +111,6 @@ def _unet_sdxl():
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,
-        norm_num_groups=32,
     )
 
 
@@ -141,8 +138,8 @@ def build_pipeline(family: str, seed: int = 0):
         scheduler = diffusers.EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading")
         return diffusers.StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=CLIPTextModel(_clip_text_config(False)),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(True)),
+            text_encoder=CLIPTextModel(_clip_text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
             tokenizer=_clip_tokenizer(),
             tokenizer_2=_clip_tokenizer(),
             unet=unet,
@@ -159,7 +156,7 @@ def build_pipeline(family: str, seed: int = 0):
         scheduler = diffusers.PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True)
     return diffusers.StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(_clip_text_config(False)),
+        text_encoder=CLIPTextModel(_clip_text_config()),
         tokenizer=_clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,

@@ -58,6 +58,11 @@ def test_steps_or_epochs_must_be_set(make_cfg):
     assert prepare(make_cfg("max_train_steps=0", "num_train_epochs=1")).num_train_epochs == 1
 
 
+def test_fp16_on_cpu_is_refused_before_weights_load(make_cfg):
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 needs a GPU"):
+        train(make_cfg("mixed_precision=fp16", "model.pretrained_model_name_or_path=/nonexistent"))
+
+
 def test_misspelled_key_names_it_and_the_valid_keys():
     hint = unknown_key_hint(["optimizer.lrr=1e-4"], CONF)
     assert "optimizer.lrr" in hint and "Did you mean 'lr'" in hint and "weight_decay" in hint

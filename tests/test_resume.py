@@ -41,3 +41,13 @@ def test_resume_from_a_path_and_latest_without_checkpoints(make_cfg, tmp_path):
     fresh = tmp_path / "fresh"
     train(make_cfg("max_train_steps=1", "resume_from_checkpoint=latest", output_dir=fresh))
     assert [p.name for p in list_checkpoints(fresh / "checkpoints")] == ["1"]
+
+
+def test_epochs_and_gradient_accumulation_count_optimizer_steps(make_cfg, tmp_path):
+    # 12 demo images, batch 2 -> 6 batches an epoch; accumulating 2 -> 3 optimiser steps an epoch.
+    out = tmp_path / "epochs"
+    train(make_cfg("max_train_steps=0", "num_train_epochs=2", "gradient_accumulation_steps=2", output_dir=out))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["4", "6"]  # every 2 steps, limit 2
+    ckpt = torch.load(out / "checkpoints" / "6" / "checkpoint.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
+    assert ckpt["DiffusionDataModule"]["sampler"] == {"epoch": 1, "batch": 6, "seed": 42, "world_size": 1}

@@ -100,6 +100,16 @@ def build_trainer(cfg: DictConfig, output_dir: Path):
     )
 
 
+def check_precision_for_device(cfg: DictConfig) -> None:
+    """fp16 autocast needs a GPU; on CPU Lightning would silently switch to bf16 over fp16 weights."""
+    import torch
+
+    accelerator = str(cfg.trainer.accelerator)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cfg.mixed_precision == "fp16" and on_cpu:
+        raise ConfigError("mixed_precision=fp16 needs a GPU; on CPU use mixed_precision=bf16 or no")
+
+
 def ensure_demo_assets(cfg: DictConfig) -> None:
     """Write the tiny demo pipeline and images under ``demo_assets_dir`` if they are not there yet."""
     from datamodules.demo import write_images
@@ -121,6 +131,7 @@ def train(cfg: DictConfig) -> float | None:
 
     from callbacks.checkpoints import resolve_checkpoint
 
+    check_precision_for_device(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.demo_assets_dir:
         ensure_demo_assets(cfg)
