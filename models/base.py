@@ -235,6 +235,16 @@ class DiffusionModule(L.LightningModule):
         keep = set(self.trainable_state_dict())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Loading is not strict (frozen weights are not in the file), so check the other direction
+        # here: every weight that trains must come back, or the resume would silently start over.
+        missing = sorted(set(self.trainable_state_dict()) - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} of this run's trainable weights (e.g. {missing[0]!r}); "
+                "was it written with another model.finetune or model.lora setting?"
+            )
+
     def pipeline(self):
         """The family's diffusers pipeline, assembled from the in-memory modules (nothing reloaded)."""
         import diffusers

@@ -42,6 +42,15 @@ def test_every_preset_trains_on_tiny_weights(preset, make_cfg, demo_dir, tmp_pat
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_hparams_search_lr_sweeps_the_learning_rate():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=lr"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params["optimizer.lr"] == "5e-5,1e-4,2e-4"
+
+
 def test_steps_and_epochs_together_fail_before_weights_load(tmp_path):
     start = time.monotonic()
     result = run_cli("train.py", f"output_dir={tmp_path}", "max_train_steps=10", "num_train_epochs=2")

@@ -1,5 +1,6 @@
 """Resume: reaches the target step, and on CPU continues bit-identically to a straight run."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -41,6 +42,20 @@ def test_resume_from_a_path_and_latest_without_checkpoints(make_cfg, tmp_path):
     fresh = tmp_path / "fresh"
     train(make_cfg("max_train_steps=1", "resume_from_checkpoint=latest", output_dir=fresh))
     assert [p.name for p in list_checkpoints(fresh / "checkpoints")] == ["1"]
+
+
+def test_resume_with_other_trainable_weights_is_refused(make_cfg, tmp_path):
+    out = tmp_path / "out"
+    train(make_cfg("max_train_steps=2", output_dir=out))
+    with pytest.raises(ValueError, match="lacks .* trainable weights"):
+        train(
+            make_cfg(
+                "max_train_steps=4",
+                "model.lora.target_modules=[to_q,to_v,proj_in]",
+                "resume_from_checkpoint=latest",
+                output_dir=out,
+            )
+        )
 
 
 def test_epochs_and_gradient_accumulation_count_optimizer_steps(make_cfg, tmp_path):
