@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -92,24 +93,40 @@ class DiffusionModule(L.LightningModule):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        return {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))}
+        return {
+            "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)),
+            # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
+            # trained strength (without it diffusers assumes alpha = rank).
+            "unet_lora_adapter_metadata": self.unet.peft_config["default"].to_dict(),
+        }
 
     # ---- setup ----------------------------------------------------------------------------------
     def _setup_noise_schedule(self, path: str, revision: str | None) -> None:
         from diffusers import DDPMScheduler
 
-        # Only the noise schedule is used, never DDPM sampling, so clip_sample does not matter.
-        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, clip_sample=False)
-        self.scheduler_config = dict(sched.config)  # the checkpoint's own inference scheduler config
+        # The checkpoint's own inference scheduler (PNDM, DDIM, Euler...), for the exported pipeline.
+        self.scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+        # Training needs only its noise schedule; DDPM's sampling options (clip_sample) never apply.
+        sched = DDPMScheduler.from_config(self.scheduler_config, clip_sample=False)
         betas = sched.betas
         if self.hparams.zero_terminal_snr:
             betas = obj.rescale_zero_terminal_snr(betas)
-        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas.float(), 0), persistent=False)
+            # Sample with the same schedule it trained on (Lin et al. 2023, sec. 3.3: trailing timesteps).
+            self.scheduler_config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        alphas_cumprod = torch.cumprod(1.0 - betas.float(), 0)
+        if self.hparams.zero_terminal_snr:
+            # Exactly 0 makes SNR 0 and the epsilon min-SNR weight 0/0; diffusers' schedulers use 2^-24 too.
+            alphas_cumprod[-1] = 2**-24
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
         self.prediction_type = self.hparams.prediction_type or sched.config.prediction_type
         if self.prediction_type not in obj.PREDICTION_TYPES:
             raise ValueError(
                 f"model.prediction_type={self.prediction_type!r}; valid: {', '.join(obj.PREDICTION_TYPES)}"
             )
+        self.scheduler_config["prediction_type"] = self.prediction_type
+        max_t = self.hparams.max_timestep
+        if max_t is not None and max_t > len(alphas_cumprod):
+            raise ValueError(f"model.max_timestep={max_t} is beyond the schedule's {len(alphas_cumprod)} timesteps")
         if self.hparams.zero_terminal_snr and self.prediction_type != "v_prediction":
             log.warning(
                 "zero_terminal_snr with %s prediction: the last timestep has nothing to predict", self.prediction_type
@@ -163,8 +180,11 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
-        dist = self.vae.encode(pixels.to(self.vae_dtype)).latent_dist
-        latents = dist.sample(generator=generator)
+        # Lightning's autocast covers the whole step; a VAE kept in fp32 must also compute in fp32.
+        keep_fp32 = torch.autocast(self.device.type, enabled=False) if self.vae_in_fp32 else nullcontext()
+        with keep_fp32:
+            dist = self.vae.encode(pixels.to(self.vae_dtype)).latent_dist
+            latents = dist.sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -265,7 +285,17 @@ class DiffusionModule(L.LightningModule):
             self.pipeline_class.save_lora_weights(directory, **self.lora_layers(), safe_serialization=True)
             return directory / "pytorch_lora_weights.safetensors"
         if full_pipeline:
-            self.pipeline().save_pretrained(directory / "pipeline", safe_serialization=True)
+            # The frozen parts are written from the base checkpoint at its own precision, not from the
+            # copies cast down for training; only the trained denoiser comes from memory.
+            hp = self.hparams
+            pipe = self.pipeline_class.from_pretrained(
+                hp.pretrained_model_name_or_path,
+                unet=self.unet,
+                scheduler=self.pipeline().scheduler,
+                revision=hp.revision,
+                variant=hp.variant,
+            )
+            pipe.save_pretrained(directory / "pipeline", safe_serialization=True)
             return directory / "pipeline"
         self.unet.save_pretrained(directory / "unet", safe_serialization=True)
         return directory / "unet"

@@ -1,0 +1,159 @@
+"""Where images come from. A source lists items and opens them; everything after (probing, captions,
+buckets, loading) is the same for every source.
+
+Each source kind lives in its own module and registers itself in ``SOURCE_TYPES``; ``open_source``
+picks one from ``type`` or infers it from ``path``:
+
+- a local folder (``folder``), scanned recursively;
+- ``s3://bucket/prefix/`` (``s3``);
+- webdataset ``.tar`` shards, a folder of them or a brace pattern (``webdataset``);
+- a metadata table ``.jsonl``, ``.csv`` or ``.parquet`` with a file or URL column (``table``).
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, ClassVar
+
+from datamodules.images import IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image in a source.
+
+    ``key`` is its identity within the source (a relative path, an S3 key, ``shard.tar/member``, a
+    table row's file or URL), ``location`` what a person is shown (a path or URL), and ``version``
+    changes whenever its bytes may have (mtime and size, an ETag): caches are keyed on both.
+    """
+
+    key: str
+    location: str
+    size: int
+    version: str
+    caption: str | None = None  # a caption the source carries itself (a table's caption column)
+
+
+class Source(abc.ABC):
+    """A dataset's items. Subclasses set ``kind`` and implement ``items`` and ``open``."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, path: str, options: dict | None = None):
+        self.path = path
+        self.options = dict(options or {})
+
+    @abc.abstractmethod
+    def items(self) -> Iterator[Item]:
+        """Every image item, in a stable order. Raise ``SourceError`` when the source itself is unusable
+        (a missing folder, a bucket that does not exist, a pattern that matches nothing)."""
+
+    @abc.abstractmethod
+    def open(self, item: Item) -> BinaryIO:
+        """The item's bytes as a readable binary file object."""
+
+    def open_header(self, item: Item) -> BinaryIO:
+        """Enough of the item to read its image header (size, EXIF). The whole item by default."""
+        return self.open(item)
+
+    def sidecar(self, item: Item) -> bytes | None:
+        """The raw bytes of the item's ``.txt`` caption sidecar, or None when it has none."""
+        return None
+
+    def identity(self) -> str:
+        """What names this source in cache keys and reports."""
+        return f"{self.kind}:{self.path}"
+
+
+class SourceError(ValueError):
+    """A dataset source that cannot be read at all: raised before any model weights load."""
+
+
+SOURCE_TYPES: dict[str, type[Source]] = {}
+
+
+def register(cls: type[Source]) -> type[Source]:
+    SOURCE_TYPES[cls.kind] = cls
+    return cls
+
+
+def infer_type(path: str) -> str:
+    """The source kind a ``path`` implies: s3:// is s3, .tar shards are webdataset, a table file is table."""
+    lowered = path.lower()
+    if lowered.startswith("s3://"):
+        return "s3"
+    if lowered.endswith((".jsonl", ".csv", ".parquet")):
+        return "table"
+    if lowered.endswith(".tar") or ".tar}" in lowered or (os.path.isdir(path) and _only_tars(path)):
+        return "webdataset"
+    return "folder"
+
+
+def _only_tars(path: str) -> bool:
+    entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    return bool(entries) and all(e.endswith(".tar") for e in entries)
+
+
+def open_source(path: str, type: str | None = None, options: dict | None = None) -> Source:
+    kind = type or infer_type(path)
+    _load_builtin_sources()
+    if kind not in SOURCE_TYPES:
+        raise SourceError(f"unknown dataset type {kind!r}; valid: {', '.join(sorted(SOURCE_TYPES))}")
+    return SOURCE_TYPES[kind](path, options)
+
+
+def _load_builtin_sources() -> None:
+    # Imported on demand, so that a folder run never imports boto3 or webdataset.
+    import importlib
+
+    for module in ("datamodules.source_s3", "datamodules.source_webdataset", "datamodules.source_table"):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # an optional dependency is missing; that kind is then unknown
+            continue
+
+
+@register
+class FolderSource(Source):
+    """Image files under a local folder, recursive; hidden files and folders and non-images ignored."""
+
+    kind = "folder"
+
+    def items(self) -> Iterator[Item]:
+        root = Path(self.path).expanduser()
+        if not root.is_dir():
+            raise SourceError(f"data path {str(root)!r} is not a directory")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                if filename.startswith(".") or Path(filename).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                path = Path(dirpath) / filename
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # vanished between listing and stat
+                yield Item(
+                    key=str(path.relative_to(root)),
+                    location=str(path),
+                    size=st.st_size,
+                    version=f"{st.st_mtime_ns}:{st.st_size}",
+                )
+
+    def open(self, item: Item) -> BinaryIO:
+        return open(item.location, "rb")
+
+    def sidecar(self, item: Item) -> bytes | None:
+        txt = Path(item.location).with_suffix(".txt")
+        return txt.read_bytes() if txt.is_file() else None
+
+
+def read_all(source: Source, item: Item) -> io.BytesIO:
+    """The item's whole content in memory, for decoders that want a seekable buffer."""
+    with source.open(item) as f:
+        return io.BytesIO(f.read())
