@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -57,6 +58,19 @@ class StepCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved = trainer.global_step  # never re-save the step we resumed from
+        if trainer.is_global_zero:
+            self._set_aside_later_checkpoints(trainer.global_step)
+        trainer.strategy.barrier("tuner.checkpoint.start")
+
+    def _set_aside_later_checkpoints(self, step: int) -> None:
+        """Checkpoints past the step this run starts from belong to another history (a fresh start in a
+        used output_dir, or a resume from an older checkpoint). They are renamed out of the way, not
+        deleted, so that neither ``latest`` nor the limit mistakes them for this run's."""
+        later = [p for p in list_checkpoints(self.dirpath) if int(p.name) > step]
+        for path in later:
+            aside = path.with_name(f"superseded-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            log.warning("checkpoint %s is past this run's start (step %d); kept as %s", path, step, aside.name)
 
     def _is_last_batch(self, trainer: L.Trainer) -> bool:
         if 0 < trainer.max_steps <= trainer.global_step:
@@ -84,9 +98,14 @@ class StepCheckpoint(L.Callback):
         if trainer.is_global_zero:
             pl_module.save_weights(tmp, full_pipeline=False)
             (tmp / "tracker_state.json").write_text(json.dumps(self.tracker_state(trainer), indent=1))
-            if final.exists():  # a re-run of the same step replaces it, still only once the new one is whole
-                shutil.rmtree(final)
+            old = None
+            if final.exists():  # replaced only once the new one is whole, and never left missing
+                old = final.with_name(f".old-{step}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint saved: %s", final)
             self._prune()
         trainer.strategy.barrier("tuner.checkpoint.done")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
 
 RESOLUTION_TYPES = ("pixel", "area")
 MAX_ASPECT = 4.0  # wider or taller images are cropped to this ratio rather than given a sliver bucket
@@ -74,7 +77,7 @@ class BucketBatchSampler:
             batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng.shuffle(batches)
         pad = -len(batches) % self.world_size
-        return batches + batches[:pad]
+        return batches + [batches[i % len(batches)] for i in range(pad)]  # cyclic: fewer batches than ranks
 
     def __len__(self) -> int:
         total = sum(math.ceil(len(ix) / self.batch_size) for ix in self.groups.values())
@@ -100,13 +103,25 @@ class BucketBatchSampler:
         for batch in mine[start:]:
             yield [(index, epoch) for index in batch]
 
+    def _layout(self) -> dict:
+        """What the batch order depends on besides the epoch: if any of it changed, a saved position
+        points at different images."""
+        return {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "buckets": {f"{w}x{h}": len(ix) for (w, h), ix in self.groups.items()},
+        }
+
     def state_dict(self, batches_done: int) -> dict:
-        return {"epoch": self.epoch, "batch": batches_done, "seed": self.seed, "world_size": self.world_size}
+        return {"epoch": self.epoch, "batch": batches_done, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(
-                f"checkpoint was written with {state['world_size']} processes, this run has {self.world_size}; "
-                "the sampler position cannot be carried over"
+        saved = {k: state.get(k) for k in self._layout()}
+        if saved != self._layout():
+            changed = ", ".join(k for k in saved if saved[k] != self._layout()[k])
+            log.warning(
+                "the data changed since the checkpoint (%s); the resumed epoch starts from its first batch", changed
             )
+            return
         self._resume = {"epoch": int(state["epoch"]), "batch": int(state["batch"])}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 
@@ -16,24 +17,43 @@ def caption_from_filename(path: Path) -> str:
     return " ".join(name.split())
 
 
-def read_sidecar(path: Path) -> str | None:
-    """The first non-empty line of ``<image>.txt``, or None when there is no sidecar."""
-    sidecar = path.with_suffix(".txt")
-    if not sidecar.is_file():
-        return None
-    raw = sidecar.read_bytes()
+def decode_text(raw: bytes) -> str:
+    """Caption file bytes to text: UTF-8 (with or without BOM), UTF-16 (BOM or NUL-laced), else the
+    legacy Windows code page cp1252, else Latin-1. Raises UnicodeError for what is not text."""
+    if raw.startswith(codecs.BOM_UTF8):
+        return raw[3:].decode("utf-8")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    if b"\x00" in raw:
+        # Notepad's "Unicode" without a BOM, or binary junk: UTF-16 must decode to printable text.
+        text = raw.decode("utf-16-le" if raw[1:2] == b"\x00" else "utf-16-be")
+        if not all(c.isprintable() or c in "\r\n\t" for c in text):
+            raise UnicodeError("not a text file")
+        return text
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")  # legacy Windows-encoded captions
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            return raw.decode("cp1252")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
+def read_sidecar(raw: bytes | None) -> str | None:
+    """The first non-empty line of a sidecar's bytes ("" when it is empty), or None when there is none."""
+    if raw is None:
+        return None
+    lines = [line.strip() for line in decode_text(raw).splitlines() if line.strip()]
     return lines[0] if lines else ""
 
 
-def caption_for(path: Path, strategy: str, instance_prompt: str | None) -> tuple[str, bool]:
+def caption_for(
+    path: Path, strategy: str, instance_prompt: str | None, sidecar: bytes | None = None
+) -> tuple[str, bool]:
     """(caption, fell_back): the caption by ``strategy``, with ``instance_prompt`` prepended as a trigger.
 
-    ``fell_back`` is true when ``textfile`` found no sidecar and used the file name instead.
+    ``path`` names the image (for ``filename``); ``sidecar`` holds its ``.txt`` bytes, if any. ``fell_back``
+    is true when ``textfile`` found no sidecar and used the file name instead.
     """
     fell_back = False
     if strategy == "instanceprompt":
@@ -41,7 +61,7 @@ def caption_for(path: Path, strategy: str, instance_prompt: str | None) -> tuple
             raise ValueError("caption_strategy=instanceprompt needs data.instance_prompt")
         return instance_prompt, False
     if strategy == "textfile":
-        caption = read_sidecar(path)
+        caption = read_sidecar(sidecar)
         if caption is None:
             caption, fell_back = caption_from_filename(path), True
     elif strategy == "filename":

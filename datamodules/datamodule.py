@@ -6,8 +6,8 @@ import json
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import lightning as L
@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.buckets import BucketBatchSampler, bucket_for
 from datamodules.captions import caption_for
-from datamodules.images import IMAGE_EXTENSIONS, load_rgb, probe, resize_and_crop, to_tensor
+from datamodules.images import load_rgb, probe, resize_and_crop, to_tensor, truncation
+from datamodules.sources import Item, Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
 
 # Keys a dataset entry may set; any it leaves out come from the data-level defaults.
 DATASET_KEYS = (
     "path",
+    "type",
     "resolution",
     "resolution_type",
     "bucket_step",
@@ -32,6 +34,7 @@ DATASET_KEYS = (
     "instance_prompt",
     "minimum_image_size",
 )
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, UnicodeError)
 
 
 class EmptyDatasetError(ValueError):
@@ -40,7 +43,7 @@ class EmptyDatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    path: str
+    item: Item
     width: int  # after EXIF orientation
     height: int
     bucket: tuple[int, int]  # (w, h)
@@ -49,54 +52,64 @@ class Sample:
     crop_style: str
 
 
-def scan_folder(name: str, spec: dict) -> tuple[list[Sample], list[dict], int]:
-    """Every image under ``spec['path']`` (recursive): usable samples, skipped {path, reason}, fallbacks."""
-    root = Path(spec["path"]).expanduser()
-    if not root.is_dir():
-        raise EmptyDatasetError(f"data path {str(root)!r} (dataset {name!r}) is not a directory")
+def scan_source(name: str, spec: dict, source: Source) -> tuple[list[Sample], list[dict], int]:
+    """Probe every item of ``source``: usable samples, skipped {path, reason}, caption fallbacks."""
     usable, skipped, fallbacks = [], [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            path = Path(dirpath) / filename
-            if filename.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                if path.stat().st_size == 0:
-                    raise ValueError("empty file")
-                width, height = probe(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                skipped.append({"path": str(path), "reason": f"unreadable image: {err}"})
-                continue
-            if min(width, height) < spec["minimum_image_size"]:
-                reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
-                skipped.append({"path": str(path), "reason": reason})
-                continue
-            try:
-                caption, fell_back = caption_for(path, spec["caption_strategy"], spec["instance_prompt"])
-            except OSError as err:
-                skipped.append({"path": str(path), "reason": f"unreadable caption: {err}"})
-                continue
-            fallbacks += fell_back
-            bucket = bucket_for(width, height, spec["resolution"], spec["resolution_type"], spec["bucket_step"])
-            usable.append(Sample(str(path), width, height, bucket, caption, name, spec["crop_style"]))
+    for item in source.items():
+        try:
+            if item.size == 0:
+                raise ValueError("empty file")
+            with source.open_header(item) as fp:
+                cut = truncation(fp)
+                if cut:
+                    raise ValueError(cut)
+                width, height = probe(fp)
+        except _DECODE_ERRORS as err:
+            skipped.append({"path": item.location, "reason": f"unreadable image: {err}"})
+            continue
+        if min(width, height) < spec["minimum_image_size"]:
+            reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
+            skipped.append({"path": item.location, "reason": reason})
+            continue
+        try:
+            sidecar = source.sidecar(item) if spec["caption_strategy"] == "textfile" else None
+            caption, fell_back = caption_for(
+                PurePosixPath(item.key), spec["caption_strategy"], spec["instance_prompt"], sidecar
+            )
+        except (OSError, UnicodeError) as err:
+            skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
+            continue
+        fallbacks += fell_back
+        bucket = bucket_for(width, height, spec["resolution"], spec["resolution_type"], spec["bucket_step"])
+        usable.append(Sample(item, width, height, bucket, caption, name, spec["crop_style"]))
     return usable, skipped, fallbacks
 
 
 class BucketedImageDataset(Dataset):
-    """Loads ``samples[index]`` resized and cropped to its bucket. Keys are ``(index, epoch)``."""
+    """Loads ``samples[index]`` resized and cropped to its bucket. Keys are ``(index, epoch)``.
 
-    def __init__(self, samples: list[Sample], seed: int):
-        self.samples, self.seed = samples, seed
+    An image that passed the scan but fails to decode now (changed on disk, damaged past its header)
+    is replaced by another of the same bucket, so the batch still holds one bucket; the failure is
+    logged with its path.
+    """
+
+    def __init__(self, samples: list[Sample], sources: dict[str, Source], seed: int):
+        self.samples, self.sources, self.seed = samples, sources, seed
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, sample in enumerate(samples):
+            self.by_bucket.setdefault(sample.bucket, []).append(index)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key
+    def _load(self, index: int, epoch: int) -> dict[str, Any]:
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # random crops repeat exactly on resume
-        image, (top, left) = resize_and_crop(load_rgb(sample.path), sample.bucket, sample.crop_style, rng)
+        with self.sources[sample.dataset].open(sample.item) as fp:
+            # Square draft request: EXIF rotation may swap the axes after decoding.
+            side = max(sample.bucket)
+            image = load_rgb(fp, draft_size=(side, side))
+        image, (top, left) = resize_and_crop(image, sample.bucket, sample.crop_style, rng)
         bw, bh = sample.bucket
         return {
             "pixels": to_tensor(image),
@@ -105,6 +118,21 @@ class BucketedImageDataset(Dataset):
             "crop_top_left": (top, left),
             "target_size": (bh, bw),
         }
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        peers = self.by_bucket[self.samples[index].bucket]
+        start = peers.index(index)
+        for candidate in (peers[(start + k) % len(peers)] for k in range(min(len(peers), 8))):
+            try:
+                return self._load(candidate, epoch)
+            except _DECODE_ERRORS as err:
+                log.warning(
+                    "could not load %s (%s); using another image of its bucket",
+                    self.samples[candidate].item.location,
+                    err,
+                )
+        raise RuntimeError(f"no image of bucket {self.samples[index].bucket} could be loaded")
 
 
 def collate(items: list[dict]) -> dict[str, Any]:
@@ -152,6 +180,7 @@ class DiffusionDataModule(L.LightningDataModule):
             "instance_prompt": instance_prompt,
             "minimum_image_size": minimum_image_size,
         }
+        defaults["type"] = None
         entries = datasets or {"default": {}}
         self.specs = {
             name: {k: (entry.get(k) if entry.get(k) is not None else defaults[k]) for k in DATASET_KEYS}
@@ -160,6 +189,10 @@ class DiffusionDataModule(L.LightningDataModule):
         for name, spec in self.specs.items():
             if not spec["path"]:
                 raise EmptyDatasetError(f"dataset {name!r} has no path: set data.path or data.datasets.{name}.path")
+        try:
+            self.sources = {name: open_source(str(spec["path"]), spec["type"]) for name, spec in self.specs.items()}
+        except SourceError as err:
+            raise EmptyDatasetError(str(err)) from err
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
         self.samples: list[Sample] | None = None
@@ -172,7 +205,10 @@ class DiffusionDataModule(L.LightningDataModule):
             return self.samples
         usable, skipped, fallbacks = [], [], 0
         for name, spec in self.specs.items():
-            u, s, f = scan_folder(name, spec)
+            try:
+                u, s, f = scan_source(name, spec, self.sources[name])
+            except SourceError as err:
+                raise EmptyDatasetError(f"dataset {name!r}: {err}") from err
             usable += u
             skipped += s
             fallbacks += f
@@ -203,7 +239,14 @@ class DiffusionDataModule(L.LightningDataModule):
             return
         report = {
             "usable": [
-                {k: v for k, v in asdict(s).items() if k in ("path", "width", "height", "bucket", "caption", "dataset")}
+                {
+                    "path": s.item.location,
+                    "width": s.width,
+                    "height": s.height,
+                    "bucket": list(s.bucket),
+                    "caption": s.caption,
+                    "dataset": s.dataset,
+                }
                 for s in usable
             ],
             "skipped": skipped,
@@ -225,7 +268,7 @@ class DiffusionDataModule(L.LightningDataModule):
             self._sampler.load_state_dict(self._resume)
             self._resume = None
         return DataLoader(
-            BucketedImageDataset(samples, self.seed),
+            BucketedImageDataset(samples, self.sources, self.seed),
             batch_sampler=self._sampler,
             collate_fn=collate,
             num_workers=self.num_workers,

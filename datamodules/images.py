@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -13,11 +14,12 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 CROP_STYLES = ("center", "random")
+_TAIL = 64 * 1024  # how much of a file's end the truncation check reads
 
 
-def probe(path: str | Path) -> tuple[int, int]:
+def probe(fp: BinaryIO) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF orientation, read from the header only."""
-    with Image.open(path) as img:
+    with Image.open(fp) as img:
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)
     if orientation in _TRANSPOSED_ORIENTATIONS:
@@ -25,11 +27,51 @@ def probe(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode, apply EXIF orientation and convert to RGB (alpha composited on white)."""
-    with Image.open(path) as img:
+def truncation(fp: BinaryIO) -> str | None:
+    """Why the file looks cut short (a half-written download or copy), or None.
+
+    Reads only the head and the tail. A JPEG must end with an EOI marker (FF D9) within its last
+    64 KiB: in entropy-coded data FF is always followed by 00 or a restart marker, so FF D9 cannot
+    appear by chance, and cameras' trailers rarely exceed that. A PNG must contain its IEND chunk near
+    the end; a WebP must be as long as its RIFF header says. Other formats are checked when decoded.
+    """
+    head = fp.read(12)
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()
+    fp.seek(max(0, size - _TAIL))
+    tail = fp.read()
+    fp.seek(0)
+    if head.startswith(b"\xff\xd8"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(b"\x89PNG"):
+        return None if b"IEND" in tail[-1024:] else "truncated PNG (no IEND chunk)"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        return None if size >= declared else f"truncated WebP ({size} of {declared} bytes)"
+    return None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale (modes I;16*, I, F) scaled to 8 bits, not clipped to white."""
+    array = np.asarray(img, dtype=np.float64)
+    peak = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_rgb(fp: BinaryIO, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode, apply EXIF orientation and convert to RGB.
+
+    Alpha is composited on white; CMYK, palette and grayscale are converted; 16-bit is scaled.
+    ``draft_size`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while decoding, when the image
+    will be resized to at least that size anyway.
+    """
+    with Image.open(fp) as img:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        if img.mode.startswith("I") or img.mode == "F":
+            img = _to_8bit(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")

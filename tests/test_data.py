@@ -1,16 +1,20 @@
 """Buckets, the stateful sampler, captions, EXIF and the scan report."""
 
+import codecs
+import io
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from datamodules import DiffusionDataModule, EmptyDatasetError
 from datamodules.buckets import BucketBatchSampler, bucket_for
-from datamodules.captions import caption_for, caption_from_filename
-from datamodules.images import load_rgb, probe, resize_and_crop
+from datamodules.captions import caption_for, caption_from_filename, decode_text
+from datamodules.images import load_rgb, probe, resize_and_crop, truncation
 
 
 def test_area_buckets_keep_area_and_align():
@@ -63,33 +67,90 @@ def test_sampler_resumes_mid_epoch_and_reshuffles_per_epoch():
     assert list(b) == full  # the skip applies once
     b.set_epoch(2)
     assert [i for batch in b for i, _ in batch] != [i for batch in full for i, _ in batch]
-    with pytest.raises(ValueError, match="processes"):
-        BucketBatchSampler(buckets, 2, world_size=2).load_state_dict(a.state_dict(1))
+    # A saved position means nothing once the data or the batching changed: the epoch starts over.
+    other = BucketBatchSampler(buckets[:-2], 2, seed=3)
+    other.load_state_dict(a.state_dict(batches_done=2))
+    other.set_epoch(1)
+    assert len(list(other)) == len(other)
 
 
-def test_captions(tmp_path):
-    assert caption_from_filename(tmp_path / "a_red_cube (2).jpg") == "a red cube"
-    img = tmp_path / "photo_of_x.png"
-    assert caption_for(img, "textfile", None) == ("photo of x", True)  # no sidecar: file name, counted
-    img.with_suffix(".txt").write_bytes("caf\xe9 au lait\nsecond line".encode("cp1252"))
-    assert caption_for(img, "textfile", "sks") == ("sks, café au lait", False)
-    assert caption_for(img, "instanceprompt", "sks dog") == ("sks dog", False)
+def test_sampler_fewer_batches_than_ranks_still_feeds_every_rank():
+    per_rank = [list(BucketBatchSampler([(64, 64)], 1, rank=r, world_size=3)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [1, 1, 1]
+
+
+def test_captions_from_filename_sidecar_and_instance_prompt(tmp_path):
+    assert caption_from_filename(Path("a_red_cube (2).jpg")) == "a red cube"
+    img = Path("photo_of_x.png")
+    assert caption_for(img, "textfile", None, None) == ("photo of x", True)  # no sidecar: file name, counted
+    sidecar = "caf\xe9 au lait\nsecond line".encode("cp1252")  # a legacy Windows caption
+    assert caption_for(img, "textfile", "sks", sidecar) == ("sks, café au lait", False)
+    assert caption_for(img, "instanceprompt", "sks dog", None) == ("sks dog", False)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "naïve café".encode(),
+        codecs.BOM_UTF8 + "naïve café".encode(),
+        "naïve café".encode("utf-16"),  # Notepad "Unicode", with BOM
+        "naïve café".encode("utf-16-le"),  # no BOM
+        "naïve café".encode("latin-1"),
+    ],
+)
+def test_sidecar_encodings_decode_to_the_same_text(raw):
+    assert decode_text(raw) == "naïve café"
+
+
+def test_binary_sidecar_is_an_error_not_garbage():
+    with pytest.raises(UnicodeError):
+        decode_text(bytes(range(0, 40)))
 
 
 def test_exif_orientation_swaps_size_and_pixels(tmp_path):
     path = tmp_path / "rotated.jpg"
-    img = Image.new("RGB", (60, 30), "red")
+    img = Image.new("RGB", (60, 30), "white")
+    img.paste((255, 0, 0), (0, 0, 30, 30))  # left half red as stored
     exif = img.getexif()
-    exif[0x0112] = 6  # rotate 90° on display
-    img.save(path, exif=exif)
-    assert probe(path) == (30, 60)
-    assert load_rgb(path).size == (30, 60)
+    exif[0x0112] = 6  # display rotated 90° clockwise: the red half ends up on top
+    img.save(path, exif=exif, quality=95)
+    with open(path, "rb") as f:
+        assert probe(f) == (30, 60)
+    with open(path, "rb") as f:
+        shown = load_rgb(f)
+    assert shown.size == (30, 60)
+    top, bottom = shown.getpixel((15, 10)), shown.getpixel((15, 50))
+    assert top[0] > 200 and top[1] < 60 and min(bottom) > 200
+
+
+def test_odd_modes_are_converted_not_skipped(tmp_path):
+    sixteen = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-grey in 16 bits
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red
+    palette = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")
+    for name, img in (("grey16.png", sixteen), ("cmyk.jpg", cmyk), ("palette.png", palette)):
+        img.save(tmp_path / name)
+    with open(tmp_path / "grey16.png", "rb") as f:
+        assert load_rgb(f).getpixel((0, 0)) == (128, 128, 128)
+    with open(tmp_path / "cmyk.jpg", "rb") as f:
+        r, g, b = load_rgb(f).getpixel((0, 0))
+        assert r > 200 and g < 60 and b < 60
+    with open(tmp_path / "palette.png", "rb") as f:
+        assert load_rgb(f).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_truncation_check(tmp_path):
+    for name in ("ok.jpg", "ok.png", "ok.webp"):
+        Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / name)
+        data = (tmp_path / name).read_bytes()
+        assert truncation(io.BytesIO(data)) is None, name
+        assert truncation(io.BytesIO(data[: len(data) * 2 // 3])), name
 
 
 def test_rgba_composited_on_white_and_crop(tmp_path):
     path = tmp_path / "alpha.png"
     Image.new("RGBA", (40, 20), (0, 0, 0, 0)).save(path)
-    img = load_rgb(path)
+    with open(path, "rb") as f:
+        img = load_rgb(f)
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
     out, (top, left) = resize_and_crop(img, (16, 16), "center", random.Random(0))
     assert out.size == (16, 16) and (top, left) == (0, 8)
@@ -102,19 +163,33 @@ def test_scan_skips_bad_files_with_reasons(tmp_path):
     Image.new("RGB", (8, 8), "blue").save(data / "tiny.png")
     (data / "empty.jpg").write_bytes(b"")
     (data / "text.jpg").write_text("not an image")
+    noise = Image.effect_noise((64, 64), 50).convert("RGB")
+    noise.save(data / "cut.jpg")
+    (data / "cut.jpg").write_bytes((data / "cut.jpg").read_bytes()[:900])  # a half-written download
+    noise.save(data / "utf16.png")
+    (data / "utf16.txt").write_bytes("a cat on a mat".encode("utf-16"))
+    noise.save(data / "binary caption.png")
+    (data / "binary caption.txt").write_bytes(bytes(range(40)))
     (data / ".hidden.png").write_bytes(b"junk")
     (data / "notes.md").write_text("clutter is ignored")
     report = tmp_path / "out" / "dataset_report.json"
     dm = DiffusionDataModule(
-        path=str(data), resolution=64, bucket_step=16, minimum_image_size=16, report_path=str(report)
+        path=str(data),
+        resolution=64,
+        bucket_step=16,
+        minimum_image_size=16,
+        caption_strategy="textfile",
+        report_path=str(report),
     )
     samples = dm.scan()
-    assert [s.caption for s in samples] == ["good one"]
+    assert sorted(s.caption for s in samples) == ["a cat on a mat", "good one"]
     written = json.loads(report.read_text())
     assert written["usable"][0]["bucket"] == [64, 64] and written["usable"][0]["width"] == 64
     reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in written["skipped"]}
-    assert set(reasons) == {"tiny.png", "empty.jpg", "text.jpg"}
+    assert set(reasons) == {"tiny.png", "empty.jpg", "text.jpg", "cut.jpg", "binary caption.png"}
     assert "too small" in reasons["tiny.png"]
+    assert "truncated JPEG" in reasons["cut.jpg"]
+    assert "unreadable caption" in reasons["binary caption.png"]
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path):

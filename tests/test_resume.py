@@ -65,4 +65,14 @@ def test_epochs_and_gradient_accumulation_count_optimizer_steps(make_cfg, tmp_pa
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["4", "6"]  # every 2 steps, limit 2
     ckpt = torch.load(out / "checkpoints" / "6" / "checkpoint.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
-    assert ckpt["DiffusionDataModule"]["sampler"] == {"epoch": 1, "batch": 6, "seed": 42, "world_size": 1}
+    sampler = ckpt["DiffusionDataModule"]["sampler"]
+    assert (sampler["epoch"], sampler["batch"], sampler["batch_size"]) == (1, 6, 2)
+
+
+def test_a_fresh_run_sets_earlier_checkpoints_aside(make_cfg, tmp_path):
+    out = tmp_path / "out"
+    train(make_cfg("max_train_steps=4", output_dir=out))
+    train(make_cfg("max_train_steps=2", output_dir=out))  # no resume: a new history in the same dir
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["2"]
+    aside = sorted(p.name.split("-")[1] for p in (out / "checkpoints").glob("superseded-*"))
+    assert aside == ["2", "4"]  # kept, not deleted; the new step 2 replaced nothing of theirs

@@ -102,27 +102,84 @@ def test_overfitting_one_image_lowers_the_loss(finetune, lr, make_cfg, demo_dir,
 
 
 def test_sdxl_time_ids_come_from_each_samples_size_and_crop(make_cfg, tmp_path):
-    """The batch carries true original sizes and crop offsets, and the SDXL module feeds them to the UNet."""
+    """One 100x70 image: 64 px area buckets in steps of 16 give 80x48, so it is resized to 80x56 and
+    centre-cropped 4 px from the top. SDXL's time ids are (orig h, orig w, crop y, crop x, target h, w)."""
     from hydra.utils import instantiate
+    from PIL import Image
 
     from tuner.run import prepare
 
-    cfg = prepare(make_cfg("model=sdxl", "data.crop_style=random", output_dir=tmp_path))
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (100, 70), "blue").save(data / "a blue card.png")
+    cfg = prepare(make_cfg("model=sdxl", f"data.path={data}", "data.batch_size=1", output_dir=tmp_path / "out"))
     dm = instantiate(cfg.data, seed=0)
     dm.scan()
     batch = next(iter(dm.train_dataloader()))
-    sample = dm.samples[0]
-    assert batch["original_size"].shape == (cfg.data.batch_size, 2)
-    sizes = {(s.height, s.width) for s in dm.samples}
-    assert {tuple(x) for x in batch["original_size"].tolist()} <= sizes
-    bucket_hw = {(s.bucket[1], s.bucket[0]) for s in dm.samples}
-    assert {tuple(x) for x in batch["target_size"].tolist()} <= bucket_hw
-    assert sample.width != sample.bucket[0] or sample.height != sample.bucket[1]  # images really are resized
+    assert batch["pixels"].shape == (1, 3, 48, 80)
 
     module = instantiate(cfg.model, optimizer=None, lr_scheduler=None)
     seen = {}
     module.unet.register_forward_pre_hook(lambda m, a, kw: seen.update(kw["added_cond_kwargs"]), with_kwargs=True)
     module.compute_loss(batch, torch.Generator().manual_seed(0))
-    expected = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
-    assert torch.equal(seen["time_ids"], expected.float())
-    assert seen["text_embeds"].shape == (cfg.data.batch_size, 32)
+    assert seen["time_ids"].tolist() == [[70.0, 100.0, 4.0, 0.0, 48.0, 80.0]]
+    assert seen["text_embeds"].shape == (1, 32)  # the second encoder's pooled projection
+
+
+def test_lora_alpha_survives_export(make_cfg, demo_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    train(make_cfg("model.lora.rank=4", "model.lora.alpha=16", "max_train_steps=2", output_dir=tmp_path))
+    pipe = DiffusionPipeline.from_pretrained(demo_dir / "sd15")
+    pipe.load_lora_weights(tmp_path)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert list(layer.scaling.values()) == [4.0]  # alpha / rank, as trained
+
+
+def test_sdxl_vae_encodes_in_fp32_under_bf16(make_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    from tuner.run import prepare
+
+    cfg = prepare(make_cfg("model=sdxl", output_dir=tmp_path))
+    module = instantiate(cfg.model, optimizer=None, lr_scheduler=None, mixed_precision="bf16")
+    dtypes = []
+    module.vae.encoder.conv_in.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = module.encode_images(torch.zeros(1, 3, 64, 64), torch.Generator().manual_seed(0))
+    assert dtypes == [torch.float32] and latents.dtype == torch.float32
+    assert module.text_encoder.dtype == torch.bfloat16  # the other frozen parts do run in bf16
+
+
+def test_full_export_keeps_base_scheduler_and_precision(make_cfg, demo_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    train(
+        make_cfg("model=sdxl", "model.finetune=full", "mixed_precision=bf16", "max_train_steps=1", output_dir=tmp_path)
+    )
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.text_encoder.dtype == pipe.vae.dtype == pipe.unet.dtype == torch.float32
+
+
+def test_zero_terminal_snr_with_min_snr_stays_finite(make_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    from tuner.run import prepare
+
+    cfg = prepare(
+        make_cfg(
+            "model.zero_terminal_snr=true",
+            "model.min_snr_gamma=5",
+            "model.min_timestep=998",  # only the last two timesteps, where SNR is (nearly) zero
+            output_dir=tmp_path,
+        )
+    )
+    module = instantiate(cfg.model, optimizer=None, lr_scheduler=None)
+    assert (
+        module.scheduler_config["rescale_betas_zero_snr"] and module.scheduler_config["timestep_spacing"] == "trailing"
+    )
+    dm = instantiate(cfg.data, seed=0)
+    dm.scan()
+    loss = module.compute_loss(next(iter(dm.train_dataloader())), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)

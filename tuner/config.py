@@ -88,6 +88,7 @@ class DatasetConfig:
     """One entry of ``data.datasets``; a key left null takes the data-level value."""
 
     path: Optional[str] = None
+    type: Optional[str] = None  # folder, s3, webdataset, table; None: inferred from path
     resolution: Optional[float] = None
     resolution_type: Optional[ResolutionType] = None
     bucket_step: Optional[int] = None
@@ -112,7 +113,9 @@ class DataConfig:
     instance_prompt: Optional[str] = None
     minimum_image_size: int = 0
     num_workers: int = 0
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    # Entries are checked against DatasetConfig in ``check`` (OmegaConf cannot add new typed entries to a
+    # Dict[str, DatasetConfig] from the command line, e.g. ``+data.datasets.photos.path=DIR``).
+    datasets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,8 +218,28 @@ def _unset(value: Optional[int]) -> bool:
     return value is None or value <= 0  # the seed's convention: 0 means "not this one"
 
 
+def _typed_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Each ``data.datasets.<id>`` merged onto the DatasetConfig schema: unknown keys and bad values fail."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    typed = {}
+    valid = [f for f in DatasetConfig.__dataclass_fields__]
+    for name, entry in cfg.data.datasets.items():
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"data.datasets.{name} must be a mapping of dataset keys ({', '.join(valid)})")
+        for key in entry:
+            if key not in valid:
+                raise ConfigError(f"unknown config key 'data.datasets.{name}.{key}'.{suggest(str(key), valid)}")
+        try:
+            typed[name] = OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"data.datasets.{name}: {err}".splitlines()[0]) from err
+    return typed
+
+
 def check(cfg: DictConfig) -> None:
     """Rules that span keys. Raises ConfigError naming the keys and the valid values."""
+    datasets = _typed_datasets(cfg)
     steps, epochs = cfg.max_train_steps, cfg.num_train_epochs
     if not _unset(steps) and not _unset(epochs):
         raise ConfigError(
@@ -231,8 +254,15 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
         raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
-    if not cfg.data.path and not any(d.path for d in cfg.data.datasets.values()):
+    if not cfg.data.path and not any(d.path for d in datasets.values()):
         raise ConfigError("data.path is not set: point it at a folder of images (or set data.datasets.<id>.path)")
+    if cfg.model.min_timestep < 0 or (
+        cfg.model.max_timestep is not None and cfg.model.max_timestep <= cfg.model.min_timestep
+    ):
+        raise ConfigError(
+            f"model.min_timestep={cfg.model.min_timestep}, model.max_timestep={cfg.model.max_timestep}; "
+            "need 0 <= min_timestep < max_timestep (<= 1000 for the SD family schedules)"
+        )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:
@@ -241,8 +271,8 @@ def check(cfg: DictConfig) -> None:
         value = cfg.quantization[key]
         if value not in QUANTIZATION_LEVELS:
             raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
-    strategies = [d.caption_strategy for d in cfg.data.datasets.values()] + [cfg.data.caption_strategy]
-    prompts = [d.instance_prompt for d in cfg.data.datasets.values()] + [cfg.data.instance_prompt]
+    strategies = [d.caption_strategy for d in datasets.values()] + [cfg.data.caption_strategy]
+    prompts = [d.instance_prompt for d in datasets.values()] + [cfg.data.instance_prompt]
     if CaptionStrategy.instanceprompt in strategies and not any(prompts):
         raise ConfigError("caption_strategy=instanceprompt needs data.instance_prompt")
 

@@ -23,9 +23,24 @@ log = logging.getLogger("tuner")
 PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
 
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _is_distributed(cfg: DictConfig) -> bool:
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    many = isinstance(devices, int) and devices > 1 or str(devices) == "-1" or isinstance(devices, (list, tuple))
+    strategy = (
+        str(cfg.trainer.strategy.get("_target_", ""))
+        if isinstance(cfg.trainer.strategy, DictConfig)
+        else str(cfg.trainer.strategy)
+    )
+    return many or nodes > 1 or "ddp" in strategy.lower() or "fsdp" in strategy.lower()
+
+
 def job_output_dir(cfg: DictConfig) -> str:
     """``output_dir`` for a single run; ``<output_dir>/<job number>`` for a job of a sweep."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if _is_multirun():
         return HydraConfig.get().runtime.output_dir
     return str(cfg.output_dir)
 
@@ -73,6 +88,10 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if missing:
         raise ConfigError(f"missing required config values: {', '.join(missing)}")
     check(cfg)
+    if _is_multirun() and _is_distributed(cfg):
+        # Lightning starts DDP workers by re-running this command line, sweep flags and all, so each
+        # worker would start the whole sweep again.
+        raise ConfigError("a multirun sweep (-m) cannot use a multi-process trainer; run each job on its own")
     with open_dict(cfg):
         cfg.output_dir = str(Path(job_output_dir(cfg)).absolute())
     # From here on a plain, fully resolved config: enums become their names, interpolations values.
