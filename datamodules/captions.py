@@ -6,7 +6,7 @@ import codecs
 import re
 from pathlib import Path
 
-CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt")
+CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "column")
 
 _COPY_SUFFIX = re.compile(r"\s*\(\d+\)$")  # "photo (1)" from a browser's duplicate download
 
@@ -48,12 +48,17 @@ def read_sidecar(raw: bytes | None) -> str | None:
 
 
 def caption_for(
-    path: Path, strategy: str, instance_prompt: str | None, sidecar: bytes | None = None
+    path: Path,
+    strategy: str,
+    instance_prompt: str | None,
+    sidecar: bytes | None = None,
+    carried: str | None = None,
 ) -> tuple[str, bool]:
     """(caption, fell_back): the caption by ``strategy``, with ``instance_prompt`` prepended as a trigger.
 
-    ``path`` names the image (for ``filename``); ``sidecar`` holds its ``.txt`` bytes, if any. ``fell_back``
-    is true when ``textfile`` found no sidecar and used the file name instead.
+    ``path`` names the image (for ``filename``); ``sidecar`` holds its ``.txt`` bytes, if any; ``carried``
+    is the caption a metadata table gives it (for ``column``). ``fell_back`` is true when ``textfile`` or
+    ``column`` found nothing and the file name was used instead.
     """
     fell_back = False
     if strategy == "instanceprompt":
@@ -62,6 +67,10 @@ def caption_for(
         return instance_prompt, False
     if strategy == "textfile":
         caption = read_sidecar(sidecar)
+        if caption is None:
+            caption, fell_back = caption_from_filename(path), True
+    elif strategy == "column":
+        caption = carried
         if caption is None:
             caption, fell_back = caption_from_filename(path), True
     elif strategy == "filename":

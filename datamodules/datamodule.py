@@ -33,7 +33,12 @@ DATASET_KEYS = (
     "caption_strategy",
     "instance_prompt",
     "minimum_image_size",
+    "endpoint_url",
+    "image_column",
+    "caption_column",
 )
+# Of those, the ones handed to the source itself (with ``cache_dir``).
+SOURCE_OPTIONS = ("endpoint_url", "image_column", "caption_column")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, UnicodeError)
 
 
@@ -74,7 +79,7 @@ def scan_source(name: str, spec: dict, source: Source) -> tuple[list[Sample], li
         try:
             sidecar = source.sidecar(item) if spec["caption_strategy"] == "textfile" else None
             caption, fell_back = caption_for(
-                PurePosixPath(item.key), spec["caption_strategy"], spec["instance_prompt"], sidecar
+                PurePosixPath(item.key), spec["caption_strategy"], spec["instance_prompt"], sidecar, item.caption
             )
         except (OSError, UnicodeError) as err:
             skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
@@ -164,6 +169,10 @@ class DiffusionDataModule(L.LightningDataModule):
         caption_dropout_probability: float = 0.1,
         instance_prompt: str | None = None,
         minimum_image_size: int = 0,
+        endpoint_url: str | None = None,
+        image_column: str = "file_name",
+        caption_column: str = "text",
+        cache_dir: str | None = None,
         num_workers: int = 0,
         datasets: dict[str, dict] | None = None,
         seed: int = 0,
@@ -179,6 +188,9 @@ class DiffusionDataModule(L.LightningDataModule):
             "caption_strategy": caption_strategy,
             "instance_prompt": instance_prompt,
             "minimum_image_size": minimum_image_size,
+            "endpoint_url": endpoint_url,
+            "image_column": image_column,
+            "caption_column": caption_column,
         }
         defaults["type"] = None
         entries = datasets or {"default": {}}
@@ -190,7 +202,14 @@ class DiffusionDataModule(L.LightningDataModule):
             if not spec["path"]:
                 raise EmptyDatasetError(f"dataset {name!r} has no path: set data.path or data.datasets.{name}.path")
         try:
-            self.sources = {name: open_source(str(spec["path"]), spec["type"]) for name, spec in self.specs.items()}
+            self.sources = {
+                name: open_source(
+                    str(spec["path"]),
+                    spec["type"],
+                    {"cache_dir": cache_dir, **{k: spec[k] for k in SOURCE_OPTIONS}},
+                )
+                for name, spec in self.specs.items()
+            }
         except SourceError as err:
             raise EmptyDatasetError(str(err)) from err
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

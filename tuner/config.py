@@ -43,6 +43,7 @@ class CaptionStrategy(Enum):
     filename = "filename"
     textfile = "textfile"
     instanceprompt = "instanceprompt"
+    column = "column"  # a metadata table's caption column
 
 
 class PredictionType(Enum):
@@ -96,6 +97,9 @@ class DatasetConfig:
     caption_strategy: Optional[CaptionStrategy] = None
     instance_prompt: Optional[str] = None
     minimum_image_size: Optional[int] = None
+    endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, R2); credentials come from the environment
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
 
 
 @dataclass
@@ -112,6 +116,10 @@ class DataConfig:
     caption_dropout_probability: float = 0.1
     instance_prompt: Optional[str] = None
     minimum_image_size: int = 0
+    endpoint_url: Optional[str] = None
+    image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
+    caption_column: str = "text"
+    cache_dir: Optional[str] = None  # downloads (URL tables); null: <output_dir>/cache
     num_workers: int = 0
     # Entries are checked against DatasetConfig in ``check`` (OmegaConf cannot add new typed entries to a
     # Dict[str, DatasetConfig] from the command line, e.g. ``+data.datasets.photos.path=DIR``).

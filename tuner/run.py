@@ -155,7 +155,12 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.demo_assets_dir:
         ensure_demo_assets(cfg)
 
-    datamodule = instantiate(cfg.data, seed=cfg.seed, report_path=str(output_dir / "dataset_report.json"))
+    datamodule = instantiate(
+        cfg.data,
+        seed=cfg.seed,
+        report_path=str(output_dir / "dataset_report.json"),
+        cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
+    )
     datamodule.scan()  # an unusable dataset fails here, before any weights load
 
     ckpt_path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir / "checkpoints")
