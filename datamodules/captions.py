@@ -39,44 +39,40 @@ def decode_text(raw: bytes) -> str:
             return raw.decode("latin-1")
 
 
-def read_sidecar(raw: bytes | None) -> str | None:
-    """The first non-empty line of a sidecar's bytes ("" when it is empty), or None when there is none."""
-    if raw is None:
-        return None
-    lines = [line.strip() for line in decode_text(raw).splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def caption_for(
     path: Path,
     strategy: str,
     instance_prompt: str | None,
     sidecar: bytes | None = None,
     carried: str | None = None,
-) -> tuple[str, bool]:
-    """(caption, fell_back): the caption by ``strategy``, with ``instance_prompt`` prepended as a trigger.
+    multiline: bool = True,
+) -> tuple[tuple[str, ...], bool]:
+    """(captions, fell_back): the image's caption(s) by ``strategy``, each with ``instance_prompt``
+    prepended as a trigger word.
 
     ``path`` names the image (for ``filename``); ``sidecar`` holds its ``.txt`` bytes, if any; ``carried``
-    is the caption a metadata table gives it (for ``column``). ``fell_back`` is true when ``textfile`` or
-    ``column`` found nothing and the file name was used instead.
+    is the caption a metadata table gives it (for ``column``). A sidecar with several non-empty lines
+    gives one caption per line (one is drawn per use) unless ``multiline`` is off, when its lines are
+    joined into one. ``fell_back`` is true when ``textfile`` or ``column`` found nothing and the file
+    name was used instead.
     """
     fell_back = False
     if strategy == "instanceprompt":
         if not instance_prompt:
             raise ValueError("caption_strategy=instanceprompt needs data.instance_prompt")
-        return instance_prompt, False
+        return (instance_prompt,), False
     if strategy == "textfile":
-        caption = read_sidecar(sidecar)
-        if caption is None:
-            caption, fell_back = caption_from_filename(path), True
+        text = None if sidecar is None else decode_text(sidecar)
     elif strategy == "column":
-        caption = carried
-        if caption is None:
-            caption, fell_back = caption_from_filename(path), True
+        text = carried
     elif strategy == "filename":
-        caption = caption_from_filename(path)
+        text = caption_from_filename(path)
     else:
         raise ValueError(f"unknown caption_strategy {strategy!r}; valid: {', '.join(CAPTION_STRATEGIES)}")
+    if text is None:
+        text, fell_back = caption_from_filename(path), True
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    captions = (tuple(lines) if multiline else (" ".join(lines),)) if lines else ("",)
     if instance_prompt:
-        caption = f"{instance_prompt}, {caption}" if caption else instance_prompt
-    return caption, fell_back
+        captions = tuple(f"{instance_prompt}, {c}" if c else instance_prompt for c in captions)
+    return captions, fell_back

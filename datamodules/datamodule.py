@@ -6,19 +6,17 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.buckets import BucketBatchSampler, bucket_for
-from datamodules.captions import caption_for
-from datamodules.images import load_rgb, probe, resize_and_crop, to_tensor, truncation
-from datamodules.sources import Item, Source, SourceError, open_source
+from datamodules.buckets import BucketBatchSampler
+from datamodules.images import load_rgb, resize_and_crop, to_tensor
+from datamodules.scan import DECODE_ERRORS, Sample, ScanResult, scan_source
+from datamodules.sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -36,58 +34,14 @@ DATASET_KEYS = (
     "endpoint_url",
     "image_column",
     "caption_column",
+    "multiline_captions",
 )
 # Of those, the ones handed to the source itself (with ``cache_dir``).
 SOURCE_OPTIONS = ("endpoint_url", "image_column", "caption_column")
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, UnicodeError)
 
 
 class EmptyDatasetError(ValueError):
     """No usable image in any dataset: raised before any model weights load."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    item: Item
-    width: int  # after EXIF orientation
-    height: int
-    bucket: tuple[int, int]  # (w, h)
-    caption: str
-    dataset: str
-    crop_style: str
-
-
-def scan_source(name: str, spec: dict, source: Source) -> tuple[list[Sample], list[dict], int]:
-    """Probe every item of ``source``: usable samples, skipped {path, reason}, caption fallbacks."""
-    usable, skipped, fallbacks = [], [], 0
-    for item in source.items():
-        try:
-            if item.size == 0:
-                raise ValueError("empty file")
-            with source.open_header(item) as fp:
-                cut = truncation(fp)
-                if cut:
-                    raise ValueError(cut)
-                width, height = probe(fp)
-        except _DECODE_ERRORS as err:
-            skipped.append({"path": item.location, "reason": f"unreadable image: {err}"})
-            continue
-        if min(width, height) < spec["minimum_image_size"]:
-            reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
-            skipped.append({"path": item.location, "reason": reason})
-            continue
-        try:
-            sidecar = source.sidecar(item) if spec["caption_strategy"] == "textfile" else None
-            caption, fell_back = caption_for(
-                PurePosixPath(item.key), spec["caption_strategy"], spec["instance_prompt"], sidecar, item.caption
-            )
-        except (OSError, UnicodeError) as err:
-            skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
-            continue
-        fallbacks += fell_back
-        bucket = bucket_for(width, height, spec["resolution"], spec["resolution_type"], spec["bucket_step"])
-        usable.append(Sample(item, width, height, bucket, caption, name, spec["crop_style"]))
-    return usable, skipped, fallbacks
 
 
 class BucketedImageDataset(Dataset):
@@ -109,7 +63,7 @@ class BucketedImageDataset(Dataset):
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
         sample = self.samples[index]
-        rng = random.Random(f"{self.seed}:{epoch}:{index}")  # random crops repeat exactly on resume
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         with self.sources[sample.dataset].open(sample.item) as fp:
             # Square draft request: EXIF rotation may swap the axes after decoding.
             side = max(sample.bucket)
@@ -118,7 +72,9 @@ class BucketedImageDataset(Dataset):
         bw, bh = sample.bucket
         return {
             "pixels": to_tensor(image),
-            "caption": sample.caption,
+            "caption": sample.captions[rng.randrange(len(sample.captions))]
+            if len(sample.captions) > 1
+            else sample.caption,
             "original_size": (sample.height, sample.width),
             "crop_top_left": (top, left),
             "target_size": (bh, bw),
@@ -131,7 +87,7 @@ class BucketedImageDataset(Dataset):
         for candidate in (peers[(start + k) % len(peers)] for k in range(min(len(peers), 8))):
             try:
                 return self._load(candidate, epoch)
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 log.warning(
                     "could not load %s (%s); using another image of its bucket",
                     self.samples[candidate].item.location,
@@ -169,6 +125,7 @@ class DiffusionDataModule(L.LightningDataModule):
         caption_dropout_probability: float = 0.1,
         instance_prompt: str | None = None,
         minimum_image_size: int = 0,
+        multiline_captions: bool = True,
         endpoint_url: str | None = None,
         image_column: str = "file_name",
         caption_column: str = "text",
@@ -188,6 +145,7 @@ class DiffusionDataModule(L.LightningDataModule):
             "caption_strategy": caption_strategy,
             "instance_prompt": instance_prompt,
             "minimum_image_size": minimum_image_size,
+            "multiline_captions": multiline_captions,
             "endpoint_url": endpoint_url,
             "image_column": image_column,
             "caption_column": caption_column,
@@ -214,6 +172,8 @@ class DiffusionDataModule(L.LightningDataModule):
             raise EmptyDatasetError(str(err)) from err
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
+        self.cache_dir = cache_dir
+        self.results: dict[str, ScanResult] = {}
         self.samples: list[Sample] | None = None
         self._resume: dict | None = None
         self._sampler: BucketBatchSampler | None = None
@@ -222,15 +182,14 @@ class DiffusionDataModule(L.LightningDataModule):
         """Scan every dataset once; write the report; fail clearly when nothing is usable."""
         if self.samples is not None:
             return self.samples
-        usable, skipped, fallbacks = [], [], 0
         for name, spec in self.specs.items():
             try:
-                u, s, f = scan_source(name, spec, self.sources[name])
+                self.results[name] = scan_source(name, spec, self.sources[name], self.cache_dir)
             except SourceError as err:
                 raise EmptyDatasetError(f"dataset {name!r}: {err}") from err
-            usable += u
-            skipped += s
-            fallbacks += f
+        usable = [s for r in self.results.values() for s in r.usable]
+        skipped = [s for r in self.results.values() for s in r.skipped]
+        fallbacks = sum(r.caption_fallbacks for r in self.results.values())
         if self.report_path:
             self._write_report(usable, skipped)
         buckets: dict[tuple[int, int], int] = {}
@@ -265,6 +224,7 @@ class DiffusionDataModule(L.LightningDataModule):
                     "bucket": list(s.bucket),
                     "caption": s.caption,
                     "dataset": s.dataset,
+                    **({"captions": list(s.captions)} if len(s.captions) > 1 else {}),
                 }
                 for s in usable
             ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import BinaryIO
 
 import numpy as np
@@ -18,10 +19,23 @@ _TAIL = 64 * 1024  # how much of a file's end the truncation check reads
 
 
 def probe(fp: BinaryIO) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after EXIF orientation, read from the header only."""
-    with Image.open(fp) as img:
+    """(width, height) as displayed, i.e. after EXIF orientation, read from the header only.
+
+    Raises ``Image.DecompressionBombError`` for more pixels than PIL's limit, before anything is decoded.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
+        img = Image.open(fp)
+    with img:
         width, height = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f"decompression bomb: {width}x{height} exceeds {Image.MAX_IMAGE_PIXELS} pixels"
+            )
+        # PIL's PNG getexif() decodes the whole image to look for a late eXIf chunk; a header-only
+        # probe reads EXIF only where the header already holds it (JPEG, WebP, a PNG's early eXIf).
+        has_exif = img.format != "PNG" or "exif" in img.info
+        orientation = img.getexif().get(0x0112, 1) if has_exif else 1
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return width, height

@@ -4,6 +4,8 @@ import codecs
 import io
 import json
 import random
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -82,10 +84,13 @@ def test_sampler_fewer_batches_than_ranks_still_feeds_every_rank():
 def test_captions_from_filename_sidecar_and_instance_prompt(tmp_path):
     assert caption_from_filename(Path("a_red_cube (2).jpg")) == "a red cube"
     img = Path("photo_of_x.png")
-    assert caption_for(img, "textfile", None, None) == ("photo of x", True)  # no sidecar: file name, counted
-    sidecar = "caf\xe9 au lait\nsecond line".encode("cp1252")  # a legacy Windows caption
-    assert caption_for(img, "textfile", "sks", sidecar) == ("sks, café au lait", False)
-    assert caption_for(img, "instanceprompt", "sks dog", None) == ("sks dog", False)
+    assert caption_for(img, "textfile", None, None) == (("photo of x",), True)  # no sidecar: file name, counted
+    sidecar = "caf\xe9 au lait\n\nsecond line\n".encode("cp1252")  # a legacy Windows caption, two lines
+    assert caption_for(img, "textfile", "sks", sidecar) == (("sks, café au lait", "sks, second line"), False)
+    joined = caption_for(img, "textfile", None, sidecar, multiline=False)
+    assert joined == (("café au lait second line",), False)
+    assert caption_for(img, "instanceprompt", "sks dog", None) == (("sks dog",), False)
+    assert caption_for(img, "column", None, None, "from the table") == (("from the table",), False)
 
 
 @pytest.mark.parametrize(
@@ -211,3 +216,60 @@ def test_per_dataset_overrides(tmp_path):
     )
     by_dataset = {s.dataset: s.bucket for s in dm.scan()}
     assert by_dataset == {"a": (64, 64), "b": (128, 64)}
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG that claims ``width`` x ``height`` but holds one tiny compressed row: a bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(60000, 60000))
+    (tmp_path / "big.png").write_bytes(_png_header_only(12000, 12000))  # 144 MP: past PIL's limit, under 2x
+    Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
+    dm = DiffusionDataModule(path=str(tmp_path), resolution=64, report_path=str(tmp_path / "r.json"))
+    assert [s.item.key for s in dm.scan()] == ["fine.png"]
+    reasons = {
+        r["path"].rsplit("/", 1)[-1]: r["reason"] for r in json.loads((tmp_path / "r.json").read_text())["skipped"]
+    }
+    assert "exceeds" in reasons["bomb.png"] and "decompression bomb: 12000x12000" in reasons["big.png"]
+
+
+def test_scan_cache_probes_only_what_changed(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64 + 16 * i, 64)).save(data / f"img{i}.png")
+
+    def scan(resolution=64):
+        dm = DiffusionDataModule(path=str(data), resolution=resolution, bucket_step=16, cache_dir=str(cache))
+        dm.scan()
+        return dm
+
+    assert scan().results["default"].probed == 5
+    assert scan().results["default"].probed == 0  # nothing changed: no image is read
+    Image.new("RGB", (200, 64)).save(data / "img0.png")  # a changed file
+    (data / "img4.png").unlink()
+    again = scan()
+    assert again.results["default"].probed == 1
+    assert {s.item.key: s.width for s in again.samples}["img0.png"] == 200 and len(again.samples) == 4
+    # A config change re-buckets from the cached sizes: never a stale bucket
+    assert {s.bucket for s in scan(resolution=32).samples} != {s.bucket for s in again.samples}
+    (cache / "scan").joinpath(next((cache / "scan").iterdir()).name).write_text("{broken")
+    assert scan().results["default"].probed == 4  # a damaged cache is rebuilt, not trusted
+
+
+def test_multiline_captions_are_drawn_per_use(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("first caption\nsecond caption\nthird caption\n")
+    dm = DiffusionDataModule(path=str(tmp_path), resolution=64, caption_strategy="textfile")
+    dm.scan()
+    ds = dm.train_dataloader().dataset
+    drawn = {ds[(0, epoch)]["caption"] for epoch in range(30)}
+    assert drawn == {"first caption", "second caption", "third caption"}
+    assert ds[(0, 7)]["caption"] == ds[(0, 7)]["caption"]  # the same draw for the same epoch, on resume too

@@ -97,6 +97,7 @@ class DatasetConfig:
     caption_strategy: Optional[CaptionStrategy] = None
     instance_prompt: Optional[str] = None
     minimum_image_size: Optional[int] = None
+    multiline_captions: Optional[bool] = None
     endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, R2); credentials come from the environment
     image_column: Optional[str] = None
     caption_column: Optional[str] = None
@@ -116,6 +117,7 @@ class DataConfig:
     caption_dropout_probability: float = 0.1
     instance_prompt: Optional[str] = None
     minimum_image_size: int = 0
+    multiline_captions: bool = True  # each line of a caption file is a caption; one is drawn per use
     endpoint_url: Optional[str] = None
     image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
     caption_column: str = "text"

@@ -1,0 +1,157 @@
+"""The metadata scan: every item of a source probed once (header, EXIF size, truncation), then
+captioned and bucketed from the config.
+
+Only the probe is cached, per dataset, keyed by each item's key and version (path + mtime + size,
+or an ETag): a re-run over unchanged files reads no image, and a changed file is probed again. Captions
+and buckets are recomputed from the current config on every scan (they are cheap), so a changed config
+can never be served from a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+from datamodules.buckets import bucket_for
+from datamodules.captions import caption_for
+from datamodules.images import probe, truncation
+from datamodules.sources import Item, Source
+
+log = logging.getLogger(__name__)
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, UnicodeError)
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    item: Item
+    width: int  # after EXIF orientation
+    height: int
+    bucket: tuple[int, int]  # (w, h)
+    captions: tuple[str, ...]  # one is drawn per use when a sidecar has several lines
+    dataset: str
+    crop_style: str
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0]
+
+
+@dataclass
+class ScanResult:
+    usable: list[Sample]
+    skipped: list[dict]  # {path, reason}
+    caption_fallbacks: int  # textfile/column datasets where the file name had to serve
+    probed: int  # images actually read this time (not served from the probe cache)
+
+
+def probe_item(source: Source, item: Item) -> tuple[int, int] | str:
+    """(width, height) after EXIF orientation, or why the image is unusable."""
+    try:
+        if item.size == 0:
+            return "empty file"
+        with source.open_header(item) as fp:
+            cut = truncation(fp)
+            if cut:
+                return cut
+            width, height = probe(fp)
+    except Image.DecompressionBombError as err:
+        return str(err)  # refused on its header alone: decoding it would need gigabytes
+    except DECODE_ERRORS as err:
+        return f"unreadable image: {err}"
+    return width, height
+
+
+class ProbeCache:
+    """``{item key: [version, width, height, reason]}`` in ``<cache_dir>/scan/<source hash>.json``."""
+
+    def __init__(self, cache_dir: str | None, source: Source):
+        self.path = None
+        self.entries: dict[str, list] = {}
+        if cache_dir:
+            digest = hashlib.sha256(source.identity().encode()).hexdigest()[:16]
+            self.path = Path(cache_dir) / "scan" / f"{digest}.json"
+            try:
+                saved = json.loads(self.path.read_text())
+                if saved.get("format") == _CACHE_FORMAT and saved.get("source") == source.identity():
+                    self.entries = saved["entries"]
+            except (OSError, ValueError, KeyError):
+                self.entries = {}  # missing or damaged: probe everything again
+
+    def get(self, item: Item) -> tuple[int, int] | str | None:
+        hit = self.entries.get(item.key)
+        if not hit or hit[0] != item.version:
+            return None
+        return hit[3] if hit[3] else (hit[1], hit[2])
+
+    def save(self, source: Source, results: dict[str, tuple[Item, tuple[int, int] | str]]) -> None:
+        if self.path is None:
+            return
+        entries = {
+            key: [
+                item.version,
+                *(result if isinstance(result, tuple) else (0, 0)),
+                None if isinstance(result, tuple) else result,
+            ]
+            for key, (item, result) in results.items()
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "source": source.identity(), "entries": entries}))
+        os.replace(tmp, self.path)
+
+
+def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = None) -> ScanResult:
+    """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``."""
+    cache = ProbeCache(cache_dir, source)
+    items = list(source.items())
+    results: dict[str, tuple[Item, tuple[int, int] | str]] = {}
+    todo = []
+    for item in items:
+        hit = cache.get(item)
+        if hit is None:
+            todo.append(item)
+        else:
+            results[item.key] = (item, hit)
+    # Threads: a remote source waits on the network; local probes are short and release the GIL in I/O.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for item, result in zip(todo, pool.map(lambda it: probe_item(source, it), todo), strict=True):
+            results[item.key] = (item, result)
+    cache.save(source, results)
+
+    usable, skipped, fallbacks = [], [], 0
+    for item in items:
+        result = results[item.key][1]
+        if isinstance(result, str):
+            skipped.append({"path": item.location, "reason": result})
+            continue
+        width, height = result
+        if min(width, height) < spec["minimum_image_size"]:
+            reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
+            skipped.append({"path": item.location, "reason": reason})
+            continue
+        try:
+            sidecar = source.sidecar(item) if spec["caption_strategy"] == "textfile" else None
+            captions, fell_back = caption_for(
+                PurePosixPath(item.key),
+                spec["caption_strategy"],
+                spec["instance_prompt"],
+                sidecar,
+                item.caption,
+                spec["multiline_captions"],
+            )
+        except (OSError, UnicodeError) as err:
+            skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
+            continue
+        fallbacks += fell_back
+        bucket = bucket_for(width, height, spec["resolution"], spec["resolution_type"], spec["bucket_step"])
+        usable.append(Sample(item, width, height, bucket, captions, name, spec["crop_style"]))
+    return ScanResult(usable, skipped, fallbacks, len(todo))
