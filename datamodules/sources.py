@@ -89,7 +89,9 @@ def infer_type(path: str) -> str:
         return "s3"
     if lowered.endswith((".jsonl", ".csv", ".parquet")):
         return "table"
-    if lowered.endswith(".tar") or ".tar}" in lowered or (os.path.isdir(path) and _only_tars(path)):
+    # Compressed shards are claimed too, so that their source can say why it refuses them.
+    shard_ends = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst", ".tar.bz2")
+    if lowered.endswith(shard_ends) or ".tar}" in lowered or (os.path.isdir(path) and _only_tars(path)):
         return "webdataset"
     return "folder"
 
