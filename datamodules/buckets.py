@@ -18,14 +18,39 @@ def _align(value: float, step: int) -> int:
     return max(step, int(round(value / step)) * step)
 
 
-def bucket_for(width: int, height: int, resolution: float, resolution_type: str, step: int = 64) -> tuple[int, int]:
+CROP_ASPECTS = ("preserve", "square", "closest")
+DEFAULT_ASPECT_BUCKETS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)
+
+
+def target_aspect(width: int, height: int, crop_aspect: str = "preserve", choices=DEFAULT_ASPECT_BUCKETS) -> float:
+    """The aspect ratio (w/h) an image is trained at: its own, square, or the closest of ``choices``."""
+    own = width / height
+    if crop_aspect == "preserve":
+        return own
+    if crop_aspect == "square":
+        return 1.0
+    if crop_aspect == "closest":
+        return min(choices, key=lambda a: abs(math.log(a / own)))
+    raise ValueError(f"unknown crop_aspect {crop_aspect!r}; valid: {', '.join(CROP_ASPECTS)}")
+
+
+def bucket_for(
+    width: int,
+    height: int,
+    resolution: float,
+    resolution_type: str,
+    step: int = 64,
+    crop_aspect: str = "preserve",
+    aspect_choices=DEFAULT_ASPECT_BUCKETS,
+) -> tuple[int, int]:
     """The (width, height) bucket of an image of the given size.
 
     ``area``: the bucket's area is ``resolution``² pixels (or ``resolution`` megapixels when it is
-    below 16), with the image's aspect ratio. ``pixel``: the shorter edge is ``resolution``. Both edges
-    are then aligned to ``step``, so images of near-equal aspect share a bucket.
+    below 16), with the target aspect ratio (``target_aspect``). ``pixel``: the shorter edge is
+    ``resolution``. Both edges are then aligned to ``step``, so images of near-equal aspect share a bucket.
     """
-    aspect = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
+    aspect = target_aspect(width, height, crop_aspect, aspect_choices)
+    aspect = min(max(aspect, 1 / MAX_ASPECT), MAX_ASPECT)
     if resolution_type == "area":
         area = resolution * 1e6 if resolution < 16 else resolution**2
         w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
@@ -53,24 +78,50 @@ class BucketBatchSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        datasets: Sequence[str] | None = None,
+        repeats: dict[str, int] | None = None,
+        probability: dict[str, float] | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if not buckets:
             raise ValueError("no samples to batch")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, bucket in enumerate(buckets):
-            groups[tuple(bucket)].append(index)
-        self.groups = dict(sorted(groups.items()))
+        datasets = list(datasets) if datasets is not None else ["default"] * len(buckets)
+        self.repeats, self.probability = dict(repeats or {}), dict(probability or {})
+        # bucket -> dataset -> sample indices
+        groups: dict[tuple[int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for index, (bucket, dataset) in enumerate(zip(buckets, datasets, strict=True)):
+            groups[tuple(bucket)][dataset].append(index)
+        self.groups = {b: dict(sorted(by_ds.items())) for b, by_ds in sorted(groups.items())}
         self.epoch = 0
         self._resume: dict | None = None
+
+    def _epoch_pool(self, by_dataset: dict[str, list[int]], rng: random.Random) -> list[int]:
+        """One bucket's samples for an epoch: each dataset's images 1 + ``repeats`` times, then a random
+        ``probability`` share of them. The share has a fixed size, so every epoch has as many batches."""
+        pool = []
+        for dataset, indices in by_dataset.items():
+            copies = indices * (1 + self.repeats.get(dataset, 0))
+            p = self.probability.get(dataset, 1.0)
+            if p < 1.0:
+                copies = rng.sample(copies, max(1, round(p * len(copies))))
+            pool += copies
+        return pool
+
+    def _bucket_size(self, by_dataset: dict[str, list[int]]) -> int:
+        total = 0
+        for dataset, indices in by_dataset.items():
+            n = len(indices) * (1 + self.repeats.get(dataset, 0))
+            p = self.probability.get(dataset, 1.0)
+            total += max(1, round(p * n)) if p < 1.0 else n
+        return total
 
     def _all_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{epoch}")
         batches = []
-        for indices in self.groups.values():
-            order = list(indices)
+        for by_dataset in self.groups.values():
+            order = self._epoch_pool(by_dataset, rng)
             rng.shuffle(order)
             short = -len(order) % self.batch_size
             order += [order[i % len(order)] for i in range(short)]  # fill from the bucket itself
@@ -80,7 +131,7 @@ class BucketBatchSampler:
         return batches + [batches[i % len(batches)] for i in range(pad)]  # cyclic: fewer batches than ranks
 
     def __len__(self) -> int:
-        total = sum(math.ceil(len(ix) / self.batch_size) for ix in self.groups.values())
+        total = sum(math.ceil(self._bucket_size(by_ds) / self.batch_size) for by_ds in self.groups.values())
         return math.ceil(total / self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -110,7 +161,7 @@ class BucketBatchSampler:
             "seed": self.seed,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
-            "buckets": {f"{w}x{h}": len(ix) for (w, h), ix in self.groups.items()},
+            "buckets": {f"{w}x{h}": self._bucket_size(by_ds) for (w, h), by_ds in self.groups.items()},
         }
 
     def state_dict(self, batches_done: int) -> dict:

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.buckets import BucketBatchSampler
+from datamodules.buckets import DEFAULT_ASPECT_BUCKETS, BucketBatchSampler
 from datamodules.images import load_rgb, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample, ScanResult, scan_source
 from datamodules.sources import Source, SourceError, open_source
@@ -35,6 +35,12 @@ DATASET_KEYS = (
     "image_column",
     "caption_column",
     "multiline_captions",
+    "crop",
+    "crop_aspect",
+    "crop_aspect_buckets",
+    "repeats",
+    "probability",
+    "is_regularisation_data",
 )
 # Of those, the ones handed to the source itself (with ``cache_dir``).
 SOURCE_OPTIONS = ("endpoint_url", "image_column", "caption_column")
@@ -68,7 +74,7 @@ class BucketedImageDataset(Dataset):
             # Square draft request: EXIF rotation may swap the axes after decoding.
             side = max(sample.bucket)
             image = load_rgb(fp, draft_size=(side, side))
-        image, (top, left) = resize_and_crop(image, sample.bucket, sample.crop_style, rng)
+        image, (top, left) = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop)
         bw, bh = sample.bucket
         return {
             "pixels": to_tensor(image),
@@ -78,6 +84,7 @@ class BucketedImageDataset(Dataset):
             "original_size": (sample.height, sample.width),
             "crop_top_left": (top, left),
             "target_size": (bh, bw),
+            "is_regularisation": sample.regularisation,
         }
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
@@ -103,6 +110,7 @@ def collate(items: list[dict]) -> dict[str, Any]:
         "original_size": torch.tensor([it["original_size"] for it in items]),  # (B, 2) as (h, w)
         "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),  # (B, 2) as (y, x)
         "target_size": torch.tensor([it["target_size"] for it in items]),  # (B, 2) as (h, w)
+        "is_regularisation": torch.tensor([it["is_regularisation"] for it in items]),  # (B,) bool
     }
 
 
@@ -126,6 +134,12 @@ class DiffusionDataModule(L.LightningDataModule):
         instance_prompt: str | None = None,
         minimum_image_size: int = 0,
         multiline_captions: bool = True,
+        crop: bool = True,
+        crop_aspect: str = "preserve",
+        crop_aspect_buckets: tuple[float, ...] = DEFAULT_ASPECT_BUCKETS,
+        repeats: int = 0,
+        probability: float = 1.0,
+        is_regularisation_data: bool = False,
         endpoint_url: str | None = None,
         image_column: str = "file_name",
         caption_column: str = "text",
@@ -146,6 +160,12 @@ class DiffusionDataModule(L.LightningDataModule):
             "instance_prompt": instance_prompt,
             "minimum_image_size": minimum_image_size,
             "multiline_captions": multiline_captions,
+            "crop": crop,
+            "crop_aspect": crop_aspect,
+            "crop_aspect_buckets": tuple(crop_aspect_buckets),
+            "repeats": repeats,
+            "probability": probability,
+            "is_regularisation_data": is_regularisation_data,
             "endpoint_url": endpoint_url,
             "image_column": image_column,
             "caption_column": caption_column,
@@ -242,7 +262,16 @@ class DiffusionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         samples = self.scan()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self._sampler = BucketBatchSampler([s.bucket for s in samples], self.batch_size, self.seed, rank, world)
+        self._sampler = BucketBatchSampler(
+            [s.bucket for s in samples],
+            self.batch_size,
+            self.seed,
+            rank,
+            world,
+            datasets=[s.dataset for s in samples],
+            repeats={name: spec["repeats"] for name, spec in self.specs.items()},
+            probability={name: spec["probability"] for name, spec in self.specs.items()},
+        )
         if self._resume is not None:
             self._sampler.load_state_dict(self._resume)
             self._resume = None

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-CROP_STYLES = ("center", "random")
+CROP_STYLES = ("center", "random", "corner")
 _TAIL = 64 * 1024  # how much of a file's end the truncation check reads
 
 
@@ -93,13 +93,17 @@ def load_rgb(fp: BinaryIO, draft_size: tuple[int, int] | None = None) -> Image.I
 
 
 def resize_and_crop(
-    img: Image.Image, bucket: tuple[int, int], crop_style: str, rng: random.Random
+    img: Image.Image, bucket: tuple[int, int], crop_style: str, rng: random.Random, crop: bool = True
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Scale ``img`` to cover ``bucket`` (w, h), then crop to it. Returns (image, crop (top, left)).
 
-    The crop offset is in the resized image's coordinates, which is what SDXL's crop conditioning means.
+    ``crop_style``: ``center``, ``random`` or ``corner`` (top-left). With ``crop`` off the image is
+    resized to the bucket exactly, its aspect bent by the bucket's rounding. The crop offset is in the
+    resized image's coordinates, which is what SDXL's crop conditioning means.
     """
     bw, bh = bucket
+    if not crop:
+        return (img if img.size == bucket else img.resize(bucket, Image.Resampling.LANCZOS)), (0, 0)
     scale = max(bw / img.width, bh / img.height)
     size = (max(bw, math.ceil(img.width * scale - 1e-6)), max(bh, math.ceil(img.height * scale - 1e-6)))
     if size != img.size:
@@ -109,6 +113,8 @@ def resize_and_crop(
         left, top = dx // 2, dy // 2
     elif crop_style == "random":
         left, top = rng.randint(0, dx), rng.randint(0, dy)
+    elif crop_style == "corner":
+        left, top = 0, 0
     else:
         raise ValueError(f"unknown crop_style {crop_style!r}; valid: {', '.join(CROP_STYLES)}")
     return img.crop((left, top, left + bw, top + bh)), (top, left)

@@ -39,6 +39,8 @@ class Sample:
     captions: tuple[str, ...]  # one is drawn per use when a sidecar has several lines
     dataset: str
     crop_style: str
+    crop: bool = True
+    regularisation: bool = False  # prior-preservation data, weighted by model.prior_loss_weight
 
     @property
     def caption(self) -> str:
@@ -152,6 +154,26 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
             skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
             continue
         fallbacks += fell_back
-        bucket = bucket_for(width, height, spec["resolution"], spec["resolution_type"], spec["bucket_step"])
-        usable.append(Sample(item, width, height, bucket, captions, name, spec["crop_style"]))
+        bucket = bucket_for(
+            width,
+            height,
+            spec["resolution"],
+            spec["resolution_type"],
+            spec["bucket_step"],
+            spec["crop_aspect"],
+            spec["crop_aspect_buckets"],
+        )
+        usable.append(
+            Sample(
+                item,
+                width,
+                height,
+                bucket,
+                captions,
+                name,
+                spec["crop_style"],
+                spec["crop"],
+                spec["is_regularisation_data"],
+            )
+        )
     return ScanResult(usable, skipped, fallbacks, len(todo))

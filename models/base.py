@@ -52,6 +52,7 @@ class DiffusionModule(L.LightningModule):
         input_perturbation: float = 0.0,
         min_snr_gamma: float | None = None,
         zero_terminal_snr: bool = False,
+        prior_loss_weight: float = 1.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         caption_dropout_probability: float = 0.0,
@@ -214,10 +215,13 @@ class DiffusionModule(L.LightningModule):
         )
         pred = self.denoise(noisy, timesteps, cond, batch)
         tgt = obj.target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
-        weights = None
+        weights = torch.ones(latents.shape[0])
         if hp.min_snr_gamma:
             snr = obj.snr(self.alphas_cumprod, timesteps)
             weights = obj.min_snr_weights(snr, hp.min_snr_gamma, self.prediction_type)
+        if "is_regularisation" in batch and hp.prior_loss_weight != 1.0:
+            # Prior preservation (DreamBooth, Ruiz et al. 2023): regularisation images' loss is scaled.
+            weights = weights * torch.where(batch["is_regularisation"].cpu(), hp.prior_loss_weight, 1.0)
         return obj.weighted_mse(pred, tgt, weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from datamodules import DiffusionDataModule, EmptyDatasetError
-from datamodules.buckets import BucketBatchSampler, bucket_for
+from datamodules.buckets import BucketBatchSampler, bucket_for, target_aspect
 from datamodules.captions import caption_for, caption_from_filename, decode_text
 from datamodules.images import load_rgb, probe, resize_and_crop, truncation
 
@@ -273,3 +273,48 @@ def test_multiline_captions_are_drawn_per_use(tmp_path):
     drawn = {ds[(0, epoch)]["caption"] for epoch in range(30)}
     assert drawn == {"first caption", "second caption", "third caption"}
     assert ds[(0, 7)]["caption"] == ds[(0, 7)]["caption"]  # the same draw for the same epoch, on resume too
+
+
+def test_repeats_and_probability_shape_each_epoch():
+    buckets = [(64, 64)] * 6
+    datasets = ["a"] * 4 + ["b"] * 2
+    sampler = BucketBatchSampler(buckets, 1, seed=0, datasets=datasets, repeats={"b": 2}, probability={"a": 0.5})
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        seen = Counter(i for batch in sampler for i, _ in batch)
+        assert len(sampler) == 2 + 6  # half of a's 4, all of b's 2 three times
+        assert sum(n for i, n in seen.items() if i < 4) == 2
+        assert all(seen[i] == 3 for i in (4, 5))
+    first = [
+        i for batch in BucketBatchSampler(buckets, 1, 0, datasets=datasets, probability={"a": 0.5}) for i, _ in batch
+    ]
+    assert len(first) == 4
+
+
+def test_crop_aspect_and_crop_modes():
+    assert bucket_for(1500, 1000, 1024, "area", crop_aspect="square") == (1024, 1024)
+    assert target_aspect(1920, 1000, "closest") == 2.0  # 1.92 is nearest 2:1
+    assert bucket_for(1920, 1000, 512, "pixel", crop_aspect="closest") == (1024, 512)
+    img = Image.new("RGB", (100, 50))
+    corner, (top, left) = resize_and_crop(img, (32, 32), "corner", random.Random(0))
+    assert corner.size == (32, 32) and (top, left) == (0, 0)
+    squashed, offset = resize_and_crop(img, (48, 32), "center", random.Random(0), crop=False)
+    assert squashed.size == (48, 32) and offset == (0, 0)
+
+
+def test_regularisation_flag_reaches_the_batch(tmp_path):
+    for name in ("subject", "prior"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / name / f"{name}.png")
+    dm = DiffusionDataModule(
+        resolution=64,
+        batch_size=2,
+        datasets={
+            "subject": {"path": str(tmp_path / "subject")},
+            "prior": {"path": str(tmp_path / "prior"), "is_regularisation_data": True},
+        },
+    )
+    dm.scan()
+    batch = next(iter(dm.train_dataloader()))
+    flags = dict(zip(batch["captions"], batch["is_regularisation"].tolist(), strict=True))
+    assert flags == {"subject": False, "prior": True}

@@ -37,6 +37,13 @@ class ResolutionType(Enum):
 class CropStyle(Enum):
     center = "center"
     random = "random"
+    corner = "corner"
+
+
+class CropAspect(Enum):
+    preserve = "preserve"  # each image's own aspect ratio (aligned to bucket_step)
+    square = "square"
+    closest = "closest"  # the nearest of crop_aspect_buckets
 
 
 class CaptionStrategy(Enum):
@@ -82,6 +89,7 @@ class ModelConfig:
     input_perturbation: float = 0.0
     min_snr_gamma: Optional[float] = None
     zero_terminal_snr: bool = False
+    prior_loss_weight: float = 1.0  # loss weight of regularisation (prior-preservation) images
 
 
 @dataclass
@@ -98,6 +106,12 @@ class DatasetConfig:
     instance_prompt: Optional[str] = None
     minimum_image_size: Optional[int] = None
     multiline_captions: Optional[bool] = None
+    crop: Optional[bool] = None
+    crop_aspect: Optional[CropAspect] = None
+    crop_aspect_buckets: Optional[list[float]] = None
+    repeats: Optional[int] = None
+    probability: Optional[float] = None
+    is_regularisation_data: Optional[bool] = None
     endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, R2); credentials come from the environment
     image_column: Optional[str] = None
     caption_column: Optional[str] = None
@@ -118,6 +132,14 @@ class DataConfig:
     instance_prompt: Optional[str] = None
     minimum_image_size: int = 0
     multiline_captions: bool = True  # each line of a caption file is a caption; one is drawn per use
+    crop: bool = True  # false: resize to the bucket without cropping
+    crop_aspect: CropAspect = CropAspect.preserve
+    crop_aspect_buckets: list[float] = field(
+        default_factory=lambda: [1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5]
+    )
+    repeats: int = 0  # each image is seen 1 + repeats times an epoch
+    probability: float = 1.0  # the share of (repeated) images drawn each epoch
+    is_regularisation_data: bool = False  # prior preservation: its loss is weighted by model.prior_loss_weight
     endpoint_url: Optional[str] = None
     image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
     caption_column: str = "text"
@@ -247,7 +269,7 @@ def _typed_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
     return typed
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, require_steps: bool = True) -> None:
     """Rules that span keys. Raises ConfigError naming the keys and the valid values."""
     datasets = _typed_datasets(cfg)
     steps, epochs = cfg.max_train_steps, cfg.num_train_epochs
@@ -256,7 +278,7 @@ def check(cfg: DictConfig) -> None:
             f"max_train_steps={steps} and num_train_epochs={epochs} are both set; set one and leave the other "
             "at 0 or null (e.g. num_train_epochs=0)"
         )
-    if _unset(steps) and _unset(epochs):
+    if require_steps and _unset(steps) and _unset(epochs):
         raise ConfigError(
             "neither max_train_steps nor num_train_epochs is set; set one of them (e.g. max_train_steps=1000)"
         )
@@ -273,6 +295,11 @@ def check(cfg: DictConfig) -> None:
             f"model.min_timestep={cfg.model.min_timestep}, model.max_timestep={cfg.model.max_timestep}; "
             "need 0 <= min_timestep < max_timestep (<= 1000 for the SD family schedules)"
         )
+    for name, d in [("data", cfg.data), *((f"data.datasets.{k}", v) for k, v in datasets.items())]:
+        if d.repeats is not None and d.repeats < 0:
+            raise ConfigError(f"{name}.repeats={d.repeats}; it must be >= 0")
+        if d.probability is not None and not 0 < d.probability <= 1:
+            raise ConfigError(f"{name}.probability={d.probability}; valid: above 0, up to 1")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:

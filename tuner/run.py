@@ -82,12 +82,12 @@ def _is_rank_zero() -> bool:
     return all(int(os.environ.get(var, "0")) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
-def prepare(cfg: DictConfig) -> DictConfig:
+def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
     """Validate and settle the config; nothing heavy is imported or loaded here."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config values: {', '.join(missing)}")
-    check(cfg)
+    check(cfg, require_steps=require_steps)
     if _is_multirun() and _is_distributed(cfg):
         # Lightning starts DDP workers by re-running this command line, sweep flags and all, so each
         # worker would start the whole sweep again.

@@ -1,0 +1,91 @@
+"""`python -m tuner.inspect [overrides]`: the dataset doctor. Scans the data exactly as training
+would (same config, same overrides), prints a report and writes ``<output_dir>/dataset_report.json``.
+No model is loaded and nothing trains.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from tuner.config import ConfigError, register, unknown_key_hint
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _reason_kind(reason: str) -> str:
+    """'unreadable image: cannot identify…' -> 'unreadable image'; groups reasons for the summary."""
+    return reason.split(":", 1)[0]
+
+
+def report(datamodule, batch_size: int, world_size: int, accumulation: int) -> str:
+    lines = []
+    for name, result in datamodule.results.items():
+        lines.append(f"dataset {name!r} ({datamodule.specs[name]['path']}):")
+        lines.append(f"  usable {len(result.usable)}, skipped {len(result.skipped)}, read this time {result.probed}")
+        for kind, n in Counter(_reason_kind(s["reason"]) for s in result.skipped).most_common():
+            lines.append(f"    skipped, {kind}: {n}")
+    samples = datamodule.samples
+    buckets = Counter(s.bucket for s in samples)
+    lines.append("buckets (w x h: images):")
+    for (w, h), n in sorted(buckets.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {w:>5} x {h:<5} {n:>6}  {'#' * max(1, round(40 * n / max(buckets.values())))}")
+    words = [len(c.split()) for s in samples for c in s.captions]
+    fallbacks = sum(r.caption_fallbacks for r in datamodule.results.values())
+    lines.append(
+        f"captions: {len(set(c for s in samples for c in s.captions))} distinct; words per caption "
+        f"min {min(words)}, median {statistics.median(words):g}, max {max(words)}; "
+        f"empty {sum(w == 0 for w in words)}; from file names for want of a caption file {fallbacks}"
+    )
+    batches = sum(math.ceil(n / batch_size) for n in buckets.values())
+    per_rank = math.ceil(batches / world_size)
+    lines.append(
+        f"steps per epoch: {math.ceil(per_rank / accumulation)} "
+        f"({batches} batches of {batch_size}, {world_size} process(es), accumulation {accumulation})"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from datamodules import EmptyDatasetError
+    from tuner.run import prepare
+
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    register()
+    hint = unknown_key_hint(overrides, CONF)
+    if hint:
+        print(f"tuner: error: {hint}", file=sys.stderr)
+        return 2
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    try:
+        cfg = prepare(cfg, require_steps=False)
+        output_dir = Path(cfg.output_dir)
+        if cfg.demo_assets_dir:
+            from datamodules.demo import write_images
+
+            write_images(Path(cfg.demo_assets_dir) / "images")
+        datamodule = instantiate(
+            cfg.data,
+            seed=cfg.seed,
+            report_path=str(output_dir / "dataset_report.json"),
+            cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
+        )
+        datamodule.scan()
+    except (ConfigError, EmptyDatasetError) as err:
+        print(f"tuner: error: {err}", file=sys.stderr)
+        return 2
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    print(report(datamodule, cfg.data.batch_size, devices * cfg.trainer.num_nodes, cfg.gradient_accumulation_steps))
+    print(f"report: {output_dir / 'dataset_report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
