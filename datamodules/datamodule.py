@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.buckets import DEFAULT_ASPECT_BUCKETS, BucketBatchSampler
+from datamodules.cache import TensorCache, cache_key
 from datamodules.images import load_rgb, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample, ScanResult, scan_source
 from datamodules.sources import Source, SourceError, open_source
@@ -58,8 +59,19 @@ class BucketedImageDataset(Dataset):
     logged with its path.
     """
 
-    def __init__(self, samples: list[Sample], sources: dict[str, Source], seed: int):
+    def __init__(
+        self,
+        samples: list[Sample],
+        sources: dict[str, Source],
+        seed: int,
+        latents: TensorCache | None = None,
+        latent_keys: list[str] | None = None,
+        embeds: TensorCache | None = None,
+        embed_identity: str | None = None,
+    ):
         self.samples, self.sources, self.seed = samples, sources, seed
+        self.latents, self.latent_keys = latents, latent_keys
+        self.embeds, self.embed_identity = embeds, embed_identity
         self.by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, sample in enumerate(samples):
             self.by_bucket.setdefault(sample.bucket, []).append(index)
@@ -67,25 +79,37 @@ class BucketedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int, epoch: int) -> dict[str, Any]:
+    def pixels(self, index: int, epoch: int) -> tuple[torch.Tensor, tuple[int, int], random.Random]:
+        """The sample decoded, resized and cropped: (pixels (3, H, W), crop (top, left), its rng)."""
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         with self.sources[sample.dataset].open(sample.item) as fp:
             # Square draft request: EXIF rotation may swap the axes after decoding.
             side = max(sample.bucket)
             image = load_rgb(fp, draft_size=(side, side))
-        image, (top, left) = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop)
+        image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop)
+        return to_tensor(image), crop, rng
+
+    def _load(self, index: int, epoch: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        if self.latent_keys is not None:
+            entry = self.latents.load(self.latent_keys[index])
+            out = {"moments": entry["moments"], "crop_top_left": tuple(entry["crop_top_left"].tolist())}
+            rng = random.Random(f"{self.seed}:{epoch}:{index}")  # cached crops are never random ones
+        else:
+            pixels, crop, rng = self.pixels(index, epoch)
+            out = {"pixels": pixels, "crop_top_left": crop}
+        caption = sample.captions[rng.randrange(len(sample.captions))] if len(sample.captions) > 1 else sample.caption
+        if self.embeds is not None:
+            out["cond"] = self.embeds.load(cache_key(caption, self.embed_identity))
         bw, bh = sample.bucket
-        return {
-            "pixels": to_tensor(image),
-            "caption": sample.captions[rng.randrange(len(sample.captions))]
-            if len(sample.captions) > 1
-            else sample.caption,
-            "original_size": (sample.height, sample.width),
-            "crop_top_left": (top, left),
-            "target_size": (bh, bw),
-            "is_regularisation": sample.regularisation,
-        }
+        out.update(
+            caption=caption,
+            original_size=(sample.height, sample.width),
+            target_size=(bh, bw),
+            is_regularisation=sample.regularisation,
+        )
+        return out
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
@@ -104,14 +128,20 @@ class BucketedImageDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict[str, Any]:
-    return {
-        "pixels": torch.stack([it["pixels"] for it in items]),  # (B, 3, H, W), one bucket
+    batch = {
         "captions": [it["caption"] for it in items],
         "original_size": torch.tensor([it["original_size"] for it in items]),  # (B, 2) as (h, w)
         "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),  # (B, 2) as (y, x)
         "target_size": torch.tensor([it["target_size"] for it in items]),  # (B, 2) as (h, w)
         "is_regularisation": torch.tensor([it["is_regularisation"] for it in items]),  # (B,) bool
     }
+    if "moments" in items[0]:
+        batch["moments"] = torch.stack([it["moments"] for it in items])  # (B, 2C, h, w), one bucket
+    else:
+        batch["pixels"] = torch.stack([it["pixels"] for it in items])  # (B, 3, H, W), one bucket
+    if "cond" in items[0]:
+        batch["cond"] = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
+    return batch
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -144,6 +174,8 @@ class DiffusionDataModule(L.LightningDataModule):
         image_column: str = "file_name",
         caption_column: str = "text",
         cache_dir: str | None = None,
+        cache_latents: bool = True,
+        cache_text_embeds: bool = True,
         num_workers: int = 0,
         datasets: dict[str, dict] | None = None,
         seed: int = 0,
@@ -193,6 +225,9 @@ class DiffusionDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
         self.cache_dir = cache_dir
+        self.cache_latents, self.cache_text_embeds = cache_latents, cache_text_embeds
+        self._encoders: dict | None = None
+        self._dataset: BucketedImageDataset | None = None
         self.results: dict[str, ScanResult] = {}
         self.samples: list[Sample] | None = None
         self._resume: dict | None = None
@@ -259,6 +294,89 @@ class DiffusionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.scan()
 
+    def attach_encoders(self, image_moments, encode_prompts, identity: dict, offload) -> None:
+        """The model's encoders, for the latent and text-embedding caches (``DiffusionModule.data_encoders``).
+
+        The caches are filled when the first train dataloader is built, by which time Lightning has moved
+        the model to its device."""
+        self._encoders = {"image_moments": image_moments, "encode_prompts": encode_prompts, "offload": offload}
+        self._identity = identity
+
+    def _build_dataset(self, rank: int, world: int) -> BucketedImageDataset:
+        """The dataset, with the caches filled first when encoders are attached and a cache_dir is set."""
+        samples = self.scan()
+        plain = BucketedImageDataset(samples, self.sources, self.seed)
+        if self._encoders is None or not self.cache_dir:
+            return plain
+        root = Path(self.cache_dir)
+        latent_keys = embeds = None
+        random_crops = any(s.crop and s.crop_style == "random" for s in samples)
+        if self.cache_latents and random_crops:
+            log.info("latent cache off: a dataset crops at random, so each use needs a fresh crop")
+        if self.cache_latents and not random_crops:
+            latents = TensorCache(root / "latents")
+            latent_keys = [
+                cache_key(s.item.location, s.item.version, s.bucket, s.crop_style, s.crop, self._identity["vae"])
+                for s in samples
+            ]
+            self._fill_latents(plain, latents, latent_keys, rank, world)
+        if self.cache_text_embeds:
+            embeds = TensorCache(root / "text_embeds")
+            self._fill_embeds(embeds, sorted({c for s in samples for c in s.captions}), rank, world)
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("tuner.cache.filled")
+        self._encoders["offload"](vae=latent_keys is not None, text=embeds is not None)
+        return BucketedImageDataset(
+            samples,
+            self.sources,
+            self.seed,
+            latents=latents if latent_keys is not None else None,
+            latent_keys=latent_keys,
+            embeds=embeds,
+            embed_identity=self._identity["text"],
+        )
+
+    def _fill_latents(self, plain, latents: TensorCache, keys: list[str], rank: int, world: int) -> None:
+        todo = sorted({i for i, key in enumerate(keys) if not latents.has(key)})[rank::world]
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in todo:
+            by_bucket.setdefault(plain.samples[i].bucket, []).append(i)
+        encode = self._encoders["image_moments"]
+        for indices in by_bucket.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk, pixels, crops, kept = indices[start : start + self.batch_size], [], [], []
+                for i in chunk:
+                    try:
+                        image, crop, _ = plain.pixels(i, epoch=0)
+                    except DECODE_ERRORS as err:
+                        # Passed the scan but fails to decode now: left out of the cache, so loading it
+                        # fails too and the dataset serves another image of its bucket instead.
+                        log.warning("could not load %s (%s); not cached", plain.samples[i].item.location, err)
+                        continue
+                    pixels.append(image)
+                    crops.append(crop)
+                    kept.append(i)
+                if not kept:
+                    continue
+                moments = encode(torch.stack(pixels)).float().cpu()  # (b, 2C, h, w)
+                for i, m, crop in zip(kept, moments, crops, strict=True):
+                    latents.save(keys[i], {"moments": m, "crop_top_left": torch.tensor(crop)})
+        if todo:
+            log.info("latent cache: encoded %d images on this process", len(todo))
+
+    def _fill_embeds(self, embeds: TensorCache, captions: list[str], rank: int, world: int) -> None:
+        identity = self._identity["text"]
+        todo = [c for c in captions if not embeds.has(cache_key(c, identity))][rank::world]
+        encode = self._encoders["encode_prompts"]
+        for start in range(0, len(todo), 32):
+            chunk = todo[start : start + 32]
+            with torch.no_grad():
+                cond = encode(chunk)
+            for row, caption in enumerate(chunk):
+                embeds.save(cache_key(caption, identity), {k: v[row].float() for k, v in cond.items()})
+        if todo:
+            log.info("text-embedding cache: encoded %d captions on this process", len(todo))
+
     def train_dataloader(self) -> DataLoader:
         samples = self.scan()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -275,8 +393,10 @@ class DiffusionDataModule(L.LightningDataModule):
         if self._resume is not None:
             self._sampler.load_state_dict(self._resume)
             self._resume = None
+        if self._dataset is None:
+            self._dataset = self._build_dataset(rank, world)
         return DataLoader(
-            BucketedImageDataset(samples, self.sources, self.seed),
+            self._dataset,
             batch_sampler=self._sampler,
             collate_fn=collate,
             num_workers=self.num_workers,

@@ -145,6 +145,7 @@ class DiffusionModule(L.LightningModule):
         # Held as plain attributes: diffusers' ``ModelMixin.dtype`` walks every parameter on each read,
         # which cost ~5 ms a step on the tiny model.
         self.vae_dtype = vae_dtype
+        self.text_dtype = weight_dtype
         self.unet_dtype = weight_dtype if finetune == "lora" else torch.float32
         if finetune == "lora":
             from diffusers.training_utils import cast_training_params
@@ -179,15 +180,68 @@ class DiffusionModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
+    def image_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> the VAE posterior's mean and log-variance (B, 2C, H/8, W/8).
+
+        This is the deterministic half of encoding, so it is what the latent cache stores; the sample is
+        drawn per step (``latents_from_moments``) exactly as without a cache.
+        """
         # Lightning's autocast covers the whole step; a VAE kept in fp32 must also compute in fp32.
         keep_fp32 = torch.autocast(self.device.type, enabled=False) if self.vae_in_fp32 else nullcontext()
         with keep_fp32:
-            dist = self.vae.encode(pixels.to(self.vae_dtype)).latent_dist
-            latents = dist.sample(generator=generator)
+            return self.vae.encode(pixels.to(self.vae.device, self.vae_dtype)).latent_dist.parameters
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample, shifted and scaled into the denoiser's latent space. (B, C, H/8, W/8)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents = DiagonalGaussianDistribution(moments.to(self.device)).sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
+        return self.latents_from_moments(self.image_moments(pixels), generator)
+
+    @torch.no_grad()
+    def unconditional(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's conditioning (batch of 1), kept so a dropped caption needs no text encoder."""
+        if getattr(self, "_uncond", None) is None:
+            self._uncond = {k: v[:1].detach() for k, v in self.encode_prompts([""]).items()}
+        return self._uncond
+
+    def drop_cond(self, cond: dict[str, torch.Tensor], dropped: list[bool]) -> dict[str, torch.Tensor]:
+        """Cached conditioning with the dropped rows replaced by the unconditional one."""
+        if not any(dropped):
+            return cond
+        uncond = self.unconditional()
+        out = {}
+        for key, value in cond.items():
+            mask = torch.tensor(dropped, device=value.device).view(-1, *([1] * (value.ndim - 1)))
+            out[key] = torch.where(mask, uncond[key].to(value), value)
+        return out
+
+    def data_encoders(self) -> dict[str, Any]:
+        """What the data module's latent and text-embedding caches need of this model (see run.py)."""
+        hp = self.hparams
+        base = f"{hp.pretrained_model_name_or_path}@{hp.revision}:{hp.variant}:{type(self).__name__}"
+        return {
+            "image_moments": self.image_moments,
+            "encode_prompts": self.encode_prompts,
+            "identity": {"vae": f"{base}:vae:{self.vae_dtype}", "text": f"{base}:text:{self.text_dtype}"},
+            "offload": self.offload_encoders,
+        }
+
+    def offload_encoders(self, vae: bool, text: bool) -> None:
+        """Move the VAE and/or text encoders off the accelerator once the caches hold what they would compute."""
+        if text:
+            self.unconditional()  # still needed for caption dropout
+        for name, module in self.named_children():
+            if (vae and name == "vae") or (text and name.startswith("text_encoder")):
+                module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _step_generator(self, batch_idx: int) -> torch.Generator:
         # Every random draw of a step comes from a generator keyed by (seed, epoch, batch, rank), so a
@@ -198,9 +252,13 @@ class DiffusionModule(L.LightningModule):
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         hp = self.hparams
         with torch.no_grad():
-            latents = self.encode_images(batch["pixels"], generator).float()
-            captions = obj.drop_captions(batch["captions"], hp.caption_dropout_probability, generator)
-            cond = self.encode_prompts(captions)
+            moments = batch["moments"] if "moments" in batch else self.image_moments(batch["pixels"])
+            latents = self.latents_from_moments(moments, generator).float()
+            dropped = obj.dropout_mask(len(batch["captions"]), hp.caption_dropout_probability, generator)
+            if "cond" in batch:  # text embeddings from the cache
+                cond = self.drop_cond(batch["cond"], dropped)
+            else:
+                cond = self.encode_prompts(["" if d else c for c, d in zip(batch["captions"], dropped, strict=True)])
         noise = obj.offset_noise(obj.randn(latents.shape, generator, latents), hp.noise_offset, generator)
         timesteps = obj.sample_timesteps(
             latents.shape[0],

@@ -124,12 +124,17 @@ def weighted_mse(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | 
     return per_sample.mean()
 
 
-def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by the empty prompt with ``probability`` (classifier-free guidance training)."""
+def dropout_mask(n: int, probability: float, generator: torch.Generator) -> list[bool]:
+    """Which of ``n`` captions to drop for the empty prompt (classifier-free guidance training)."""
     if probability == 0:
-        return list(captions)
-    draws = torch.rand(len(captions), generator=generator)
-    return ["" if d < probability else c for c, d in zip(captions, draws.tolist(), strict=True)]
+        return [False] * n
+    return (torch.rand(n, generator=generator) < probability).tolist()
+
+
+def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by the empty prompt with ``probability``."""
+    mask = dropout_mask(len(captions), probability, generator)
+    return ["" if d else c for c, d in zip(captions, mask, strict=True)]
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ def _lora(out):
     return load_file(out / "pytorch_lora_weights.safetensors")
 
 
-def test_resume_latest_is_bit_identical_to_a_straight_run(make_cfg, tmp_path):
+@pytest.mark.parametrize("crop_style", ["random", "center"])  # center: from the latent cache
+def test_resume_latest_is_bit_identical_to_a_straight_run(crop_style, make_cfg, tmp_path):
     # batch 2 over 12 images in 3 buckets = 6 batches an epoch: step 4 is mid-epoch, 10 is in the next one.
-    common = ("data.caption_dropout_probability=0.3", "data.crop_style=random", "checkpointing_steps=4")
+    common = ("data.caption_dropout_probability=0.3", f"data.crop_style={crop_style}", "checkpointing_steps=4")
     straight = tmp_path / "straight"
     train(make_cfg(*common, "max_train_steps=10", output_dir=straight))
 

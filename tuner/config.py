@@ -143,7 +143,9 @@ class DataConfig:
     endpoint_url: Optional[str] = None
     image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
     caption_column: str = "text"
-    cache_dir: Optional[str] = None  # downloads (URL tables); null: <output_dir>/cache
+    cache_dir: Optional[str] = None  # scan, latent, text-embedding and download caches; null: <output_dir>/cache
+    cache_latents: bool = True  # VAE posteriors on disk (off by itself for random-crop data)
+    cache_text_embeds: bool = True
     num_workers: int = 0
     # Entries are checked against DatasetConfig in ``check`` (OmegaConf cannot add new typed entries to a
     # Dict[str, DatasetConfig] from the command line, e.g. ``+data.datasets.photos.path=DIR``).

@@ -175,6 +175,7 @@ def train(cfg: DictConfig) -> float | None:
         mixed_precision=cfg.mixed_precision,
         seed=cfg.seed,
     )
+    datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir)
     with warnings.catch_warnings():
         # The data module restores the sampler's position itself (DiffusionDataModule.state_dict).
