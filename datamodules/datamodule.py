@@ -84,9 +84,7 @@ class BucketedImageDataset(Dataset):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         with self.sources[sample.dataset].open(sample.item) as fp:
-            # Square draft request: EXIF rotation may swap the axes after decoding.
-            side = max(sample.bucket)
-            image = load_rgb(fp, draft_size=(side, side))
+            image = load_rgb(fp, cover=sample.bucket if sample.crop else None)
         image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop)
         return to_tensor(image), crop, rng
 
@@ -337,7 +335,9 @@ class DiffusionDataModule(L.LightningDataModule):
         )
 
     def _fill_latents(self, plain, latents: TensorCache, keys: list[str], rank: int, world: int) -> None:
-        todo = sorted({i for i, key in enumerate(keys) if not latents.has(key)})[rank::world]
+        # Each process takes a fixed share of all entries and fills what is missing of it. (Sharing out
+        # only the missing ones would race: a process that looks later sees another's fresh entries.)
+        todo = [i for i in range(len(keys))[rank::world] if not latents.has(keys[i])]
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i in todo:
             by_bucket.setdefault(plain.samples[i].bucket, []).append(i)
@@ -366,7 +366,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def _fill_embeds(self, embeds: TensorCache, captions: list[str], rank: int, world: int) -> None:
         identity = self._identity["text"]
-        todo = [c for c in captions if not embeds.has(cache_key(c, identity))][rank::world]
+        todo = [c for c in captions[rank::world] if not embeds.has(cache_key(c, identity))]
         encode = self._encoders["encode_prompts"]
         for start in range(0, len(todo), 32):
             chunk = todo[start : start + 32]

@@ -72,16 +72,22 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_rgb(fp: BinaryIO, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_rgb(fp: BinaryIO, cover: tuple[int, int] | None = None) -> Image.Image:
     """Decode, apply EXIF orientation and convert to RGB.
 
     Alpha is composited on white; CMYK, palette and grayscale are converted; 16-bit is scaled.
-    ``draft_size`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while decoding, when the image
-    will be resized to at least that size anyway.
+    ``cover`` (w, h, as displayed) is the smallest size the image will be resized to cover: a JPEG is
+    then decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode) when that still covers it, which is
+    several times faster than decoding every pixel only to throw most away.
     """
     with Image.open(fp) as img:
-        if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", draft_size)
+        if cover is not None and img.format == "JPEG":
+            bw, bh = cover
+            if img.getexif().get(0x0112, 1) in _TRANSPOSED_ORIENTATIONS:
+                bw, bh = bh, bw
+            displayed_w, displayed_h = img.size
+            scale = max(bw / displayed_w, bh / displayed_h)
+            img.draft("RGB", (math.ceil(displayed_w * scale), math.ceil(displayed_h * scale)))
         img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I") or img.mode == "F":
             img = _to_8bit(img)

@@ -283,6 +283,10 @@ class DiffusionModule(L.LightningModule):
         return obj.weighted_mse(pred, tgt, weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "rank %d epoch %d batch %d: %s", self.global_rank, self.current_epoch, batch_idx, batch["captions"]
+            )
         loss = self.compute_loss(batch, self._step_generator(batch_idx))
         self.log(
             "train/loss",

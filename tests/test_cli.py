@@ -1,6 +1,7 @@
 """The user-facing commands, each in a fresh process: the demo, a sweep, DDP and the tiny-pipeline writer."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -59,6 +60,7 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         ".hydra",
+        "cache",
         "checkpoints",
         "dataset_report.json",
         "logs",
@@ -97,3 +99,36 @@ def test_tiny_writes_the_real_layout_and_loads(family, tmp_path):
 def test_tiny_rejects_unknown_family(tmp_path):
     result = run_cli("-m", "tuner.tiny", "sd99", str(tmp_path))
     assert result.returncode == 2 and "sd15" in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_disjoint_samples(tmp_path):
+    """Two gloo processes over 8 uniquely captioned images, batch 1: an epoch is 4 steps per rank, and
+    the two ranks' images in it never overlap."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        Image.new("RGB", (64, 64), (30 * i, 0, 0)).save(data / f"image number {i}.png")
+    result = run_cli(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"output_dir={tmp_path / 'out'}",
+        f"data.path={data}",
+        "data.batch_size=1",
+        "data.caption_dropout_probability=0",
+        "max_train_steps=4",
+        "checkpointing_steps=0",
+        "trainer.enable_progress_bar=false",
+        env={"TUNER_LOG_LEVEL": "DEBUG", "TUNER_HOME": str(tmp_path / "home")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = {0: [], 1: []}
+    for rank, captions in re.findall(r"rank (\d) epoch 0 batch \d+: \[(.*?)\]", result.stderr):
+        drawn[int(rank)] += re.findall(r"'([^']*)'", captions)
+    assert len(drawn[0]) == len(drawn[1]) == 4
+    assert not set(drawn[0]) & set(drawn[1])
+    assert set(drawn[0]) | set(drawn[1]) == {f"image number {i}" for i in range(8)}
