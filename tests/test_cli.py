@@ -132,3 +132,35 @@ def test_ddp_ranks_draw_disjoint_samples(tmp_path):
     assert len(drawn[0]) == len(drawn[1]) == 4
     assert not set(drawn[0]) & set(drawn[1])
     assert set(drawn[0]) | set(drawn[1]) == {f"image number {i}" for i in range(8)}
+
+
+def test_inspect_reports_without_training(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(64, 64), (64, 64), (128, 64)]):
+        Image.new("RGB", size).save(data / f"picture {i}.png")
+    (data / "picture 0.txt").write_text("a red square\nthe same, said again")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    result = run_cli(
+        "-m",
+        "tuner.inspect",
+        f"data.path={data}",
+        "data.resolution=64",
+        "data.bucket_step=16",
+        "data.caption_strategy=textfile",
+        f"output_dir={tmp_path / 'out'}",
+        "model.pretrained_model_name_or_path=/nonexistent",  # never loaded
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "usable 3, skipped 1" in out and "skipped, truncated JPEG (no end-of-image marker): 1" in out
+    assert "64 x 64" in out and "96 x 48" in out
+    assert "from file names for want of a caption file 2" in out
+    assert "steps per epoch: 2 (2 batches of 2" in out
+    report = json.loads((tmp_path / "out" / "dataset_report.json").read_text())
+    assert len(report["usable"]) == 3 and report["skipped"][0]["path"].endswith("broken.jpg")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    typo = run_cli("-m", "tuner.inspect", "data.paht=x")
+    assert typo.returncode == 2 and "Did you mean 'path'" in typo.stderr
