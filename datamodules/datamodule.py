@@ -42,6 +42,8 @@ DATASET_KEYS = (
     "repeats",
     "probability",
     "is_regularisation_data",
+    "maximum_image_size",
+    "target_downsample_size",
 )
 # Of those, the ones handed to the source itself (with ``cache_dir``).
 SOURCE_OPTIONS = ("endpoint_url", "image_column", "caption_column")
@@ -84,8 +86,8 @@ class BucketedImageDataset(Dataset):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         with self.sources[sample.dataset].open(sample.item) as fp:
-            image = load_rgb(fp, cover=sample.bucket if sample.crop else None)
-        image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop)
+            image = load_rgb(fp, cover=(sample.scale_to or sample.bucket) if sample.crop else None)
+        image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop, sample.scale_to)
         return to_tensor(image), crop, rng
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
@@ -168,6 +170,8 @@ class DiffusionDataModule(L.LightningDataModule):
         repeats: int = 0,
         probability: float = 1.0,
         is_regularisation_data: bool = False,
+        maximum_image_size: float | None = None,
+        target_downsample_size: float | None = None,
         endpoint_url: str | None = None,
         image_column: str = "file_name",
         caption_column: str = "text",
@@ -196,6 +200,8 @@ class DiffusionDataModule(L.LightningDataModule):
             "repeats": repeats,
             "probability": probability,
             "is_regularisation_data": is_regularisation_data,
+            "maximum_image_size": maximum_image_size,
+            "target_downsample_size": target_downsample_size,
             "endpoint_url": endpoint_url,
             "image_column": image_column,
             "caption_column": caption_column,
@@ -314,7 +320,9 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.cache_latents and not random_crops:
             latents = TensorCache(root / "latents")
             latent_keys = [
-                cache_key(s.item.location, s.item.version, s.bucket, s.crop_style, s.crop, self._identity["vae"])
+                cache_key(
+                    s.item.location, s.item.version, s.bucket, s.crop_style, s.crop, s.scale_to, self._identity["vae"]
+                )
                 for s in samples
             ]
             self._fill_latents(plain, latents, latent_keys, rank, world)

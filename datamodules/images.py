@@ -99,18 +99,27 @@ def load_rgb(fp: BinaryIO, cover: tuple[int, int] | None = None) -> Image.Image:
 
 
 def resize_and_crop(
-    img: Image.Image, bucket: tuple[int, int], crop_style: str, rng: random.Random, crop: bool = True
+    img: Image.Image,
+    bucket: tuple[int, int],
+    crop_style: str,
+    rng: random.Random,
+    crop: bool = True,
+    scale_to: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Scale ``img`` to cover ``bucket`` (w, h), then crop to it. Returns (image, crop (top, left)).
 
     ``crop_style``: ``center``, ``random`` or ``corner`` (top-left). With ``crop`` off the image is
-    resized to the bucket exactly, its aspect bent by the bucket's rounding. The crop offset is in the
-    resized image's coordinates, which is what SDXL's crop conditioning means.
+    resized to the bucket exactly, its aspect bent by the bucket's rounding. ``scale_to`` (w, h) resizes
+    to that size instead, when it is larger than the cover, so the crop is a detail of the image
+    (``maximum_image_size``/``target_downsample_size``). The crop offset is in the resized image's
+    coordinates, which is what SDXL's crop conditioning means.
     """
     bw, bh = bucket
     if not crop:
         return (img if img.size == bucket else img.resize(bucket, Image.Resampling.LANCZOS)), (0, 0)
     scale = max(bw / img.width, bh / img.height)
+    if scale_to is not None:
+        scale = max(scale, scale_to[0] / img.width)
     size = (max(bw, math.ceil(img.width * scale - 1e-6)), max(bh, math.ceil(img.height * scale - 1e-6)))
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS)

@@ -41,10 +41,36 @@ class Sample:
     crop_style: str
     crop: bool = True
     regularisation: bool = False  # prior-preservation data, weighted by model.prior_loss_weight
+    scale_to: tuple[int, int] | None = None  # a large image's size before its crop (detail crops)
 
     @property
     def caption(self) -> str:
         return self.captions[0]
+
+
+def _area(value: float) -> float:
+    """A size in resolution units as pixels of area: megapixels below 16, else an edge squared."""
+    return value * 1e6 if value < 16 else value**2
+
+
+def downsample_size(width: int, height: int, spec: dict) -> tuple[int, int] | None:
+    """The size a larger-than-``maximum_image_size`` image is brought to before cropping, or None.
+
+    Both sizes are in the dataset's resolution units: the shorter edge for ``pixel``, an area (edge or
+    megapixels) for ``area``. The crop is then a bucket-sized detail of the downsampled image.
+    """
+    limit, target = spec.get("maximum_image_size"), spec.get("target_downsample_size")
+    if not limit or not target:
+        return None
+    if spec["resolution_type"] == "pixel":
+        if min(width, height) <= limit:
+            return None
+        scale = target / min(width, height)
+    else:
+        if width * height <= _area(limit):
+            return None
+        scale = (_area(target) / (width * height)) ** 0.5
+    return round(width * scale), round(height * scale)
 
 
 @dataclass
@@ -174,6 +200,7 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
                 spec["crop_style"],
                 spec["crop"],
                 spec["is_regularisation_data"],
+                downsample_size(width, height, spec),
             )
         )
     return ScanResult(usable, skipped, fallbacks, len(todo))

@@ -156,3 +156,18 @@ def test_empty_dataset_fails_before_model_loads(tmp_path):
         "train.py", f"data.path={empty}", "model.pretrained_model_name_or_path=/nonexistent", f"output_dir={tmp_path}"
     )
     assert result.returncode == 2 and "no usable images" in result.stderr
+
+
+def test_data_multi_needs_both_paths_and_flags_regularisation(make_cfg, demo_dir, tmp_path):
+    with pytest.raises(ConfigError, match="data.datasets.regularisation.path"):
+        prepare(make_cfg("data=multi", f"data.datasets.subject.path={demo_dir / 'images'}"))
+    cfg = prepare(
+        make_cfg(
+            "data=multi",
+            f"data.datasets.subject.path={demo_dir / 'images'}",
+            f"data.datasets.regularisation.path={demo_dir / 'images'}",
+            output_dir=tmp_path,
+        )
+    )
+    assert cfg.data.datasets.regularisation.is_regularisation_data is True
+    assert not cfg.data.datasets.subject.get("is_regularisation_data")

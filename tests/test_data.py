@@ -318,3 +318,22 @@ def test_regularisation_flag_reaches_the_batch(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     flags = dict(zip(batch["captions"], batch["is_regularisation"].tolist(), strict=True))
     assert flags == {"subject": False, "prior": True}
+
+
+def test_large_images_are_downsampled_then_detail_cropped(tmp_path):
+    Image.effect_noise((400, 300), 40).convert("RGB").save(tmp_path / "big.png")
+    Image.new("RGB", (80, 60)).save(tmp_path / "small.png")
+    dm = DiffusionDataModule(
+        path=str(tmp_path),
+        resolution=64,
+        resolution_type="pixel",
+        bucket_step=16,
+        maximum_image_size=128,  # shorter edge above 128 px...
+        target_downsample_size=160,  # ...is brought to 160 px, then a 80x64 detail is cropped
+    )
+    by_key = {s.item.key: s for s in dm.scan()}
+    assert by_key["big.png"].scale_to == (213, 160) and by_key["small.png"].scale_to is None
+    ds = dm.train_dataloader().dataset
+    big = ds[(list(by_key).index("big.png"), 0)]
+    assert big["pixels"].shape == (3, 64, 80)
+    assert big["crop_top_left"] == ((160 - 64) // 2, (213 - 80) // 2)  # a centre detail of the 213x160 image

@@ -112,6 +112,8 @@ class DatasetConfig:
     repeats: Optional[int] = None
     probability: Optional[float] = None
     is_regularisation_data: Optional[bool] = None
+    maximum_image_size: Optional[float] = None
+    target_downsample_size: Optional[float] = None
     endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, R2); credentials come from the environment
     image_column: Optional[str] = None
     caption_column: Optional[str] = None
@@ -140,6 +142,10 @@ class DataConfig:
     repeats: int = 0  # each image is seen 1 + repeats times an epoch
     probability: float = 1.0  # the share of (repeated) images drawn each epoch
     is_regularisation_data: bool = False  # prior preservation: its loss is weighted by model.prior_loss_weight
+    # Images above maximum_image_size are brought down to target_downsample_size, then a bucket-sized
+    # detail is cropped from them (both in resolution_type units: shorter edge, or area / megapixels).
+    maximum_image_size: Optional[float] = None
+    target_downsample_size: Optional[float] = None
     endpoint_url: Optional[str] = None
     image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
     caption_column: str = "text"
@@ -302,6 +308,10 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
             raise ConfigError(f"{name}.repeats={d.repeats}; it must be >= 0")
         if d.probability is not None and not 0 < d.probability <= 1:
             raise ConfigError(f"{name}.probability={d.probability}; valid: above 0, up to 1")
+        if d.maximum_image_size is not None and d.target_downsample_size is None:
+            raise ConfigError(
+                f"{name}.maximum_image_size needs {name}.target_downsample_size (the size to bring them to)"
+            )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:
