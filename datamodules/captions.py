@@ -20,16 +20,23 @@ def caption_from_filename(path: Path) -> str:
 def decode_text(raw: bytes) -> str:
     """Caption file bytes to text: UTF-8 (with or without BOM), UTF-16 (BOM or NUL-laced), else the
     legacy Windows code page cp1252, else Latin-1. Raises UnicodeError for what is not text."""
+    text = _decode(raw)
+    if any(not (c.isprintable() or c in "\r\n\t") for c in text):
+        raise UnicodeError("not a text file (control characters)")
+    return text
+
+
+def _decode(raw: bytes) -> str:
     if raw.startswith(codecs.BOM_UTF8):
         return raw[3:].decode("utf-8")
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return raw.decode("utf-16")
-    if b"\x00" in raw:
-        # Notepad's "Unicode" without a BOM, or binary junk: UTF-16 must decode to printable text.
-        text = raw.decode("utf-16-le" if raw[1:2] == b"\x00" else "utf-16-be")
-        if not all(c.isprintable() or c in "\r\n\t" for c in text):
-            raise UnicodeError("not a text file")
+    if raw.count(b"\x00") * 3 >= len(raw):
+        # UTF-16 without a BOM (Notepad's "Unicode"): about half of its bytes are NUL, not just a few.
+        even_nuls = raw[0::2].count(b"\x00")
+        text = raw.decode("utf-16-be" if even_nuls > raw[1::2].count(b"\x00") else "utf-16-le", errors="strict")
         return text
+    raw = raw.replace(b"\x00", b"")  # stray NULs (a padded write) carry no text
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

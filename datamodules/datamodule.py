@@ -86,7 +86,10 @@ class BucketedImageDataset(Dataset):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         with self.sources[sample.dataset].open(sample.item) as fp:
-            image = load_rgb(fp, cover=(sample.scale_to or sample.bucket) if sample.crop else None)
+            cover = sample.bucket
+            if sample.scale_to is not None:  # a detail crop: decode at least as large as it is scaled to
+                cover = (max(cover[0], sample.scale_to[0]), max(cover[1], sample.scale_to[1]))
+            image = load_rgb(fp, cover=cover if sample.crop else None)
         image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop, sample.scale_to)
         return to_tensor(image), crop, rng
 

@@ -21,17 +21,17 @@ _TAIL = 64 * 1024  # how much of a file's end the truncation check reads
 def probe(fp: BinaryIO) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF orientation, read from the header only.
 
-    Raises ``Image.DecompressionBombError`` for more pixels than PIL's limit, before anything is decoded.
+    Raises ``Image.DecompressionBombError`` above twice PIL's ``MAX_IMAGE_PIXELS`` (where PIL itself
+    refuses; once is only its warning level, and 100 MP photographs are real), before any decoding.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged just below, with a reason
         img = Image.open(fp)
     with img:
         width, height = img.size
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(
-                f"decompression bomb: {width}x{height} exceeds {Image.MAX_IMAGE_PIXELS} pixels"
-            )
+        limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        if limit and width * height > limit:
+            raise Image.DecompressionBombError(f"decompression bomb: {width}x{height} exceeds {limit} pixels")
         # PIL's PNG getexif() decodes the whole image to look for a late eXIf chunk; a header-only
         # probe reads EXIF only where the header already holds it (JPEG, WebP, a PNG's early eXIf).
         has_exif = img.format != "PNG" or "exif" in img.info

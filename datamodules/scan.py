@@ -81,21 +81,29 @@ class ScanResult:
     probed: int  # images actually read this time (not served from the probe cache)
 
 
-def probe_item(source: Source, item: Item) -> tuple[int, int] | str:
-    """(width, height) after EXIF orientation, or why the image is unusable."""
+def probe_item(source: Source, item: Item) -> tuple[tuple[int, int] | str, bool]:
+    """((width, height) after EXIF orientation, or why the image is unusable; whether to remember it).
+
+    Verdicts on the bytes (empty, truncated, not an image, a bomb) are remembered with the item's
+    version. A failure to get the bytes at all (a download, an S3 GET, a permission) may pass, so it
+    is reported this time and tried again next time.
+    """
+    if item.size == 0:
+        return "empty file", True
     try:
-        if item.size == 0:
-            return "empty file"
-        with source.open_header(item) as fp:
+        fp = source.open_header(item)
+    except OSError as err:
+        return f"unreadable image: {err}", False
+    try:
+        with fp:
             cut = truncation(fp)
             if cut:
-                return cut
-            width, height = probe(fp)
+                return cut, True
+            return probe(fp), True
     except Image.DecompressionBombError as err:
-        return str(err)  # refused on its header alone: decoding it would need gigabytes
+        return str(err), True  # refused on its header alone: decoding it would need gigabytes
     except DECODE_ERRORS as err:
-        return f"unreadable image: {err}"
-    return width, height
+        return f"unreadable image: {err}", True
 
 
 class ProbeCache:
@@ -120,7 +128,8 @@ class ProbeCache:
             return None
         return hit[3] if hit[3] else (hit[1], hit[2])
 
-    def save(self, source: Source, results: dict[str, tuple[Item, tuple[int, int] | str]]) -> None:
+    def save(self, source: Source, results: dict[str, tuple[Item, tuple[int, int] | str, bool]]) -> None:
+        """Remember the verdicts marked to keep (not passing failures to fetch the bytes)."""
         if self.path is None:
             return
         entries = {
@@ -129,7 +138,8 @@ class ProbeCache:
                 *(result if isinstance(result, tuple) else (0, 0)),
                 None if isinstance(result, tuple) else result,
             ]
-            for key, (item, result) in results.items()
+            for key, (item, result, keep) in results.items()
+            if keep
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
@@ -141,18 +151,18 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
     """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``."""
     cache = ProbeCache(cache_dir, source)
     items = list(source.items())
-    results: dict[str, tuple[Item, tuple[int, int] | str]] = {}
+    results: dict[str, tuple[Item, tuple[int, int] | str, bool]] = {}
     todo = []
     for item in items:
         hit = cache.get(item)
         if hit is None:
             todo.append(item)
         else:
-            results[item.key] = (item, hit)
+            results[item.key] = (item, hit, True)
     # Threads: a remote source waits on the network; local probes are short and release the GIL in I/O.
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for item, result in zip(todo, pool.map(lambda it: probe_item(source, it), todo), strict=True):
-            results[item.key] = (item, result)
+        for item, (result, keep) in zip(todo, pool.map(lambda it: probe_item(source, it), todo), strict=True):
+            results[item.key] = (item, result, keep)
     cache.save(source, results)
 
     usable, skipped, fallbacks = [], [], 0

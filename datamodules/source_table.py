@@ -223,9 +223,10 @@ class TableSource(Source):
         try:
             size = cached.stat().st_size
         except OSError:
-            # Unknown until fetched; -1, never 0, which the scan would take for an empty file.
-            return Item(key=url, location=url, size=-1, version=url, caption=caption)
-        return Item(key=url, location=url, size=size, version=f"{url}:{size}", caption=caption)
+            size = -1  # unknown until fetched; never 0, which the scan would take for an empty file
+        # The version is the URL alone, fetched or not: a URL is downloaded once and then stands for
+        # those bytes, and caches keyed on it must not change when the download lands.
+        return Item(key=url, location=url, size=size, version=url, caption=caption)
 
     def open(self, item: Item) -> BinaryIO:
         if not is_url(item.location):

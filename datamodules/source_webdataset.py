@@ -172,7 +172,11 @@ class WebDatasetSource(Source):
 
     def items(self) -> Iterator[Item]:
         readable, failures = 0, []
-        for shard in self.shards():
+        shards = self.shards()
+        # Keys carry the shard's path below the shards' common folder, so that same-named shards in
+        # different folders (a pattern like /d/{laion,coyo}/00000.tar) never share keys.
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(s)) for s in shards]) if shards else ""
+        for shard in shards:
             try:
                 index = self._build_index(shard)
             except (OSError, tarfile.TarError, EOFError) as err:
@@ -182,7 +186,7 @@ class WebDatasetSource(Source):
             self._index[shard] = index
             readable += 1
             mtime_ns, shard_size = index.stamp
-            name = os.path.basename(shard)
+            name = os.path.relpath(os.path.abspath(shard), root)
             for member, offset, size in index.images:
                 yield Item(
                     key=f"{name}/{member}",
@@ -195,9 +199,9 @@ class WebDatasetSource(Source):
 
     @staticmethod
     def _locate(item: Item) -> tuple[str, str]:
-        """(shard path, member name): the key is ``shard name/member`` and a shard name has no slash."""
-        member = item.key.split("/", 1)[1]
-        return item.location[: -len(member) - 1], member
+        """(shard path, member name) from the location ``<shard>.tar#<member>``."""
+        cut = item.location.index(".tar#") + len(".tar")
+        return item.location[:cut], item.location[cut + 1 :]
 
     def open(self, item: Item) -> BinaryIO:
         shard, member = self._locate(item)

@@ -274,3 +274,21 @@ def test_connection_errors_are_retried_then_reported(tmp_path, monkeypatch):
         source_table.download(url, dest)
     assert sleeps == [0.01, 0.02]  # three attempts, exponential backoff
     assert not dest.exists() and not list(dest.parent.iterdir())
+
+
+def test_a_failed_fetch_is_tried_again_on_the_next_scan(tmp_path, server):
+    """A download that fails is reported, but not remembered by the scan cache: the next scan retries it."""
+    table = write_jsonl(tmp_path / "t.jsonl", [{"file_name": server.url("/late.png"), "text": "late"}])
+
+    def scan():
+        dm = DiffusionDataModule(
+            path=str(table), resolution=64, caption_strategy="column", cache_dir=str(tmp_path / "cache")
+        )
+        try:
+            return dm.scan()
+        except EmptyDatasetError:
+            return []
+
+    assert scan() == []  # 404 for now
+    server.files["/late.png"] = png_bytes((64, 64), "red")  # the file appears
+    assert [s.caption for s in scan()] == ["late"]

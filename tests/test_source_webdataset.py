@@ -248,3 +248,12 @@ def test_source_pickles_without_its_index(shards):
     assert clone.path == source.path and clone._index == {}
     with clone.open(items[0]) as f:
         assert f.read() == shards["written"][items[0].key]
+
+
+def test_same_named_shards_in_different_folders_keep_apart(tmp_path):
+    for folder, size in (("laion", (64, 128)), ("coyo", (128, 64))):
+        (tmp_path / folder).mkdir()
+        _write_shard(tmp_path / folder / "00000.tar", [{"__key__": "000", "png": _image("PNG", size, (9, 9, 9))}])
+    dm = DiffusionDataModule(path=str(tmp_path / "{laion,coyo}" / "00000.tar"), resolution=64, bucket_step=16)
+    sizes = {s.item.key: (s.width, s.height) for s in dm.scan()}
+    assert sizes == {"laion/00000.tar/000.png": (64, 128), "coyo/00000.tar/000.png": (128, 64)}

@@ -308,7 +308,7 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
             raise ConfigError(f"{name}.repeats={d.repeats}; it must be >= 0")
         if d.probability is not None and not 0 < d.probability <= 1:
             raise ConfigError(f"{name}.probability={d.probability}; valid: above 0, up to 1")
-        if d.maximum_image_size is not None and d.target_downsample_size is None:
+        if d.maximum_image_size is not None and (d.target_downsample_size or cfg.data.target_downsample_size) is None:
             raise ConfigError(
                 f"{name}.maximum_image_size needs {name}.target_downsample_size (the size to bring them to)"
             )
