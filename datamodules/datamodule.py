@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -388,19 +389,40 @@ class DiffusionDataModule(L.LightningDataModule):
         if todo:
             log.info("text-embedding cache: encoded %d captions on this process", len(todo))
 
-    def train_dataloader(self) -> DataLoader:
+    def make_sampler(self, rank: int = 0, world_size: int = 1) -> BucketBatchSampler:
         samples = self.scan()
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self._sampler = BucketBatchSampler(
+        return BucketBatchSampler(
             [s.bucket for s in samples],
             self.batch_size,
             self.seed,
             rank,
-            world,
+            world_size,
             datasets=[s.dataset for s in samples],
             repeats={name: spec["repeats"] for name, spec in self.specs.items()},
             probability={name: spec["probability"] for name, spec in self.specs.items()},
         )
+
+    def _check_ranks_agree(self, samples: list[Sample]) -> None:
+        """Every process scans for itself; if they saw different data (a file changed, a fetch failed on
+        one), their samplers would disagree and DDP would hang or mix batches. Fail clearly instead."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return
+        digest = hashlib.sha256(repr([(s.item.key, s.item.version, s.bucket) for s in samples]).encode())
+        mine = int.from_bytes(digest.digest()[:7], "little")  # fits a float64 exactly, for any backend
+        reference = self.trainer.strategy.broadcast(mine, src=0)
+        flag = torch.tensor(float(mine != reference), device=self.trainer.strategy.root_device)
+        differs = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if float(differs) > 0:
+            raise EmptyDatasetError(
+                f"the {self.trainer.world_size} processes scanned different data ({int(differs)} differ from "
+                "rank 0): a file changed or could not be read during the scan; run again"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        samples = self.scan()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self._check_ranks_agree(samples)
+        self._sampler = self.make_sampler(rank, world)
         if self._resume is not None:
             self._sampler.load_state_dict(self._resume)
             self._resume = None

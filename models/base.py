@@ -11,6 +11,7 @@ The surface other parts use: ``pipeline()`` (sampling), ``trainable_state_dict()
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -222,14 +223,34 @@ class DiffusionModule(L.LightningModule):
             out[key] = torch.where(mask, uncond[key].to(value), value)
         return out
 
+    def _weights_fingerprint(self, subfolders: Sequence[str]) -> str:
+        """What identifies the weights in ``subfolders`` of the checkpoint: for a local folder the files'
+        names, sizes and mtimes (a swapped-in VAE changes it); for a Hub id the snapshot's commit."""
+        hp = self.hparams
+        root = Path(hp.pretrained_model_name_or_path)
+        parts: list[Any] = []
+        for sub in subfolders:
+            if root.is_dir():
+                parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted((root / sub).glob("*"))]
+            else:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(str(root), f"{sub}/config.json", revision=hp.revision)
+                parts.append(Path(cached).parts[-3] if isinstance(cached, str) else hp.revision)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
     def data_encoders(self) -> dict[str, Any]:
         """What the data module's latent and text-embedding caches need of this model (see run.py)."""
         hp = self.hparams
         base = f"{hp.pretrained_model_name_or_path}@{hp.revision}:{hp.variant}:{type(self).__name__}"
+        text_parts = [n for n, _ in self.named_children() if n.startswith("text_encoder")]
+        text_parts += [n for n in vars(self) if n.startswith("tokenizer")]
+        vae_id = f"{base}:vae:{self.vae_dtype}:{self._weights_fingerprint(['vae'])}"
+        text_id = f"{base}:text:{self.text_dtype}:{self._weights_fingerprint(sorted(text_parts))}"
         return {
             "image_moments": self.image_moments,
             "encode_prompts": self.encode_prompts,
-            "identity": {"vae": f"{base}:vae:{self.vae_dtype}", "text": f"{base}:text:{self.text_dtype}"},
+            "identity": {"vae": vae_id, "text": text_id},
             "offload": self.offload_encoders,
         }
 

@@ -19,6 +19,19 @@ CONF = str(ROOT / "conf")
 register()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tuner_home(tmp_path_factory):
+    """Shared caches and demo assets go to a temp folder, never the user's ~/.cache/tuner."""
+    home = tmp_path_factory.mktemp("tuner_home")
+    old = os.environ.get("TUNER_HOME")
+    os.environ["TUNER_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("TUNER_HOME", None)
+    else:
+        os.environ["TUNER_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """Tiny pipelines for every family plus the demo images, built once for the whole session."""

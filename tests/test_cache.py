@@ -87,3 +87,25 @@ def test_encoders_are_offloaded_once_cached(make_cfg, tmp_path):
     assert module._uncond is not None  # the empty prompt was encoded before the text encoder left
     loss = module.compute_loss(batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+def test_a_swapped_vae_invalidates_latents_not_embeddings(make_cfg, demo_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_dir / "sd15", model)
+    cache = tmp_path / "cache"
+    base = (
+        f"model.pretrained_model_name_or_path={model}",
+        "data.crop_style=center",
+        f"data.cache_dir={cache}",
+        "max_train_steps=1",
+        "checkpointing_steps=0",
+    )
+    train(make_cfg(*base, output_dir=tmp_path / "a"))
+    latents, embeds = _entries(cache, "latents"), _entries(cache, "text_embeds")
+    (weights,) = (model / "vae").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes())  # a new VAE file dropped in (same name, new file)
+    train(make_cfg(*base, output_dir=tmp_path / "b"))
+    assert len(_entries(cache, "latents") - latents) == 12
+    assert _entries(cache, "text_embeds") == embeds

@@ -60,7 +60,6 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         ".hydra",
-        "cache",
         "checkpoints",
         "dataset_report.json",
         "logs",

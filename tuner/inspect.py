@@ -43,11 +43,11 @@ def report(datamodule, batch_size: int, world_size: int, accumulation: int) -> s
         f"min {min(words)}, median {statistics.median(words):g}, max {max(words)}; "
         f"empty {sum(w == 0 for w in words)}; from file names for want of a caption file {fallbacks}"
     )
-    batches = sum(math.ceil(n / batch_size) for n in buckets.values())
-    per_rank = math.ceil(batches / world_size)
+    # The very sampler training builds, so repeats and probability count as they will.
+    per_rank = len(datamodule.make_sampler(rank=0, world_size=world_size))
     lines.append(
         f"steps per epoch: {math.ceil(per_rank / accumulation)} "
-        f"({batches} batches of {batch_size}, {world_size} process(es), accumulation {accumulation})"
+        f"({per_rank * world_size} batches of {batch_size}, {world_size} process(es), accumulation {accumulation})"
     )
     return "\n".join(lines)
 
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EmptyDatasetError) as err:
         print(f"tuner: error: {err}", file=sys.stderr)
         return 2
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    devices = cfg.trainer.devices
+    if not isinstance(devices, int) or devices < 1:  # "auto" or -1: every visible GPU, else one process
+        import torch
+
+        devices = max(1, torch.cuda.device_count()) if str(cfg.trainer.accelerator) != "cpu" else 1
     print(report(datamodule, cfg.data.batch_size, devices * cfg.trainer.num_nodes, cfg.gradient_accumulation_steps))
     print(f"report: {output_dir / 'dataset_report.json'}")
     return 0
