@@ -13,6 +13,11 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# Image formats people do drop into datasets that are not decoded here: listed, so that they show up in
+# the report as skipped ("unsupported format") instead of vanishing.
+UNSUPPORTED_IMAGES = frozenset(
+    {".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw"}
+)
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 CROP_STYLES = ("center", "random", "corner")
 _TAIL = 64 * 1024  # how much of a file's end the truncation check reads

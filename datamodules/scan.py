@@ -21,7 +21,7 @@ from PIL import Image
 
 from datamodules.buckets import bucket_for
 from datamodules.captions import caption_for
-from datamodules.images import probe, truncation
+from datamodules.images import UNSUPPORTED_IMAGES, probe, truncation
 from datamodules.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int] | str, bool]
     """
     if item.size == 0:
         return "empty file", True
+    suffix = PurePosixPath(item.key).suffix.lower()
+    if suffix in UNSUPPORTED_IMAGES:
+        return f"unsupported format ({suffix}); convert it to PNG, JPEG or WebP", True
     try:
         fp = source.open_header(item)
     except OSError as err:
@@ -147,6 +150,13 @@ class ProbeCache:
         os.replace(tmp, self.path)
 
 
+def _fetch_sidecar(source: Source, item: Item) -> bytes | None | Exception:
+    try:
+        return source.sidecar(item)
+    except (OSError, UnicodeError) as err:  # reported with the image, not raised from the thread
+        return err
+
+
 def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = None) -> ScanResult:
     """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``."""
     cache = ProbeCache(cache_dir, source)
@@ -160,9 +170,14 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
         else:
             results[item.key] = (item, hit, True)
     # Threads: a remote source waits on the network; local probes are short and release the GIL in I/O.
+    sidecars: dict[str, bytes | None | Exception] = {}
     with ThreadPoolExecutor(max_workers=8) as pool:
         for item, (result, keep) in zip(todo, pool.map(lambda it: probe_item(source, it), todo), strict=True):
             results[item.key] = (item, result, keep)
+        if spec["caption_strategy"] == "textfile":
+            wanted = [it for it in items if isinstance(results[it.key][1], tuple)]
+            for item, raw in zip(wanted, pool.map(lambda it: _fetch_sidecar(source, it), wanted), strict=True):
+                sidecars[item.key] = raw
     cache.save(source, results)
 
     usable, skipped, fallbacks = [], [], 0
@@ -177,7 +192,9 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
             skipped.append({"path": item.location, "reason": reason})
             continue
         try:
-            sidecar = source.sidecar(item) if spec["caption_strategy"] == "textfile" else None
+            sidecar = sidecars.get(item.key)
+            if isinstance(sidecar, Exception):
+                raise sidecar
             captions, fell_back = caption_for(
                 PurePosixPath(item.key),
                 spec["caption_strategy"],

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
-from datamodules.images import IMAGE_EXTENSIONS
+from datamodules.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGES
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,19 @@ class FolderSource(Source):
         root = Path(self.path).expanduser()
         if not root.is_dir():
             raise SourceError(f"data path {str(root)!r} is not a directory")
-        for dirpath, dirnames, filenames in os.walk(root):
+        seen_dirs: set[str] = set()
+        # Symlinked folders are followed (datasets are often assembled from links), once each.
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in sorted(filenames):
-                if filename.startswith(".") or Path(filename).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
+                suffix = Path(filename).suffix.lower()
+                if filename.startswith(".") or (suffix not in IMAGE_EXTENSIONS and suffix not in UNSUPPORTED_IMAGES):
+                    continue  # hidden files and non-image clutter (captions, notes) are not images
                 path = Path(dirpath) / filename
                 try:
                     st = path.stat()

@@ -340,3 +340,20 @@ def test_large_images_are_downsampled_then_detail_cropped(tmp_path):
     big = ds[(list(by_key).index("big.png"), 0)]
     assert big["pixels"].shape == (3, 64, 80)
     assert big["crop_top_left"] == ((160 - 64) // 2, (213 - 80) // 2)  # a centre detail of the 213x160 image
+
+
+def test_symlinked_folders_are_followed_and_unsupported_formats_reported(tmp_path):
+    real, data = tmp_path / "elsewhere", tmp_path / "data"
+    real.mkdir()
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(real / "linked.png")
+    (data / "more").symlink_to(real, target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)  # a cycle is walked once
+    Image.new("RGB", (64, 64)).save(data / "here.png")
+    (data / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (data / "notes.md").write_text("ignored")
+    report = tmp_path / "r.json"
+    dm = DiffusionDataModule(path=str(data), resolution=64, report_path=str(report))
+    assert sorted(s.item.key for s in dm.scan()) == ["here.png", "more/linked.png"]
+    skipped = json.loads(report.read_text())["skipped"]
+    assert [Path(s["path"]).name for s in skipped] == ["phone.heic"] and "unsupported format" in skipped[0]["reason"]
