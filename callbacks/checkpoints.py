@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from callbacks.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,11 @@ def resolve_checkpoint(spec: str | None, root: str | os.PathLike) -> str | None:
     return str(path)
 
 
-class StepCheckpoint(L.Callback):
-    """Save every ``every_n_steps`` optimiser steps and at the last step; keep at most ``total_limit``."""
+class StepCheckpoint(Checkpoint):
+    """Save every ``every_n_steps`` optimiser steps and at the last step; keep at most ``total_limit``.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after every other callback's hooks: the EMA has
+    taken its step before the checkpoint is written."""
 
     def __init__(self, dirpath: str | os.PathLike, every_n_steps: int | None, total_limit: int | None = None):
         self.dirpath = Path(dirpath)
@@ -97,6 +103,9 @@ class StepCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp / CKPT_NAME, weights_only=False)  # every rank calls it; rank 0 writes
         if trainer.is_global_zero:
             pl_module.save_weights(tmp, full_pipeline=False)
+            for callback in trainer.callbacks:
+                if isinstance(callback, EMA) and callback.shadow is not None:  # the EMA weights beside them
+                    callback.export(pl_module, tmp, full_pipeline=False)
             (tmp / "tracker_state.json").write_text(json.dumps(self.tracker_state(trainer), indent=1))
             old = None
             if final.exists():  # replaced only once the new one is whole, and never left missing

@@ -402,6 +402,17 @@ class DiffusionDataModule(L.LightningDataModule):
             probability={name: spec["probability"] for name, spec in self.specs.items()},
         )
 
+    def fixed_batches(self, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` batches of a fixed order (seed, epoch 0, one process): the same batches at every
+        validation and in every sweep job with this data, so the validation loss is comparable."""
+        dataset = self._dataset or BucketedImageDataset(self.scan(), self.sources, self.seed)
+        batches = []
+        for keys in self.make_sampler(rank=0, world_size=1):
+            batches.append(collate([dataset[k] for k in keys]))
+            if len(batches) == n:
+                break
+        return batches
+
     def _check_ranks_agree(self, samples: list[Sample]) -> None:
         """Every process scans for itself; if they saw different data (a file changed, a fetch failed on
         one), their samplers would disagree and DDP would hang or mix batches. Fail clearly instead."""

@@ -254,6 +254,23 @@ class DiffusionModule(L.LightningModule):
             "offload": self.offload_encoders,
         }
 
+    def encoders_on_device(self):
+        """Bring offloaded VAE and text encoders back to the compute device (for sampling); returns a
+        function that puts them back where they were."""
+        moved = []
+        for name, module in self.named_children():
+            if name == "vae" or name.startswith("text_encoder"):
+                where = next(module.parameters()).device
+                if where != self.device:
+                    module.to(self.device)
+                    moved.append((module, where))
+
+        def restore() -> None:
+            for module, where in moved:
+                module.to(where)
+
+        return restore
+
     def offload_encoders(self, vae: bool, text: bool) -> None:
         """Move the VAE and/or text encoders off the accelerator once the caches hold what they would compute."""
         if text:
@@ -270,25 +287,31 @@ class DiffusionModule(L.LightningModule):
         seed = obj.step_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
         return torch.Generator().manual_seed(seed)
 
-    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def compute_loss(self, batch: dict, generator: torch.Generator, fixed_timestep: int | None = None) -> torch.Tensor:
+        """The training loss of a batch, every random draw from ``generator``. With ``fixed_timestep``
+        (validation) every sample uses that timestep and no caption is dropped."""
         hp = self.hparams
+        p_drop = hp.caption_dropout_probability if fixed_timestep is None else 0.0
         with torch.no_grad():
             moments = batch["moments"] if "moments" in batch else self.image_moments(batch["pixels"])
             latents = self.latents_from_moments(moments, generator).float()
-            dropped = obj.dropout_mask(len(batch["captions"]), hp.caption_dropout_probability, generator)
+            dropped = obj.dropout_mask(len(batch["captions"]), p_drop, generator)
             if "cond" in batch:  # text embeddings from the cache
                 cond = self.drop_cond(batch["cond"], dropped)
             else:
                 cond = self.encode_prompts(["" if d else c for c, d in zip(batch["captions"], dropped, strict=True)])
         noise = obj.offset_noise(obj.randn(latents.shape, generator, latents), hp.noise_offset, generator)
-        timesteps = obj.sample_timesteps(
-            latents.shape[0],
-            len(self.alphas_cumprod),
-            generator,
-            hp.timestep_sampling,
-            hp.min_timestep,
-            hp.max_timestep,
-        ).to(self.device)
+        if fixed_timestep is None:
+            timesteps = obj.sample_timesteps(
+                latents.shape[0],
+                len(self.alphas_cumprod),
+                generator,
+                hp.timestep_sampling,
+                hp.min_timestep,
+                hp.max_timestep,
+            ).to(self.device)
+        else:
+            timesteps = torch.full((latents.shape[0],), fixed_timestep, dtype=torch.long, device=self.device)
         noisy = obj.add_noise(
             latents, obj.perturb_noise(noise, hp.input_perturbation, generator), self.alphas_cumprod, timesteps
         )
@@ -360,17 +383,21 @@ class DiffusionModule(L.LightningModule):
         scheduler = scheduler_cls.from_config(self.scheduler_config)
         return self.pipeline_class(scheduler=scheduler, **self.pipeline_components())
 
-    def save_weights(self, directory: str | Path, full_pipeline: bool = True) -> Path:
+    def save_weights(self, directory: str | Path, full_pipeline: bool = True, suffix: str = "") -> Path:
         """Write the trained weights in diffusers format.
 
-        LoRA: ``<dir>/pytorch_lora_weights.safetensors``. Full: ``<dir>/pipeline/`` (the whole pipeline),
-        or ``<dir>/unet/`` alone when ``full_pipeline`` is false (checkpoints).
+        LoRA: ``<dir>/pytorch_lora_weights<suffix>.safetensors``. Full: ``<dir>/pipeline<suffix>/`` (the
+        whole pipeline), or ``<dir>/unet<suffix>/`` alone when ``full_pipeline`` is false (checkpoints).
+        ``suffix`` names a variant written beside the live weights, such as ``_ema``.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.hparams.finetune == "lora":
-            self.pipeline_class.save_lora_weights(directory, **self.lora_layers(), safe_serialization=True)
-            return directory / "pytorch_lora_weights.safetensors"
+            name = f"pytorch_lora_weights{suffix}.safetensors"
+            self.pipeline_class.save_lora_weights(
+                directory, **self.lora_layers(), weight_name=name, safe_serialization=True
+            )
+            return directory / name
         if full_pipeline:
             # The frozen parts are written from the base checkpoint at its own precision, not from the
             # copies cast down for training; only the trained denoiser comes from memory.
@@ -382,7 +409,7 @@ class DiffusionModule(L.LightningModule):
                 revision=hp.revision,
                 variant=hp.variant,
             )
-            pipe.save_pretrained(directory / "pipeline", safe_serialization=True)
-            return directory / "pipeline"
-        self.unet.save_pretrained(directory / "unet", safe_serialization=True)
-        return directory / "unet"
+            pipe.save_pretrained(directory / f"pipeline{suffix}", safe_serialization=True)
+            return directory / f"pipeline{suffix}"
+        self.unet.save_pretrained(directory / f"unet{suffix}", safe_serialization=True)
+        return directory / f"unet{suffix}"

@@ -201,9 +201,41 @@ class TrainerConfig:
     benchmark: bool = False
 
 
+class UseEMA(Enum):
+    live = "live"
+    ema = "ema"
+    both = "both"
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.995  # SimpleTuner's default
+    warmup: bool = True  # decay ramps as (1 + step) / (10 + step) up to `decay`
+    update_every_n_steps: int = 1
+    on_cpu: bool = False  # keep the shadow weights in system memory
+
+
+@dataclass
+class ValidationConfig:
+    enabled: bool = False
+    every_n_steps: Optional[int] = None  # null: only at the end
+    prompts: list[str] = field(default_factory=list)
+    prompt_library: Optional[str] = None  # a JSON file {shortname: prompt}
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 25
+    resolution: Optional[int] = None  # square side in pixels; null: data.resolution (as an edge)
+    seed: int = 42
+    use_ema: UseEMA = UseEMA.both  # with callbacks.ema.enabled: sample the EMA weights, the live ones, or both
+    loss_batches: int = 4  # validation loss: this many fixed batches...
+    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])  # ...at these timesteps
+
+
 @dataclass
 class CallbacksConfig:
-    """Lifecycle callbacks (EMA, validation, webhook, hub) join this group in later issues."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 @dataclass
@@ -312,6 +344,12 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
             raise ConfigError(
                 f"{name}.maximum_image_size needs {name}.target_downsample_size (the size to bring them to)"
             )
+    ema = cfg.callbacks.ema
+    if ema.enabled and not 0 < ema.decay < 1:
+        raise ConfigError(f"callbacks.ema.decay={ema.decay}; it must be between 0 and 1 (e.g. 0.995)")
+    val = cfg.callbacks.validation
+    if val.prompt_library and not os.path.isfile(val.prompt_library):
+        raise ConfigError(f"callbacks.validation.prompt_library={val.prompt_library!r} is not a file")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:

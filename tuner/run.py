@@ -98,12 +98,46 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
+def lifecycle_callbacks(cfg: DictConfig, output_dir: Path) -> list:
+    """EMA and validation, as the callbacks group configures them."""
+    out = []
+    ema = cfg.callbacks.ema
+    if ema.enabled:
+        from callbacks.ema import EMA
+
+        out.append(EMA(ema.decay, ema.warmup, ema.update_every_n_steps, ema.on_cpu, export_dir=str(output_dir)))
+    val = cfg.callbacks.validation
+    if val.enabled:
+        from callbacks.validation import Validation
+
+        side = int(val.resolution or (cfg.data.resolution if cfg.data.resolution >= 16 else 1024))
+        out.append(
+            Validation(
+                str(output_dir),
+                every_n_steps=val.every_n_steps,
+                prompts=list(val.prompts),
+                prompt_library=val.prompt_library,
+                negative_prompt=val.negative_prompt,
+                guidance_scale=val.guidance_scale,
+                num_inference_steps=val.num_inference_steps,
+                width=side,
+                height=side,
+                seed=val.seed,
+                use_ema=val.use_ema,
+                loss_batches=val.loss_batches,
+                loss_timesteps=tuple(val.loss_timesteps),
+            )
+        )
+    return out
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path):
     from callbacks.checkpoints import StepCheckpoint
 
     steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
     epochs = cfg.num_train_epochs if steps < 0 else -1
-    callbacks = [StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit)]
+    callbacks = [*lifecycle_callbacks(cfg, output_dir)]
+    callbacks.append(StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit))
     return instantiate(
         cfg.trainer,
         max_steps=steps,
@@ -114,7 +148,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path):
         callbacks=callbacks,
         logger=instantiate(cfg.logger) if cfg.logger else False,
         default_root_dir=str(output_dir),
-        enable_checkpointing=False,  # StepCheckpoint owns checkpoints
+        enable_checkpointing=True,  # StepCheckpoint is the checkpoint callback; Lightning adds no other
         use_distributed_sampler=False,  # the bucket sampler splits batches across ranks itself
     )
 
@@ -187,6 +221,11 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         weights = module.save_weights(output_dir)
         print(f"tuner: trained to step {trainer.global_step}; weights: {weights}; outputs: {output_dir}")
+    # The sweep metric: the validation loss when validation ran (comparable across jobs), else the
+    # final epoch-mean train loss.
+    val_loss = next((c.last_loss for c in trainer.callbacks if getattr(c, "last_loss", None) is not None), None)
+    if val_loss is not None:
+        return val_loss
     metrics = trainer.callback_metrics
     loss = metrics.get("train/loss_epoch", metrics.get("train/loss_step"))
     return float(loss) if loss is not None else None

@@ -1,0 +1,202 @@
+"""Validation: sample images from fixed prompts and seeds, and a comparable validation loss.
+
+The pipeline is the family's own diffusers pipeline assembled from the in-memory modules
+(``module.pipeline()``); nothing is reloaded from disk. The loss is the diffusion loss at fixed
+timesteps with fixed noise over fixed batches, so it can be compared across steps and sweep jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+
+from callbacks.ema import EMA
+
+log = logging.getLogger(__name__)
+
+USE_EMA = ("live", "ema", "both")
+
+
+def shortname(prompt: str, taken: set[str]) -> str:
+    """A file-name-safe short name for a prompt, unique among ``taken``."""
+    base = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:40] or "prompt"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def load_prompts(prompts: list[str], library: str | None) -> dict[str, str]:
+    """``{shortname: prompt}`` from the inline prompts and a ``{shortname: prompt}`` JSON library file."""
+    named: dict[str, str] = {}
+    taken: set[str] = set()
+    for prompt in prompts:
+        named[shortname(prompt, taken)] = prompt
+    if library:
+        entries = json.loads(Path(library).read_text(encoding="utf-8"))
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            raise ValueError(f"callbacks.validation.prompt_library={library!r} must map short names to prompts")
+        for key, prompt in entries.items():
+            named[shortname(key, taken)] = prompt
+    return named
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        sheet.paste(img.resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+class Validation(L.Callback):
+    def __init__(
+        self,
+        output_dir: str,
+        every_n_steps: int | None = None,
+        prompts: list[str] | None = None,
+        prompt_library: str | None = None,
+        negative_prompt: str = "",
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 25,
+        width: int = 1024,
+        height: int = 1024,
+        seed: int = 42,
+        use_ema: str = "both",
+        loss_batches: int = 4,
+        loss_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
+    ):
+        if use_ema not in USE_EMA:
+            raise ValueError(f"callbacks.validation.use_ema={use_ema!r}; valid: {', '.join(USE_EMA)}")
+        self.output_dir = Path(output_dir)
+        self.every_n_steps = every_n_steps
+        self.prompts = load_prompts(list(prompts or []), prompt_library)
+        self.negative_prompt, self.guidance_scale = negative_prompt, guidance_scale
+        self.num_inference_steps, self.width, self.height, self.seed = num_inference_steps, width, height, seed
+        self.use_ema, self.loss_batches, self.loss_timesteps = use_ema, loss_batches, tuple(loss_timesteps)
+        self._last_step = -1
+        self.history: list[tuple[int, float]] = []  # (step, val/loss)
+
+    # ---- when -----------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+    # ---- what -----------------------------------------------------------------------------------
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            if trainer.is_global_zero:
+                loss = self.validation_loss(trainer, pl_module)
+                if loss is not None:
+                    self.history.append((trainer.global_step, loss))
+                    # Straight to the loggers at this step (self.log from a callback would be filed a
+                    # step late, and again at epoch end).
+                    for logger in trainer.loggers:
+                        logger.log_metrics({"val/loss": loss}, step=trainer.global_step)
+                if self.prompts:
+                    self.sample(trainer, pl_module)
+        finally:
+            pl_module.train(was_training)
+        trainer.strategy.barrier("tuner.validation")
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.history[-1][1] if self.history else None
+
+    def _ema(self, trainer: L.Trainer) -> EMA | None:
+        return next((c for c in trainer.callbacks if isinstance(c, EMA) and c.shadow is not None), None)
+
+    @torch.no_grad()
+    def validation_loss(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "fixed_batches"):
+            return None
+        total, n = 0.0, 0
+        with trainer.precision_plugin.forward_context():
+            for i, batch in enumerate(datamodule.fixed_batches(self.loss_batches)):
+                batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                generator = torch.Generator().manual_seed(self.seed + i)  # the same noise every time
+                for t in self.loss_timesteps:
+                    total += float(pl_module.compute_loss(batch, generator, fixed_timestep=t))
+                    n += 1
+        return total / n if n else None
+
+    @torch.no_grad()
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ema = self._ema(trainer)
+        variants = [("", nullcontext())]
+        if ema is not None and self.use_ema in ("ema", "both"):
+            variants = [("_ema", ema.swapped(pl_module))] + (variants if self.use_ema == "both" else [])
+        folder = self.output_dir / "validation" / f"step_{trainer.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        restore = pl_module.encoders_on_device()
+        try:
+            pipe = pl_module.pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            produced: list[tuple[str, Image.Image]] = []
+            for suffix, context in variants:
+                with context, trainer.precision_plugin.forward_context():
+                    for name, prompt in self.prompts.items():
+                        image = pipe(
+                            prompt,
+                            negative_prompt=self.negative_prompt or None,
+                            num_inference_steps=self.num_inference_steps,
+                            guidance_scale=self.guidance_scale,
+                            width=self.width,
+                            height=self.height,
+                            generator=torch.Generator("cpu").manual_seed(self.seed),
+                        ).images[0]
+                        image.save(folder / f"{name}{suffix}.png")
+                        produced.append((f"{name}{suffix}", image))
+        finally:
+            restore()
+        grid([img for _, img in produced], columns=len(self.prompts)).save(folder / "grid.png")
+        self._publish(trainer, produced)
+        log.info("validation images: %s", folder)
+
+    def _publish(self, trainer: L.Trainer, produced: list[tuple[str, Image.Image]]) -> None:
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image(
+                    "validation",
+                    [img for _, img in produced],
+                    step=trainer.global_step,
+                    caption=[name for name, _ in produced],
+                )
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # tensorboard
+                import numpy as np
+
+                for name, img in produced:
+                    logger.experiment.add_image(
+                        f"validation/{name}", np.asarray(img), trainer.global_step, dataformats="HWC"
+                    )
+        for callback in trainer.callbacks:
+            if hasattr(callback, "send_images"):  # the webhook: grouped by prompt
+                import io
+
+                files = []
+                for name, img in produced:
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    files.append((f"{name}.png", buf.getvalue()))
+                callback.send_images(f"validation, step {trainer.global_step}", files)
