@@ -12,11 +12,14 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.ema import EMA
 
@@ -61,12 +64,43 @@ class StepCheckpoint(Checkpoint):
         self.every_n_steps = every_n_steps
         self.total_limit = total_limit
         self._last_saved = -1
+        self.interrupted_at: int | None = None  # the step a SIGTERM / Ctrl-C stopped the run at
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved = trainer.global_step  # never re-save the step we resumed from
         if trainer.is_global_zero:
             self._set_aside_later_checkpoints(trainer.global_step)
         trainer.strategy.barrier("tuner.checkpoint.start")
+        self._catch_signals(trainer)
+
+    # ---- preemption and Ctrl-C -----------------------------------------------------------------
+    def _catch_signals(self, trainer: L.Trainer) -> None:
+        """SIGTERM (cluster preemption) and a first Ctrl-C both ask Lightning to stop after the current
+        step, through its own SIGTERM flag, which it broadcasts to every DDP rank; ``on_exception`` then
+        writes the checkpoint. A second Ctrl-C interrupts at once. (Registered here, after Lightning has
+        installed its own handlers at fit start.)"""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        connector = trainer._signal_connector  # Lightning keeps its stop flag here
+
+        def handler(signum, frame):
+            if signum == signal.SIGINT and connector.received_sigterm:
+                raise KeyboardInterrupt
+            log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
+            connector.received_sigterm = True
+
+        self._previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.interrupted_at = trainer.global_step
+            if trainer.global_step > max(self._last_saved, 0):
+                self.save(trainer, pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, previous in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, previous)
+        self._previous_handlers = {}
 
     def _set_aside_later_checkpoints(self, step: int) -> None:
         """Checkpoints past the step this run starts from belong to another history (a fresh start in a

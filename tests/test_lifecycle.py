@@ -68,3 +68,70 @@ def test_validation_with_ema_samples_both(make_cfg, tmp_path):
     train(make_cfg(*VALIDATION, *EMA_ON, "max_train_steps=2", output_dir=tmp_path))
     names = sorted(p.name for p in (tmp_path / "validation" / "step_2").iterdir())
     assert "a_red_circle_on_white_ema.png" in names and "a_red_circle_on_white.png" in names
+
+
+def _start(args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "TUNER_LOG_LEVEL": "WARNING"}
+    env.pop("TUNER_RUN_ID", None)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path, proc, timeout=240):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(demo_dir, tmp_path):
+    import signal
+
+    from callbacks.checkpoints import list_checkpoints
+
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", f"demo_assets_dir={demo_dir}", "trainer.enable_progress_bar=false"]
+    proc = _start([*common, "max_train_steps=100000", "checkpointing_steps=5"], tmp_path)
+    _wait_for(out / "checkpoints" / "5", proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped at step" in stdout
+    last = int(list_checkpoints(out / "checkpoints")[-1].name)
+    assert last > 5 and f"stopped at step {last}" in stdout  # the step it was on, not the last periodic one
+    resumed = _start([*common, f"max_train_steps={last + 2}", "resume_from_checkpoint=latest"], tmp_path)
+    stdout, stderr = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"trained to step {last + 2}" in stdout
+
+
+def test_a_killed_run_resumes_from_its_last_whole_checkpoint(demo_dir, tmp_path):
+    from callbacks.checkpoints import list_checkpoints
+
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", f"demo_assets_dir={demo_dir}", "trainer.enable_progress_bar=false"]
+    proc = _start([*common, "max_train_steps=100000", "checkpointing_steps=3", "checkpoints_total_limit=2"], tmp_path)
+    _wait_for(out / "checkpoints" / "9", proc)
+    proc.kill()  # SIGKILL: no chance to clean up, possibly mid-write
+    proc.communicate()
+    whole = [int(p.name) for p in list_checkpoints(out / "checkpoints")]
+    assert whole and len(whole) <= 2 and max(whole) >= 9
+    resumed = _start([*common, f"max_train_steps={max(whole) + 1}", "resume_from_checkpoint=latest"], tmp_path)
+    stdout, stderr = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"trained to step {max(whole) + 1}" in stdout

@@ -181,6 +181,7 @@ def train(cfg: DictConfig) -> float | None:
     setup_logging(output_dir, rank_zero)
 
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.checkpoints import resolve_checkpoint
 
@@ -216,7 +217,16 @@ def train(cfg: DictConfig) -> float | None:
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         # The frozen VAE and text encoders are kept in eval mode on purpose (DiffusionModule.train).
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            # SIGTERM or Ctrl-C: the step finished and its checkpoint is written; a clean exit.
+            if trainer.is_global_zero:
+                print(
+                    f"tuner: stopped at step {trainer.global_step}; checkpoint in {output_dir / 'checkpoints'}; "
+                    "continue with resume_from_checkpoint=latest"
+                )
+            return None
 
     if trainer.is_global_zero:
         weights = module.save_weights(output_dir)
