@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -37,14 +38,26 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
+def readable(path: Path) -> bool:
+    """Whether a ``.ckpt`` (a zip archive, as torch.save writes it) is whole: its index at the end opens."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def resolve_checkpoint(spec: str | None, root: str | os.PathLike) -> str | None:
     """``latest`` -> the newest complete checkpoint under ``root`` (None if there is none);
     a step directory or a ``.ckpt`` path -> that file."""
     if not spec:
         return None
     if spec == "latest":
-        found = list_checkpoints(root)
-        return str(found[-1] / CKPT_NAME) if found else None
+        for candidate in reversed(list_checkpoints(root)):
+            if readable(candidate / CKPT_NAME):
+                return str(candidate / CKPT_NAME)
+            log.warning("checkpoint %s is damaged; trying the one before it", candidate)
+        return None
     path = Path(spec)
     if path.is_dir():
         path = path / CKPT_NAME
@@ -172,3 +185,29 @@ class StepCheckpoint(Checkpoint):
         for old in list_checkpoints(self.dirpath)[: -self.total_limit]:
             shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint removed (checkpoints_total_limit=%d): %s", self.total_limit, old)
+
+
+class FinalExport(L.Callback):
+    """At the end of training (rank 0): the weights in diffusers format and the model card, before the
+    Hub callback pushes them. ``done`` stays false when fit had nothing to do (an early end on resume),
+    so the caller exports then."""
+
+    def __init__(self, output_dir: str | os.PathLike, card_info: dict | None = None):
+        self.output_dir = Path(output_dir)
+        self.card_info = dict(card_info or {})
+        self.done = False
+        self.weights: Path | None = None
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from callbacks.model_card import write_model_card
+
+        if trainer.is_global_zero:
+            self.weights = pl_module.save_weights(self.output_dir)
+            for callback in trainer.callbacks:
+                if isinstance(callback, EMA) and callback.shadow is not None:
+                    callback.export(pl_module, self.output_dir)
+            write_model_card(self.output_dir, {**self.card_info, "steps": trainer.global_step})
+        self.done = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.export(trainer, pl_module)

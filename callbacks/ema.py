@@ -32,12 +32,10 @@ class EMA(L.Callback):
         warmup: bool = True,
         update_every_n_steps: int = 1,
         on_cpu: bool = False,
-        export_dir: str | None = None,
     ):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"callbacks.ema.decay={decay}; it must be between 0 and 1")
         self.decay, self.warmup, self.every, self.on_cpu = decay, warmup, max(1, update_every_n_steps), on_cpu
-        self.export_dir = export_dir
         self.shadow: dict[str, torch.Tensor] | None = None
         self.last_step = -1
         self._pending: dict | None = None
@@ -97,11 +95,6 @@ class EMA(L.Callback):
         """The EMA weights beside the live ones: ``pytorch_lora_weights_ema.safetensors`` / ``pipeline_ema/``."""
         with self.swapped(pl_module):
             return pl_module.save_weights(directory, full_pipeline=full_pipeline, suffix="_ema")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.export_dir and trainer.is_global_zero and self.shadow is not None:
-            path = self.export(pl_module, self.export_dir)
-            log.info("EMA weights: %s", path)
 
     def state_dict(self) -> dict:
         if self.shadow is None:

@@ -77,3 +77,17 @@ def test_a_fresh_run_sets_earlier_checkpoints_aside(make_cfg, tmp_path):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["2"]
     aside = sorted(p.name.split("-")[1] for p in (out / "checkpoints").glob("superseded-*"))
     assert aside == ["2", "4"]  # kept, not deleted; the new step 2 replaced nothing of theirs
+
+
+def test_latest_skips_a_damaged_checkpoint_and_an_early_end_exports(make_cfg, tmp_path):
+    out = tmp_path / "out"
+    train(make_cfg("max_train_steps=4", "checkpointing_steps=2", output_dir=out))
+    newest = out / "checkpoints" / "4" / "checkpoint.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged after the fact (a disk error, a bad copy)
+    assert resolve_checkpoint("latest", out / "checkpoints").endswith("2/checkpoint.ckpt")
+    # The seed's early end: max_train_steps at or below the resumed step exports and stops at once.
+    (out / "pytorch_lora_weights.safetensors").unlink()
+    train(make_cfg("max_train_steps=2", "checkpointing_steps=2", "resume_from_checkpoint=latest", output_dir=out))
+    exported = load_file(out / "pytorch_lora_weights.safetensors")
+    at_two = load_file(out / "checkpoints" / "2" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(exported[k], at_two[k]) for k in at_two)

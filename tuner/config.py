@@ -233,9 +233,27 @@ class ValidationConfig:
 
 
 @dataclass
+class WebhookSettings:
+    config: Optional[str] = None  # path to the seed's webhook JSON (webhook_url, webhook_type, ...); null: off
+    status_every_n_steps: int = 100
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: bool = False
+    model_name: Optional[str] = None  # the seed's hub_model_name
+    push_checkpoints: bool = True  # the seed's push_checkpoints_to_hub
+    private: bool = False
+    endpoint: Optional[str] = None  # a Hub mirror; the token comes from the environment or `hf auth login`
+    license: Optional[str] = None  # for the model card; null: the family's base model license
+
+
+@dataclass
 class CallbacksConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 @dataclass
@@ -347,6 +365,11 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
     ema = cfg.callbacks.ema
     if ema.enabled and not 0 < ema.decay < 1:
         raise ConfigError(f"callbacks.ema.decay={ema.decay}; it must be between 0 and 1 (e.g. 0.995)")
+    hook = cfg.callbacks.webhook
+    if hook.config and not os.path.isfile(hook.config):
+        raise ConfigError(f"callbacks.webhook.config={hook.config!r} is not a file")
+    if cfg.callbacks.hub.push_to_hub and not cfg.callbacks.hub.model_name:
+        raise ConfigError("callbacks.hub.push_to_hub=true needs callbacks.hub.model_name (the repository name)")
     val = cfg.callbacks.validation
     if val.prompt_library and not os.path.isfile(val.prompt_library):
         raise ConfigError(f"callbacks.validation.prompt_library={val.prompt_library!r} is not a file")

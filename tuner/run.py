@@ -98,45 +98,108 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
-def lifecycle_callbacks(cfg: DictConfig, output_dir: Path) -> list:
-    """EMA and validation, as the callbacks group configures them."""
+def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -> dict:
+    """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
+    model, data = cfg.model, cfg.data
+    datasets = []
+    for name, result in getattr(datamodule, "results", {}).items():
+        spec = datamodule.specs[name]
+        datasets.append(
+            {
+                "name": name,
+                "images": len(result.usable),
+                "buckets": len({s.bucket for s in result.usable}),
+                "resolution": f"{spec['resolution']} ({spec['resolution_type']})",
+                "repeats": spec["repeats"],
+            }
+        )
+    return {
+        "family": model.family,
+        "finetune": model.finetune,
+        "base_model": model.pretrained_model_name_or_path,
+        "license": cfg.callbacks.hub.license,
+        "instance_prompt": data.instance_prompt,
+        "validation_prompts": validation_prompts,
+        "epochs": cfg.num_train_epochs,
+        "learning_rate": cfg.optimizer.lr,
+        "lr_scheduler": str(cfg.lr_scheduler._target_).rsplit(".", 1)[-1],
+        "warmup_steps": cfg.lr_scheduler.warmup_steps,
+        "batch_size": data.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "mixed_precision": cfg.mixed_precision,
+        "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1],
+        "lora_rank": model.lora.rank if model.finetune == "lora" else None,
+        "lora_alpha": (model.lora.alpha or model.lora.rank) if model.finetune == "lora" else None,
+        "quantization": dict(cfg.quantization),
+        "caption_dropout_probability": data.caption_dropout_probability,
+        "datasets": datasets,
+    }
+
+
+def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> list:
+    """EMA, validation, the final export + model card, Hub upload and the webhook, as configured."""
+    from callbacks.checkpoints import FinalExport
+
     out = []
     ema = cfg.callbacks.ema
     if ema.enabled:
         from callbacks.ema import EMA
 
-        out.append(EMA(ema.decay, ema.warmup, ema.update_every_n_steps, ema.on_cpu, export_dir=str(output_dir)))
+        out.append(EMA(ema.decay, ema.warmup, ema.update_every_n_steps, ema.on_cpu))
     val = cfg.callbacks.validation
+    prompts: dict[str, str] = {}
     if val.enabled:
         from callbacks.validation import Validation
 
         side = int(val.resolution or (cfg.data.resolution if cfg.data.resolution >= 16 else 1024))
+        validation = Validation(
+            str(output_dir),
+            every_n_steps=val.every_n_steps,
+            prompts=list(val.prompts),
+            prompt_library=val.prompt_library,
+            negative_prompt=val.negative_prompt,
+            guidance_scale=val.guidance_scale,
+            num_inference_steps=val.num_inference_steps,
+            width=side,
+            height=side,
+            seed=val.seed,
+            use_ema=val.use_ema,
+            loss_batches=val.loss_batches,
+            loss_timesteps=tuple(val.loss_timesteps),
+        )
+        prompts = dict(validation.prompts)
+        out.append(validation)
+    info = card_info(cfg, datamodule, prompts)
+    out.append(FinalExport(output_dir, info))  # before the Hub callback, which pushes what it writes
+    hub = cfg.callbacks.hub
+    if hub.push_to_hub:
+        from callbacks.hub import HubUploadCallback
+
         out.append(
-            Validation(
-                str(output_dir),
-                every_n_steps=val.every_n_steps,
-                prompts=list(val.prompts),
-                prompt_library=val.prompt_library,
-                negative_prompt=val.negative_prompt,
-                guidance_scale=val.guidance_scale,
-                num_inference_steps=val.num_inference_steps,
-                width=side,
-                height=side,
-                seed=val.seed,
-                use_ema=val.use_ema,
-                loss_batches=val.loss_batches,
-                loss_timesteps=tuple(val.loss_timesteps),
+            HubUploadCallback(
+                output_dir, hub.model_name, hub.push_checkpoints, hub.private, hub.endpoint, card_info=info
             )
+        )
+    hook = cfg.callbacks.webhook
+    if hook.config:
+        from callbacks.webhook import WebhookCallback
+
+        summary = {
+            k: info[k] for k in ("family", "finetune", "base_model", "learning_rate", "batch_size", "mixed_precision")
+        }
+        summary.update(max_train_steps=cfg.max_train_steps, images=sum(d["images"] for d in info["datasets"]))
+        out.append(
+            WebhookCallback(hook.config, hook.status_every_n_steps, run_summary=summary, default_prefix=output_dir.name)
         )
     return out
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path):
+def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
     from callbacks.checkpoints import StepCheckpoint
 
     steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
     epochs = cfg.num_train_epochs if steps < 0 else -1
-    callbacks = [*lifecycle_callbacks(cfg, output_dir)]
+    callbacks = lifecycle_callbacks(cfg, output_dir, datamodule)
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit))
     return instantiate(
         cfg.trainer,
@@ -211,7 +274,7 @@ def train(cfg: DictConfig) -> float | None:
         seed=cfg.seed,
     )
     datamodule.attach_encoders(**module.data_encoders())
-    trainer = build_trainer(cfg, output_dir)
+    trainer = build_trainer(cfg, output_dir, datamodule)
     with warnings.catch_warnings():
         # The data module restores the sampler's position itself (DiffusionDataModule.state_dict).
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -228,9 +291,16 @@ def train(cfg: DictConfig) -> float | None:
                 )
             return None
 
+    from callbacks.checkpoints import FinalExport
+
+    export = next(c for c in trainer.callbacks if isinstance(c, FinalExport))
+    if not export.done:  # fit had nothing to do: the seed's early end (max_train_steps <= the resumed step)
+        export.export(trainer, module)
+        for callback in trainer.callbacks:
+            if hasattr(callback, "push_final"):
+                callback.push_final()
     if trainer.is_global_zero:
-        weights = module.save_weights(output_dir)
-        print(f"tuner: trained to step {trainer.global_step}; weights: {weights}; outputs: {output_dir}")
+        print(f"tuner: trained to step {trainer.global_step}; weights: {export.weights}; outputs: {output_dir}")
     # The sweep metric: the validation loss when validation ran (comparable across jobs), else the
     # final epoch-mean train loss.
     val_loss = next((c.last_loss for c in trainer.callbacks if getattr(c, "last_loss", None) is not None), None)
