@@ -341,6 +341,9 @@ class DiffusionModule(L.LightningModule):
             sync_dist=True,
             batch_size=len(batch["captions"]),
         )
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def configure_optimizers(self):

@@ -1,5 +1,6 @@
 """The user-facing commands, each in a fresh process: the demo, a sweep, DDP and the tiny-pipeline writer."""
 
+import csv
 import json
 import re
 
@@ -39,6 +40,14 @@ def test_multirun_sweep_writes_one_output_per_job(demo_dir, tmp_path):
         assert (job_dir / "pytorch_lora_weights.safetensors").is_file()
         assert f"optimizer.lr={lr}" in (job_dir / ".hydra" / "overrides.yaml").read_text().replace("'", "")
     assert not (tmp_path / "checkpoints").exists()  # nothing written outside the job directories
+    with (tmp_path / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2"] and all(float(r["metric"]) > 0 for r in rows)
+    best = [r for r in rows if r["best"] == "True"]
+    assert len(best) == 1 and float(best[0]["metric"]) == min(float(r["metric"]) for r in rows)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sweep_summary.png").size == (640, 400)
 
 
 @pytest.mark.slow

@@ -46,10 +46,11 @@ def job_output_dir(cfg: DictConfig) -> str:
 
 
 def setup_logging(output_dir: Path, rank_zero: bool) -> None:
-    """Console at TUNER_LOG_LEVEL (default INFO); ``train.log`` (INFO) and, at DEBUG, ``debug.log``."""
+    """Console at TUNER_LOG_LEVEL (default WARNING, the seed's SIMPLETUNER_LOG_LEVEL); ``train.log`` at
+    INFO always, and ``debug.log`` too at DEBUG."""
     import lightning  # noqa: F401  (it installs console handlers on import; they are replaced below)
 
-    level = os.environ.get("TUNER_LOG_LEVEL", "INFO").upper()
+    level = os.environ.get("TUNER_LOG_LEVEL", "WARNING").upper()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
