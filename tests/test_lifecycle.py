@@ -135,3 +135,24 @@ def test_a_killed_run_resumes_from_its_last_whole_checkpoint(demo_dir, tmp_path)
     stdout, stderr = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, stderr[-3000:]
     assert f"trained to step {max(whole) + 1}" in stdout
+
+
+def test_tensorboard_events_hold_loss_lr_and_validation(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_cfg("logger=tensorboard", *VALIDATION, "max_train_steps=4", output_dir=tmp_path))
+    (events,) = {p.parent for p in (tmp_path / "logs").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss_step", "lr", "val/loss"} <= scalars
+    assert [e.step for e in acc.Scalars("val/loss")] == [2, 4]
+    assert any(tag.startswith("validation/") for tag in acc.Tags()["images"])
+
+
+def test_wandb_offline_writes_a_run_under_output_dir(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(make_cfg("logger=wandb", "logger.offline=true", "max_train_steps=2", output_dir=tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

@@ -91,3 +91,26 @@ def test_latest_skips_a_damaged_checkpoint_and_an_early_end_exports(make_cfg, tm
     exported = load_file(out / "pytorch_lora_weights.safetensors")
     at_two = load_file(out / "checkpoints" / "2" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(exported[k], at_two[k]) for k in at_two)
+
+
+def test_a_save_that_fails_halfway_leaves_the_older_checkpoints(make_cfg, tmp_path, monkeypatch):
+    import os
+
+    import callbacks.checkpoints as ckpt
+
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".tmp-6"):
+            raise OSError(28, "No space left on device")  # the disk fills as step 6 is being saved
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        train(make_cfg("max_train_steps=8", "checkpointing_steps=2", "checkpoints_total_limit=2", output_dir=out))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["2", "4"]  # the limit removed nothing
+    assert resolve_checkpoint("latest", out / "checkpoints").endswith("4/checkpoint.ckpt")
+    train(make_cfg("max_train_steps=6", "checkpointing_steps=2", "resume_from_checkpoint=latest", output_dir=out))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["4", "6"]
