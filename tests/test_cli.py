@@ -69,6 +69,7 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         ".hydra",
+        "README.md",
         "checkpoints",
         "dataset_report.json",
         "logs",
