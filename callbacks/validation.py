@@ -132,6 +132,7 @@ class Validation(L.Callback):
         if datamodule is None or not hasattr(datamodule, "fixed_batches"):
             return None
         total, n = 0.0, 0
+        restore = pl_module.encoders_on_device()  # held-out images are not in the latent cache
         with trainer.precision_plugin.forward_context():
             for i, batch in enumerate(datamodule.fixed_batches(self.loss_batches)):
                 batch = trainer.strategy.batch_to_device(batch, pl_module.device)
@@ -139,6 +140,7 @@ class Validation(L.Callback):
                 for t in self.loss_timesteps:
                     total += float(pl_module.compute_loss(batch, generator, fixed_timestep=t))
                     n += 1
+        restore()
         return total / n if n else None
 
     @torch.no_grad()

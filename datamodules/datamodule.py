@@ -148,6 +148,22 @@ def collate(items: list[dict]) -> dict[str, Any]:
     return batch
 
 
+def split_held_out(samples: list[Sample], share: float) -> tuple[list[Sample], list[Sample]]:
+    """(train, held out): each image is held out by a hash of its identity, so the split is stable
+    across runs and does not reshuffle when images are added. At least one of each."""
+
+    def score(s: Sample) -> float:
+        return int(hashlib.sha256(s.item.location.encode()).hexdigest()[:8], 16) / 16**8
+
+    held = [s for s in samples if score(s) < share]
+    if not held:
+        held = [min(samples, key=score)]
+    train = [s for s in samples if s not in held]
+    if not train:
+        raise EmptyDatasetError(f"data.validation_split={share} leaves no image to train on")
+    return train, held
+
+
 class DiffusionDataModule(L.LightningDataModule):
     """One or more image folders, aspect-bucketed, in one-bucket batches.
 
@@ -180,6 +196,7 @@ class DiffusionDataModule(L.LightningDataModule):
         image_column: str = "file_name",
         caption_column: str = "text",
         cache_dir: str | None = None,
+        validation_split: float = 0.0,
         cache_latents: bool = True,
         cache_text_embeds: bool = True,
         num_workers: int = 0,
@@ -233,6 +250,8 @@ class DiffusionDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
         self.cache_dir = cache_dir
+        self.validation_split = validation_split
+        self.held_out: list[Sample] = []
         self.cache_latents, self.cache_text_embeds = cache_latents, cache_text_embeds
         self._encoders: dict | None = None
         self._dataset: BucketedImageDataset | None = None
@@ -254,7 +273,7 @@ class DiffusionDataModule(L.LightningDataModule):
         skipped = [s for r in self.results.values() for s in r.skipped]
         fallbacks = sum(r.caption_fallbacks for r in self.results.values())
         if self.report_path:
-            self._write_report(usable, skipped)
+            self._write_report(usable, skipped)  # every usable image, held-out ones included
         buckets: dict[tuple[int, int], int] = {}
         for sample in usable:
             buckets[sample.bucket] = buckets.get(sample.bucket, 0) + 1
@@ -272,6 +291,9 @@ class DiffusionDataModule(L.LightningDataModule):
             raise EmptyDatasetError(
                 f"no usable images in {paths} ({len(skipped)} skipped; see dataset_report.json for reasons)"
             )
+        if self.validation_split > 0:
+            usable, self.held_out = split_held_out(usable, self.validation_split)
+            log.info("data: %d images held out for the validation loss", len(self.held_out))
         self.samples = usable
         return usable
 
@@ -403,11 +425,18 @@ class DiffusionDataModule(L.LightningDataModule):
         )
 
     def fixed_batches(self, n: int) -> list[dict[str, Any]]:
-        """The first ``n`` batches of a fixed order (seed, epoch 0, one process): the same batches at every
+        """The first ``n`` batches of a fixed order (seed, epoch 0, one process), from the held-out images
+        when ``validation_split`` is set, else from the training set: the same batches at every
         validation and in every sweep job with this data, so the validation loss is comparable."""
-        dataset = self._dataset or BucketedImageDataset(self.scan(), self.sources, self.seed)
+        self.scan()
+        if self.held_out:
+            dataset = BucketedImageDataset(self.held_out, self.sources, self.seed)
+            sampler = BucketBatchSampler([s.bucket for s in self.held_out], self.batch_size, self.seed)
+        else:
+            dataset = self._dataset or BucketedImageDataset(self.samples, self.sources, self.seed)
+            sampler = self.make_sampler(rank=0, world_size=1)
         batches = []
-        for keys in self.make_sampler(rank=0, world_size=1):
+        for keys in sampler:
             batches.append(collate([dataset[k] for k in keys]))
             if len(batches) == n:
                 break

@@ -156,3 +156,25 @@ def test_wandb_offline_writes_a_run_under_output_dir(make_cfg, tmp_path, monkeyp
     train(make_cfg("logger=wandb", "logger.offline=true", "max_train_steps=2", output_dir=tmp_path))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_validation_loss_on_a_held_out_split(make_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    from tuner.run import prepare
+
+    cfg = prepare(make_cfg("data.validation_split=0.25", output_dir=tmp_path))
+    dm = instantiate(cfg.data, seed=0)
+    train_samples = dm.scan()
+    assert len(dm.held_out) >= 1 and len(train_samples) + len(dm.held_out) == 12
+    assert not {s.item.key for s in dm.held_out} & {s.item.key for s in train_samples}
+    again = instantiate(cfg.data, seed=0)
+    again.scan()
+    assert [s.item.key for s in again.held_out] == [s.item.key for s in dm.held_out]  # stable split
+    held_captions = {s.caption for s in dm.held_out}
+    for batch in dm.fixed_batches(2):
+        assert set(batch["captions"]) <= held_captions
+    result = train(
+        make_cfg(*VALIDATION, "data.validation_split=0.25", "max_train_steps=2", output_dir=tmp_path / "run")
+    )
+    assert result is not None and result > 0

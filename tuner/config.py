@@ -150,6 +150,7 @@ class DataConfig:
     image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
     caption_column: str = "text"
     cache_dir: Optional[str] = None  # scan, latent, text-embedding and download caches; null: <output_dir>/cache
+    validation_split: float = 0.0  # share of images held out of training for callbacks.validation's loss
     cache_latents: bool = True  # VAE posteriors on disk (off by itself for random-crop data)
     cache_text_embeds: bool = True
     num_workers: int = 0
@@ -375,6 +376,8 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
         raise ConfigError(f"callbacks.validation.prompt_library={val.prompt_library!r} is not a file")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
+    if not 0 <= cfg.data.validation_split < 1:
+        raise ConfigError(f"data.validation_split={cfg.data.validation_split}; valid: 0 (none) up to, not including, 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:
         raise ConfigError(f"data.caption_dropout_probability={cfg.data.caption_dropout_probability}; valid: 0 to 1")
     for key in ("base_model_precision", "text_encoder_precision"):
