@@ -201,6 +201,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
     steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
     epochs = cfg.num_train_epochs if steps < 0 else -1
     callbacks = lifecycle_callbacks(cfg, output_dir, datamodule)
+    if cfg.trainer.enable_progress_bar:
+        from callbacks.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar())
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit))
     return instantiate(
         cfg.trainer,
