@@ -169,6 +169,8 @@ def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> l
             loss_timesteps=tuple(val.loss_timesteps),
         )
         prompts = dict(validation.prompts)
+        if ema.enabled and val.use_ema != "live":  # the EMA's images are named <shortname>_ema
+            prompts.update({f"{k}_ema": f"{v} (EMA weights)" for k, v in validation.prompts.items()})
         out.append(validation)
     info = card_info(cfg, datamodule, prompts)
     out.append(FinalExport(output_dir, info))  # before the Hub callback, which pushes what it writes
