@@ -346,6 +346,30 @@ class DiffusionModule(L.LightningModule):
             self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_start(self) -> None:
+        # A resume restores the learning rate the old run last set. If the run's length changed
+        # (max_train_steps raised to train on), the schedule is a new curve: take its value at this step
+        # now, not one step late. With an unchanged length this is the very value restored.
+        from torch.optim.lr_scheduler import LambdaLR
+
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, LambdaLR) and scheduler.last_epoch > 0:
+                lrs = [
+                    base * fn(scheduler.last_epoch)
+                    for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+                ]
+                for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+                scheduler._last_lr = lrs
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The norm before clipping (max_grad_norm), over what trains: a spike here is what clipping tames.
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured")

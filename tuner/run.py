@@ -95,6 +95,12 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
         raise ConfigError("a multirun sweep (-m) cannot use a multi-process trainer; run each job on its own")
     with open_dict(cfg):
         cfg.output_dir = str(Path(job_output_dir(cfg)).absolute())
+    if str(cfg.optimizer._target_).endswith("Prodigy") and cfg.optimizer.lr != 1.0:
+        log.warning(
+            "optimizer=prodigy with optimizer.lr=%s: Prodigy finds the step size itself and expects lr=1.0 "
+            "(a preset's AdamW lr may have carried over; set optimizer.lr=1.0)",
+            cfg.optimizer.lr,
+        )
     # From here on a plain, fully resolved config: enums become their names, interpolations values.
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
