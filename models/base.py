@@ -59,6 +59,8 @@ class DiffusionModule(L.LightningModule):
         caption_dropout_probability: float = 0.0,
         mixed_precision: str = "no",
         seed: int = 0,
+        base_model_precision: str = "no_change",
+        text_encoder_precision: str = "no_change",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -101,6 +103,13 @@ class DiffusionModule(L.LightningModule):
             # trained strength (without it diffusers assumes alpha = rank).
             "unet_lora_adapter_metadata": self.unet.peft_config["default"].to_dict(),
         }
+
+    def unet_load_kwargs(self, load_kwargs: dict) -> dict:
+        """``from_pretrained`` keywords for the denoiser: the shared ones, plus nf4 quantisation if asked."""
+        from models.quantize import load_time_config
+
+        qconfig = load_time_config(self.hparams.base_model_precision, DTYPES[self.hparams.mixed_precision])
+        return {**load_kwargs, "quantization_config": qconfig} if qconfig is not None else dict(load_kwargs)
 
     # ---- setup ----------------------------------------------------------------------------------
     def _setup_noise_schedule(self, path: str, revision: str | None) -> None:
@@ -148,6 +157,14 @@ class DiffusionModule(L.LightningModule):
         self.vae_dtype = vae_dtype
         self.text_dtype = weight_dtype
         self.unet_dtype = weight_dtype if finetune == "lora" else torch.float32
+        # Quantise the frozen weights after the cast and before the adapter (models/quantize.py).
+        from models.quantize import quantize_module
+
+        if self.hparams.base_model_precision != "nf4-bnb":  # nf4 was applied while loading
+            quantize_module(self.unet, self.hparams.base_model_precision)
+        for name, module in self.named_children():
+            if name.startswith("text_encoder"):
+                quantize_module(module, self.hparams.text_encoder_precision)
         if finetune == "lora":
             from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
@@ -246,7 +263,10 @@ class DiffusionModule(L.LightningModule):
         text_parts = [n for n, _ in self.named_children() if n.startswith("text_encoder")]
         text_parts += [n for n in vars(self) if n.startswith("tokenizer")]
         vae_id = f"{base}:vae:{self.vae_dtype}:{self._weights_fingerprint(['vae'])}"
-        text_id = f"{base}:text:{self.text_dtype}:{self._weights_fingerprint(sorted(text_parts))}"
+        text_id = (
+            f"{base}:text:{self.text_dtype}:{self.hparams.text_encoder_precision}:"
+            f"{self._weights_fingerprint(sorted(text_parts))}"
+        )
         return {
             "image_moments": self.image_moments,
             "encode_prompts": self.encode_prompts,

@@ -34,7 +34,7 @@ class SDModule(DiffusionModule):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         return {
-            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load_kwargs),
+            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **self.unet_load_kwargs(load_kwargs)),
             "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs),
             "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load_kwargs),
             "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=load_kwargs["revision"]),

@@ -26,7 +26,7 @@ class SDXLModule(DiffusionModule):
 
         revision = load_kwargs["revision"]
         return {
-            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load_kwargs),
+            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **self.unet_load_kwargs(load_kwargs)),
             "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs),
             "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load_kwargs),
             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(

@@ -353,7 +353,8 @@ class TrainConfig:
     logger: Any = None
 
 
-QUANTIZATION_LEVELS = ("no_change",)  # the quantisation issue adds int8/int4/fp8-quanto and nf4-bnb
+# models.quantize.LEVELS, repeated here so that checking a config imports no model code
+QUANTIZATION_LEVELS = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb")
 
 
 def _run_id() -> str:
@@ -467,6 +468,12 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
         value = cfg.quantization[key]
         if value not in QUANTIZATION_LEVELS:
             raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
+    if cfg.model.finetune == Finetune.full and cfg.quantization.base_model_precision != "no_change":
+        raise ConfigError(
+            f"model.finetune=full with quantization.base_model_precision={cfg.quantization.base_model_precision}: "
+            "a quantised denoiser cannot be fully fine-tuned; train a LoRA on it (model.finetune=lora) or use "
+            "quantization=none"
+        )
     strategies = [d.caption_strategy for d in datasets.values()] + [cfg.data.caption_strategy]
     prompts = [d.instance_prompt for d in datasets.values()] + [cfg.data.instance_prompt]
     if CaptionStrategy.instanceprompt in strategies and not any(prompts):

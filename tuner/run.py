@@ -230,13 +230,21 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
 
 
 def check_precision_for_device(cfg: DictConfig) -> None:
-    """fp16 autocast needs a GPU; on CPU Lightning would silently switch to bf16 over fp16 weights."""
+    """What the device cannot do, refused before any weight loads: fp16 autocast on CPU (Lightning would
+    silently switch to bf16 over fp16 weights), fp8 on Apple GPUs, bitsandbytes 4-bit without CUDA."""
     import torch
 
     accelerator = str(cfg.trainer.accelerator)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if cfg.mixed_precision == "fp16" and on_cpu:
         raise ConfigError("mixed_precision=fp16 needs a GPU; on CPU use mixed_precision=bf16 or no")
+    from models.quantize import device_problem
+
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    for key in ("base_model_precision", "text_encoder_precision"):
+        problem = device_problem(cfg.quantization[key], accelerator, torch.cuda.is_available(), mps)
+        if problem:
+            raise ConfigError(f"quantization.{key}: {problem}")
 
 
 def ensure_demo_assets(cfg: DictConfig) -> None:
@@ -285,6 +293,8 @@ def train(cfg: DictConfig) -> float | None:
         caption_dropout_probability=cfg.data.caption_dropout_probability,
         mixed_precision=cfg.mixed_precision,
         seed=cfg.seed,
+        base_model_precision=cfg.quantization.base_model_precision,
+        text_encoder_precision=cfg.quantization.text_encoder_precision,
     )
     datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir, datamodule)
