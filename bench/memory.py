@@ -1,0 +1,136 @@
+"""Memory of quantised weights and optimiser state. Last line: ``key=value`` figures.
+
+1. A random-weight denoiser with SDXL's real UNet dimensions, in bf16, then quantised at each
+   optimum-quanto level: weight bytes (what the tensors hold, quantised data and scales included) and
+   the process's peak RSS after building it. ``int8_weight_ratio`` = int8 / bf16 weight bytes.
+2. One LoRA training step on the tiny SD model per optimiser: the optimiser-state bytes.
+   ``adamw8bit_state_ratio`` = AdamW8bit / AdamW. bitsandbytes keeps tensors under 4096 elements in
+   32 bits, so the LoRA rank here (128) makes every LoRA matrix large enough to be stored in 8 bits,
+   as SDXL's are at rank 16.
+
+    python bench/memory.py [--levels int8-quanto,int4-quanto,...] [--skip-sdxl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by parameters and buffers, looking inside quanto's quantised tensors."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        inner = [getattr(t, name) for name in ("_data", "_scale", "_shift") if hasattr(t, name)]
+        if inner:
+            total += sum(x.numel() * x.element_size() for x in inner if torch.is_tensor(x))
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def bench_weights(levels: list[str]) -> dict[str, int]:
+    from sdxl_shapes import sdxl_unet
+
+    from models.quantize import quantize_module
+
+    sizes = {}
+    unet = sdxl_unet(torch.bfloat16)
+    sizes["bf16"] = tensor_bytes(unet)
+    print(
+        f"SDXL-shape UNet: {sum(p.numel() for p in unet.parameters()) / 1e9:.2f} B parameters, "
+        f"bf16 {sizes['bf16'] / 2**30:.2f} GiB, peak RSS {peak_rss_gib():.1f} GiB"
+    )
+    del unet
+    gc.collect()
+    for level in levels:
+        unet = quantize_module(sdxl_unet(torch.bfloat16), level)
+        sizes[level] = tensor_bytes(unet)
+        print(f"  {level:12s} weights {sizes[level] / 2**30:.2f} GiB ({sizes[level] / sizes['bf16']:.3f} of bf16)")
+        del unet
+        gc.collect()
+    return sizes
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def bench_optimizers(names: list[str]) -> dict[str, int]:
+    import logging
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from datamodules.demo import write_images
+    from models.tiny import write_pipeline
+    from tuner.config import register
+    from tuner.run import prepare
+
+    logging.disable(logging.WARNING)
+    register()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_pipeline("sd15", Path(tmp) / "sd15")
+        write_images(Path(tmp) / "images")
+        for name in names:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose(
+                    "train",
+                    overrides=[
+                        f"demo_assets_dir={tmp}",
+                        f"output_dir={tmp}/out",
+                        "max_train_steps=1",
+                        f"optimizer={name}",
+                        "model.lora.rank=128",
+                    ],
+                )
+            cfg = prepare(cfg)
+            module = instantiate(cfg.model, optimizer=None, lr_scheduler=None)
+            params = [p for p in module.parameters() if p.requires_grad]
+            optimizer = instantiate(cfg.optimizer)(params)
+            dm = instantiate(cfg.data, seed=0)
+            dm.scan()
+            batch = next(iter(dm.train_dataloader()))
+            module.compute_loss(batch, torch.Generator().manual_seed(0)).backward()
+            optimizer.step()
+            out[name] = state_bytes(optimizer)
+            print(
+                f"  {name:12s} optimiser state {out[name] / 2**20:.2f} MiB for {sum(p.numel() for p in params):,} LoRA parameters"
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--levels", default="int8-quanto,int4-quanto,int2-quanto,fp8-quanto")
+    parser.add_argument("--optimizers", default="adamw,adamw8bit,lion,lion8bit,stableadamw,prodigy,adafactor")
+    parser.add_argument("--skip-sdxl", action="store_true", help="skip the 2.6 B-parameter weight figures")
+    args = parser.parse_args()
+    figures = {}
+    if not args.skip_sdxl:
+        sizes = bench_weights(args.levels.split(","))
+        figures.update({f"{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
+        figures["bf16_weight_gib"] = sizes["bf16"] / 2**30
+        figures["peak_rss_gib"] = peak_rss_gib()
+    states = bench_optimizers(args.optimizers.split(","))
+    figures.update({f"{k}_state_ratio": v / states["adamw"] for k, v in states.items() if k != "adamw"})
+    print(" ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
