@@ -36,7 +36,7 @@ def one_step(level: str) -> float:
         import bitsandbytes as bnb
 
         unet = sdxl_unet(torch.bfloat16)
-        for name, child in list(unet.named_modules()):
+        for child in list(unet.modules()):
             for attr, sub in list(child.named_children()):
                 if isinstance(sub, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(
