@@ -89,3 +89,14 @@ def test_raising_max_train_steps_on_resume_follows_the_new_curve(make_cfg, tmp_p
     train(make_cfg(*common, "max_train_steps=6", "resume_from_checkpoint=latest", output_dir=out))
     expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * (3 - 2) / (6 - 2)))  # the 6-step cosine at step 3
     assert _lrs(out)[3] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial", "linear", "sine"]
+)
+def test_every_schedule_trains(name, make_cfg, tmp_path):
+    loss = train(
+        make_cfg(f"lr_scheduler={name}", "lr_scheduler.warmup_steps=1", "max_train_steps=3", output_dir=tmp_path)
+    )
+    assert loss is not None and math.isfinite(loss)
+    assert len(_lrs(tmp_path)) == 3
