@@ -27,16 +27,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: quanto's quantised tensors keep their data (bit-packed below 8 bits),
+    scales and shifts in inner tensors, so those are counted instead of the logical shape."""
+    inner = [getattr(t, name) for name in ("_data", "_scale", "_shift") if torch.is_tensor(getattr(t, name, None))]
+    if inner:
+        return sum(_nbytes(x) for x in inner)
+    return t.numel() * t.element_size()
+
+
 def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by parameters and buffers, looking inside quanto's quantised tensors."""
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        inner = [getattr(t, name) for name in ("_data", "_scale", "_shift") if hasattr(t, name)]
-        if inner:
-            total += sum(x.numel() * x.element_size() for x in inner if torch.is_tensor(x))
-        else:
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes held by parameters and buffers."""
+    return sum(_nbytes(t) for t in [*module.parameters(), *module.buffers()])
 
 
 def peak_rss_gib() -> float:
