@@ -61,6 +61,7 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         base_model_precision: str = "no_change",
         text_encoder_precision: str = "no_change",
+        text_encoder_2_precision: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -164,7 +165,10 @@ class DiffusionModule(L.LightningModule):
             quantize_module(self.unet, self.hparams.base_model_precision)
         for name, module in self.named_children():
             if name.startswith("text_encoder"):
-                quantize_module(module, self.hparams.text_encoder_precision)
+                level = self.hparams.text_encoder_precision
+                if name == "text_encoder_2" and self.hparams.text_encoder_2_precision:
+                    level = self.hparams.text_encoder_2_precision
+                quantize_module(module, level)
         if finetune == "lora":
             from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
@@ -265,6 +269,7 @@ class DiffusionModule(L.LightningModule):
         vae_id = f"{base}:vae:{self.vae_dtype}:{self._weights_fingerprint(['vae'])}"
         text_id = (
             f"{base}:text:{self.text_dtype}:{self.hparams.text_encoder_precision}:"
+            f"{self.hparams.text_encoder_2_precision}:"
             f"{self._weights_fingerprint(sorted(text_parts))}"
         )
         return {

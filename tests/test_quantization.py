@@ -73,3 +73,13 @@ def test_an_8bit_optimiser_on_a_quantised_base(make_cfg, tmp_path):
     # The seed: "any optimiser should work" with a quantised base.
     loss = train(make_cfg("quantization=int4-quanto", "optimizer=adamw8bit", "max_train_steps=2", output_dir=tmp_path))
     assert loss is not None and math.isfinite(loss)
+
+
+def test_sdxl_encoders_take_their_own_levels(make_cfg, tmp_path):
+    from hydra.utils import instantiate
+    from optimum.quanto import QLinear
+
+    cfg = prepare(make_cfg("model=sdxl", "quantization.text_encoder_2_precision=int8-quanto", output_dir=tmp_path))
+    module = instantiate(cfg.model, optimizer=None, lr_scheduler=None, text_encoder_2_precision="int8-quanto")
+    assert any(isinstance(m, QLinear) for m in module.text_encoder_2.modules())
+    assert not any(isinstance(m, QLinear) for m in module.text_encoder.modules())

@@ -258,7 +258,8 @@ class SineSchedulerConfig(LRSchedulerConfig):
 @dataclass
 class QuantizationConfig:
     base_model_precision: str = "no_change"
-    text_encoder_precision: str = "no_change"
+    text_encoder_precision: str = "no_change"  # every text encoder, unless the one below is set
+    text_encoder_2_precision: Optional[str] = None  # SDXL's second (larger) encoder; null: as above
 
 
 @dataclass
@@ -464,8 +465,10 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
         raise ConfigError(f"data.validation_split={cfg.data.validation_split}; valid: 0 (none) up to, not including, 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:
         raise ConfigError(f"data.caption_dropout_probability={cfg.data.caption_dropout_probability}; valid: 0 to 1")
-    for key in ("base_model_precision", "text_encoder_precision"):
+    for key in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision"):
         value = cfg.quantization[key]
+        if value is None:
+            continue
         if value not in QUANTIZATION_LEVELS:
             raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
     if cfg.model.finetune == Finetune.full and cfg.quantization.base_model_precision != "no_change":

@@ -241,7 +241,9 @@ def check_precision_for_device(cfg: DictConfig) -> None:
     from models.quantize import device_problem
 
     mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    for key in ("base_model_precision", "text_encoder_precision"):
+    for key in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision"):
+        if cfg.quantization.get(key) is None:
+            continue
         problem = device_problem(cfg.quantization[key], accelerator, torch.cuda.is_available(), mps)
         if problem:
             raise ConfigError(f"quantization.{key}: {problem}")
@@ -295,6 +297,7 @@ def train(cfg: DictConfig) -> float | None:
         seed=cfg.seed,
         base_model_precision=cfg.quantization.base_model_precision,
         text_encoder_precision=cfg.quantization.text_encoder_precision,
+        text_encoder_2_precision=cfg.quantization.text_encoder_2_precision,
     )
     datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir, datamodule)
