@@ -260,7 +260,8 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train as configured. Returns the final epoch-mean train loss (the sweep metric)."""
+    """Train as configured. Returns the sweep metric: the last ``val/loss`` when validation runs, else
+    the final epoch-mean train loss (None when stopped by SIGTERM / Ctrl-C)."""
     cfg = prepare(cfg)
     output_dir = Path(cfg.output_dir)
     rank_zero = _is_rank_zero()
