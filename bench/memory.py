@@ -75,32 +75,28 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def bench_optimizers(names: list[str]) -> dict[str, int]:
     import logging
 
-    from hydra import compose, initialize_config_dir
+    from common import compose_config
     from hydra.utils import instantiate
 
     from datamodules.demo import write_images
     from models.tiny import write_pipeline
-    from tuner.config import register
     from tuner.run import prepare
 
     logging.disable(logging.WARNING)
-    register()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_pipeline("sd15", Path(tmp) / "sd15")
         write_images(Path(tmp) / "images")
         for name in names:
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose(
-                    "train",
-                    overrides=[
-                        f"demo_assets_dir={tmp}",
-                        f"output_dir={tmp}/out",
-                        "max_train_steps=1",
-                        f"optimizer={name}",
-                        "model.lora.rank=128",
-                    ],
-                )
+            cfg = compose_config(
+                [
+                    f"demo_assets_dir={tmp}",
+                    f"output_dir={tmp}/out",
+                    "max_train_steps=1",
+                    f"optimizer={name}",
+                    "model.lora.rank=128",
+                ]
+            )
             cfg = prepare(cfg)
             module = instantiate(cfg.model, optimizer=None, lr_scheduler=None)
             params = [p for p in module.parameters() if p.requires_grad]

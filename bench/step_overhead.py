@@ -23,28 +23,26 @@ sys.path.insert(0, str(ROOT))
 
 
 def _compose(demo: Path, out: Path, args):
-    from hydra import compose, initialize_config_dir
+    from common import compose_config
 
-    from tuner.config import register
     from tuner.run import prepare
 
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"demo_assets_dir={demo}",
-                f"output_dir={out}",
-                f"max_train_steps={args.steps}",
-                "checkpointing_steps=0",
-                "logger=csv",
-                "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false",
-                f"data.batch_size={args.batch}",
-                f"data.resolution={args.resolution}",
-                "data.caption_dropout_probability=0",
-            ],
-        )
+    cfg = compose_config(
+        [
+            f"demo_assets_dir={demo}",
+            f"output_dir={out}",
+            f"max_train_steps={args.steps}",
+            "checkpointing_steps=0",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            f"data.batch_size={args.batch}",
+            f"data.resolution={args.resolution}",
+            "data.caption_dropout_probability=0",
+            "callbacks.ema.enabled=false",  # the tiny preset turns these on; the bench times the step alone
+            "callbacks.validation.enabled=false",
+        ]
+    )
     return prepare(cfg)
 
 
@@ -188,7 +186,7 @@ def main() -> None:
         square = [i for i, s in enumerate(dm.samples) if s.bucket[0] == s.bucket[1]]
         from datamodules.datamodule import BucketedImageDataset
 
-        ds = BucketedImageDataset(dm.samples, 0)
+        ds = BucketedImageDataset(dm.samples, dm.sources, 0)
         batch = collate([ds[(i, 0)] for i in (square * args.batch)[: args.batch]])
 
         project, bare, plain, bare2 = [], [], [], []

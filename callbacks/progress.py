@@ -42,4 +42,6 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        if trainer.optimizers:  # read where it lives, instead of logging it every step to show it here
+            metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}"
         return metrics

@@ -366,9 +366,6 @@ class DiffusionModule(L.LightningModule):
             sync_dist=True,
             batch_size=len(batch["captions"]),
         )
-        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        if optimizer is not None:
-            self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def on_train_start(self) -> None:
@@ -388,12 +385,17 @@ class DiffusionModule(L.LightningModule):
                     group["lr"] = lr
                 scheduler._last_lr = lrs
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # The norm before clipping (max_grad_norm), over what trains: a spike here is what clipping tames.
-        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Clipping computes the total gradient norm anyway; log that one rather than computing it twice.
+        # (Lightning calls this after un-scaling fp16 gradients, so the norm is the true one.)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if gradient_clip_val:
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.log("grad_norm", norm, on_step=True, on_epoch=False)  # before clipping: spikes show here
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
@@ -405,7 +407,7 @@ class DiffusionModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(
             optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # ---- checkpoints and export -------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

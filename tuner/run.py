@@ -209,6 +209,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
     steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
     epochs = cfg.num_train_epochs if steps < 0 else -1
     callbacks = lifecycle_callbacks(cfg, output_dir, datamodule)
+    if cfg.logger:
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks.append(LearningRateMonitor(logging_interval="step"))  # "lr" in the loggers, every step
     if cfg.trainer.enable_progress_bar:
         from callbacks.progress import StepProgressBar
 
