@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tuner.config import ConfigError, register, unknown_key_hint
+from tuner.config import register, unknown_key_hint
 
 register()
 CONF = str(Path(__file__).resolve().parent / "conf")
@@ -14,13 +14,15 @@ CONF = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from datamodules import EmptyDatasetError
-    from tuner.run import train
+    from tuner.run import train, user_error
 
     try:
         return train(cfg)
-    except (ConfigError, EmptyDatasetError) as err:
-        print(f"tuner: error: {err}", file=sys.stderr)
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"tuner: error: {found}", file=sys.stderr)  # one line: what is wrong and what to do
         sys.exit(2)
 
 

@@ -8,6 +8,7 @@ limit removes old checkpoints only after that.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -47,9 +48,26 @@ def readable(path: Path) -> bool:
         return False
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from or written; the message is one line for the user."""
+
+
+def intact_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories under ``root`` whose ``.ckpt`` opens, oldest step first."""
+    return [p for p in list_checkpoints(root) if readable(p / CKPT_NAME)]
+
+
+def _intact_text(root: Path) -> str:
+    intact = intact_checkpoints(root)
+    if not intact:
+        return f"no intact checkpoint in {root}"
+    return f"intact checkpoints in {root}: {', '.join(p.name for p in intact)} (resume_from_checkpoint=latest takes {intact[-1].name})"
+
+
 def resolve_checkpoint(spec: str | None, root: str | os.PathLike) -> str | None:
     """``latest`` -> the newest complete checkpoint under ``root`` (None if there is none);
-    a step directory or a ``.ckpt`` path -> that file."""
+    a step directory or a ``.ckpt`` path -> that file. A missing or damaged file is a CheckpointError
+    that lists the intact checkpoints beside it."""
     if not spec:
         return None
     if spec == "latest":
@@ -61,9 +79,43 @@ def resolve_checkpoint(spec: str | None, root: str | os.PathLike) -> str | None:
     path = Path(spec)
     if path.is_dir():
         path = path / CKPT_NAME
+    beside = path.parent.parent if path.parent.name.isdigit() else Path(root)
     if not path.is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no checkpoint at {path}")
+        raise CheckpointError(f"resume_from_checkpoint={spec!r}: no checkpoint at {path}; {_intact_text(beside)}")
+    if not readable(path):
+        raise CheckpointError(
+            f"resume_from_checkpoint={spec!r}: {path} is damaged (truncated or half-written); {_intact_text(beside)}"
+        )
     return str(path)
+
+
+def check_resumable(ckpt_path: str | os.PathLike, identity: dict) -> None:
+    """Compare the model a checkpoint was trained with (``tracker_state.json`` beside it) with this run's,
+    before any weights load. Family, fine-tuning mode and adapter settings must match; a different base
+    model path only warns (the same weights may have moved)."""
+    tracker = Path(ckpt_path).parent / "tracker_state.json"
+    try:
+        saved = json.loads(tracker.read_text()).get("model")
+    except (OSError, ValueError):  # a .ckpt on its own: the same record is inside it
+        import torch
+
+        saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False).get("tuner_model")
+    if saved:
+        compare_identity(saved, identity, str(Path(ckpt_path).parent))
+
+
+def compare_identity(saved: dict, current: dict, where: str) -> None:
+    differ = [k for k in current if k != "base_model" and k in saved and saved[k] != current[k]]
+    if differ:
+        parts = "; ".join(f"{k}: checkpoint {saved[k]!r}, this run {current[k]!r}" for k in differ)
+        raise CheckpointError(
+            f"checkpoint {where} was trained with another model setup ({parts}); resume it with the same "
+            "settings, or start a new output_dir"
+        )
+    if saved.get("base_model") not in (None, current.get("base_model")):
+        log.warning(
+            "checkpoint %s was trained on %s; resuming on %s", where, saved["base_model"], current.get("base_model")
+        )
 
 
 class StepCheckpoint(Checkpoint):
@@ -78,9 +130,19 @@ class StepCheckpoint(Checkpoint):
         self.total_limit = total_limit
         self._last_saved = -1
         self.interrupted_at: int | None = None  # the step a SIGTERM / Ctrl-C stopped the run at
+        self.images_seen: int | None = 0  # counted as batches are drawn, so a batch-size change is honest
+
+    def state_dict(self) -> dict:
+        return {"images_seen": self.images_seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images_seen = state_dict.get("images_seen")  # None: a checkpoint from before the count
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved = trainer.global_step  # never re-save the step we resumed from
+        if self.images_seen is None:  # estimated once, for checkpoints written before images were counted
+            per_step = getattr(trainer.datamodule, "batch_size", 1) * trainer.accumulate_grad_batches
+            self.images_seen = trainer.global_step * per_step * trainer.world_size
         if trainer.is_global_zero:
             self._set_aside_later_checkpoints(trainer.global_step)
         trainer.strategy.barrier("tuner.checkpoint.start")
@@ -131,7 +193,9 @@ class StepCheckpoint(Checkpoint):
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
         return trainer.max_steps < 0 and last_epoch and trainer.is_last_batch
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
+        if isinstance(batch, dict) and "captions" in batch:
+            self.images_seen = (self.images_seen or 0) + len(batch["captions"]) * trainer.world_size
         step = trainer.global_step
         if step <= 0 or step == self._last_saved:
             return
@@ -147,13 +211,20 @@ class StepCheckpoint(Checkpoint):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("tuner.checkpoint.mkdir")
-        trainer.save_checkpoint(tmp / CKPT_NAME, weights_only=False)  # every rank calls it; rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp / CKPT_NAME, weights_only=False)  # every rank calls it; rank 0 writes
+            if trainer.is_global_zero:
+                pl_module.save_weights(tmp, full_pipeline=False)
+                for callback in trainer.callbacks:
+                    if isinstance(callback, EMA) and callback.shadow is not None:  # the EMA weights beside them
+                        callback.export(pl_module, tmp, full_pipeline=False)
+                tracker = self.tracker_state(trainer, pl_module)
+                (tmp / "tracker_state.json").write_text(json.dumps(tracker, indent=1))
+        except Exception as err:
+            if trainer.is_global_zero:
+                self._fail(err, tmp, step)
+            raise
         if trainer.is_global_zero:
-            pl_module.save_weights(tmp, full_pipeline=False)
-            for callback in trainer.callbacks:
-                if isinstance(callback, EMA) and callback.shadow is not None:  # the EMA weights beside them
-                    callback.export(pl_module, tmp, full_pipeline=False)
-            (tmp / "tracker_state.json").write_text(json.dumps(self.tracker_state(trainer), indent=1))
             old = None
             if final.exists():  # replaced only once the new one is whole, and never left missing
                 old = final.with_name(f".old-{step}")
@@ -168,16 +239,35 @@ class StepCheckpoint(Checkpoint):
         self._last_saved = step
         return final
 
-    def tracker_state(self, trainer: L.Trainer) -> dict:
+    def _fail(self, err: Exception, tmp: Path, step: int) -> None:
+        """A checkpoint that could not be written: remove the partial one now (not at the next start), and
+        when the disk is full say so in one line, with the space it needs and the last whole checkpoint."""
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = intact_checkpoints(self.dirpath)
+        need = sum(f.stat().st_size for f in intact[-1].rglob("*") if f.is_file()) if intact else written
+        free = shutil.disk_usage(self.dirpath).free
+        errnos = {getattr(e, "errno", None) for e in _chain(err)}
+        full = bool(errnos & {errno.ENOSPC, errno.EDQUOT}) or any("No space left" in str(e) for e in _chain(err))
+        if not full and free >= need:
+            return  # some other failure: Lightning reports it as it is
+        last = f"the last whole checkpoint is {intact[-1]}" if intact else "no checkpoint of this run is whole yet"
+        raise CheckpointError(
+            f"disk full: could not write checkpoint {step} to {self.dirpath} (it needs about {_size(need)}, "
+            f"{_size(free)} free); {last}; free some space and resume with resume_from_checkpoint=latest"
+        ) from err
+
+    def tracker_state(self, trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> dict:
         datamodule = trainer.datamodule
-        batch_size = getattr(datamodule, "batch_size", 1)
-        batches = trainer.fit_loop.total_batch_idx + 1
-        return {
+        state = {
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
-            "images_seen": batches * batch_size * trainer.world_size,
+            "images_seen": self.images_seen,
             "data": datamodule.state_dict() if datamodule is not None else {},
         }
+        if pl_module is not None and hasattr(pl_module, "run_identity"):
+            state["model"] = pl_module.run_identity()  # compared before a resume loads any weight
+        return state
 
     def _prune(self) -> None:
         if not self.total_limit or self.total_limit < 1:
@@ -185,6 +275,23 @@ class StepCheckpoint(Checkpoint):
         for old in list_checkpoints(self.dirpath)[: -self.total_limit]:
             shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint removed (checkpoints_total_limit=%d): %s", self.total_limit, old)
+
+
+def _chain(err: BaseException):
+    """The exception and its causes: torch and safetensors wrap the OSError of a full disk."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 class FinalExport(L.Callback):

@@ -38,7 +38,7 @@ class WebhookCallback(L.Callback):
         status_every_n_steps: int = 100,
         run_summary: dict | None = None,
         default_prefix: str | None = None,
-        close_timeout: float = 10.0,
+        close_timeout: float = 2.0,
     ):
         cfg = config if isinstance(config, WebhookConfig) else load_webhook_config(config)
         if cfg.message_prefix is None and default_prefix:
@@ -130,9 +130,9 @@ class WebhookCallback(L.Callback):
         if self._sender is None:
             return
         if isinstance(exception, KeyboardInterrupt):
-            self._sender.send("warning", f"**Training interrupted** at step {trainer.global_step}")
+            self._sender.send("warning", f"**Training interrupted** at step {trainer.global_step}", urgent=True)
         else:
-            self._sender.send("critical", self._fatal_message(trainer, exception))
+            self._sender.send("critical", self._fatal_message(trainer, exception), urgent=True)
         self._close_sender()  # Lightning re-raises next: deliver before the process goes away
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,7 +142,7 @@ class WebhookCallback(L.Callback):
         text = f"**Training complete** at step {trainer.global_step}"
         if loss is not None:
             text += f", last loss {loss:.4g}"
-        self._sender.send("info", text)
+        self._sender.send("info", text, urgent=True)  # ahead of any backlog, so it is what gets through
         # The sender closes in ``teardown``, which Lightning calls after every callback's on_train_end,
         # so final validation images posted by a callback later in the list still go out.
 

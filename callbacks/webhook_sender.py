@@ -18,30 +18,29 @@ and the count is logged once when the sender closes (nothing is lost silently).
 
 from __future__ import annotations
 
-import base64
+import collections
 import dataclasses
 import http.client
 import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from callbacks.webhook_format import DISCORD_CONTENT_LIMIT, encode  # noqa: F401 - re-exported
 
 log = logging.getLogger("callbacks.webhook")
 
 LEVELS: dict[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 WEBHOOK_TYPES = ("discord", "raw")
 CONFIG_KEYS = ("webhook_url", "webhook_type", "message_prefix", "log_level")
-DISCORD_CONTENT_LIMIT = 2000
 MAX_ATTACHMENTS = 10
 REDACTED = "<webhook-url>"
 USER_AGENT = "tuner-webhook/0.1"
@@ -139,6 +138,7 @@ class _Message:
 
 
 _STOP = object()
+_WAKE = object()
 
 
 class WebhookSender:
@@ -181,6 +181,9 @@ class WebhookSender:
         self._closing = threading.Event()
         self._abort = threading.Event()
         self._closed = False
+        self._urgent: collections.deque[_Message] = collections.deque()
+        self._held: _Message | None = None  # a message an urgent one interrupted; sent next
+        self._abandoned = False  # close() gave up on the request in flight
         self._opener = urllib.request.build_opener()
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
         self._thread.start()
@@ -215,8 +218,13 @@ class WebhookSender:
             self._filtered += filtered
 
     # public ----------------------------------------------------------------------------------------
-    def send(self, level: str | int, text: str, images: Sequence[tuple[str, bytes]] | None = None) -> bool:
-        """Queue ``text`` (and images, ten per message); True when everything was queued. Never raises."""
+    def send(
+        self, level: str | int, text: str, images: Sequence[tuple[str, bytes]] | None = None, urgent: bool = False
+    ) -> bool:
+        """Queue ``text`` (and images, ten per message); True when everything was queued. Never raises.
+
+        ``urgent`` (the final "training complete"): posted before anything still waiting in the queue,
+        so that when the exit's short wait runs out it is the backlog that is dropped."""
         try:
             number = _level_number(level)
             if number < self._min_level:
@@ -229,15 +237,18 @@ class WebhookSender:
             ok = True
             for i, chunk in enumerate(chunks):
                 part = text if len(chunks) == 1 else f"{text} ({i + 1}/{len(chunks)})"
-                ok = self._enqueue(_Message(name, part, tuple(chunk))) and ok
+                ok = self._enqueue(_Message(name, part, tuple(chunk)), urgent) and ok
             return ok
         except Exception as e:  # a notification must never take the run down
             self._count(dropped=1)
             log.debug("webhook: message dropped (%s)", type(e).__name__)
             return False
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Deliver what can be delivered within ``timeout`` seconds, stop the thread, log the drop count."""
+    def close(self, timeout: float = 2.0) -> None:
+        """Deliver what can be delivered within ``timeout`` seconds, stop the thread, log the drop count.
+
+        The wait is bounded by ``timeout`` (plus a moment), whatever the server does: a request still in
+        flight then is abandoned to the daemon thread and counted as dropped."""
         if self._closed:
             return
         self._closed = True
@@ -248,17 +259,22 @@ class WebhookSender:
             pass
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
-            self._abort.set()  # interrupts backoff waits; an in-flight request ends within request_timeout
-            left = 0
+            self._abort.set()  # interrupts backoff waits
+            left = len(self._urgent) + (self._held is not None)
+            self._urgent.clear()
+            self._held = None
             while True:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not _STOP:
+                if item is not _STOP and item is not _WAKE:
                     left += 1
+            self._thread.join(0.1)
+            if self._thread.is_alive():
+                self._abandoned = True  # the request in flight: counted as dropped here, not again by the worker
+                left += 1
             self._count(dropped=left)
-            self._thread.join(min(0.5, self.request_timeout))
         dropped, sent = self.dropped, self.sent
         if dropped:
             log.warning("webhook: %d message(s) could not be delivered and were dropped (%d sent)", dropped, sent)
@@ -272,11 +288,18 @@ class WebhookSender:
         return text
 
     # worker ----------------------------------------------------------------------------------------
-    def _enqueue(self, message: _Message) -> bool:
+    def _enqueue(self, message: _Message, urgent: bool = False) -> bool:
         if self._closing.is_set():
             self._count(dropped=1)
             log.debug("webhook: message dropped (sender closed)")
             return False
+        if urgent:
+            self._urgent.append(message)
+            try:
+                self._queue.put_nowait(_WAKE)  # an idle worker picks it up at once
+            except queue.Full:
+                pass  # a busy worker looks at the urgent ones before its next message
+            return True
         try:
             self._queue.put_nowait(message)
             return True
@@ -289,36 +312,65 @@ class WebhookSender:
                 log.debug("webhook: queue full; message dropped")
             return False
 
+    def _take(self) -> tuple[_Message | None, bool]:
+        """The next message and whether it is urgent: urgent ones first, then one an urgent message
+        interrupted, then the queue. (None, False) when there is nothing yet."""
+        try:
+            return self._urgent.popleft(), True
+        except IndexError:
+            pass
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held, False
+        try:
+            item = self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return None, False
+        if item is _STOP or item is _WAKE:
+            return None, False
+        return item, False
+
+    def _idle(self) -> bool:
+        return not self._urgent and self._held is None and self._queue.empty()
+
     def _run(self) -> None:
         while True:
-            try:
-                item = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                if self._closing.is_set():
-                    return
-                continue
-            if item is _STOP:
-                if self._queue.empty():
+            item, urgent = self._take()
+            if item is None:
+                if self._closing.is_set() and self._idle():
                     return
                 continue
             if self._abort.is_set():
                 self._count(dropped=1)
                 continue
             try:
-                self._deliver(item)
+                self._deliver(item, urgent)
             except Exception as e:  # never let the worker die: count and go on
                 self._count(dropped=1)
                 log.warning("webhook: message dropped (%s: %s)", type(e).__name__, self.redact(str(e)))
-            if self._closing.is_set() and self._queue.empty():
+            if self._closing.is_set() and self._idle():
                 return
 
-    def _deliver(self, message: _Message) -> None:
-        body, content_type = self._encode(message)
+    def _pause(self, seconds: float, urgent: bool) -> str | None:
+        """Wait ``seconds``; 'abort' when the sender is closing for good, 'preempt' when an urgent message
+        arrives while a normal one waits (it goes first), else None."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._abort.is_set():
+                return "abort"
+            if not urgent and self._urgent:
+                return "preempt"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._abort.wait(min(left, 0.05))
+
+    def _deliver(self, message: _Message, urgent: bool = False) -> None:
+        body, content_type = encode(self.config, message)
         attempt = 0
         while True:
             wait = self._not_before - time.monotonic()
-            if wait > 0 and self._abort.wait(wait):
-                self._count(dropped=1)
+            if wait > 0 and self._interrupted(message, self._pause(wait, urgent)):
                 return
             try:
                 status, headers, payload = self._post(body, content_type)
@@ -327,7 +379,7 @@ class WebhookSender:
                 delay = self._backoff(attempt)
             else:
                 if 200 <= status < 300:
-                    self._count(sent=1)
+                    self._count(sent=1, dropped=-1 if self._abandoned else 0)  # it got there after all
                     self._note_rate_limit(headers)
                     return
                 if status == 429:
@@ -339,18 +391,24 @@ class WebhookSender:
                     reason = f"HTTP {status}"
                     delay = self._backoff(attempt)
                 else:  # 400, 401, 403, 404, 413...: retrying cannot help
-                    self._count(dropped=1)
+                    self._count(dropped=0 if self._abandoned else 1)
                     log.warning("webhook: message rejected with HTTP %d; dropped", status)
                     return
             attempt += 1
             if attempt > self.max_retries:
-                self._count(dropped=1)
+                self._count(dropped=0 if self._abandoned else 1)
                 log.warning("webhook: giving up after %d retries (%s); message dropped", self.max_retries, reason)
                 return
             log.debug("webhook: %s; retry %d/%d in %.3gs", reason, attempt, self.max_retries, delay)
-            if self._abort.wait(delay):
-                self._count(dropped=1)
+            if self._interrupted(message, self._pause(delay, urgent)):
                 return
+
+    def _interrupted(self, message: _Message, why: str | None) -> bool:
+        if why == "abort" and not self._abandoned:
+            self._count(dropped=1)
+        elif why == "preempt":
+            self._held = message  # retried once the urgent message is out
+        return why is not None
 
     def _post(self, body: bytes, content_type: str) -> tuple[int, Mapping[str, str], bytes]:
         request = urllib.request.Request(
@@ -399,44 +457,6 @@ class WebhookSender:
         except (TypeError, ValueError):
             pass
 
-    # encoding --------------------------------------------------------------------------------------
-    def _encode(self, message: _Message) -> tuple[bytes, str]:
-        prefix = self.config.message_prefix
-        if self.config.webhook_type == "raw":
-            doc = {
-                "level": message.level,
-                "message": message.text,
-                "prefix": prefix,
-                "images": [
-                    {
-                        "filename": n,
-                        "content_type": _content_type(b),
-                        "data_base64": base64.b64encode(b).decode("ascii"),
-                    }
-                    for n, b in message.images
-                ],
-            }
-            return json.dumps(doc).encode("utf-8"), "application/json"
-
-        content = f"{prefix}: {message.text}" if prefix else message.text
-        if len(content) > DISCORD_CONTENT_LIMIT:
-            content = content[: DISCORD_CONTENT_LIMIT - 1] + "…"
-        doc = {"content": content, "allowed_mentions": {"parse": []}}
-        if not message.images:
-            return json.dumps(doc).encode("utf-8"), "application/json"
-
-        names = _unique_filenames([n for n, _ in message.images])
-        doc["attachments"] = [{"id": i, "filename": n} for i, n in enumerate(names)]
-        boundary = f"tuner-{uuid.uuid4().hex}"
-        parts = [
-            _form_part(boundary, 'name="payload_json"', "application/json", json.dumps(doc).encode("utf-8")),
-        ]
-        for i, (name, (_, data)) in enumerate(zip(names, message.images, strict=True)):
-            parts.append(_form_part(boundary, f'name="files[{i}]"; filename="{name}"', _content_type(data), data))
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode("ascii")
-        return body, f"multipart/form-data; boundary={boundary}"
-
-
 def _level_name(number: int) -> str:
     for name, value in sorted(LEVELS.items(), key=lambda kv: -kv[1]):
         if number >= value:
@@ -457,40 +477,3 @@ def _secret_parts(url: str) -> list[str]:
     except ValueError:
         pass
     return sorted((p for p in parts if p), key=len, reverse=True)
-
-
-def _content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
-def _unique_filenames(names: list[str]) -> list[str]:
-    """Header-safe ASCII file names, unique within one message (Discord keys attachments by name)."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        clean = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or f"image_{i}"
-        clean = clean[:80]
-        if "." not in clean:
-            clean += ".png"
-        stem, dot, ext = clean.rpartition(".")
-        candidate, n = clean, 1
-        while candidate in seen:
-            candidate = f"{stem}_{n}{dot}{ext}"
-            n += 1
-        seen.add(candidate)
-        out.append(candidate)
-    return out
-
-
-def _form_part(boundary: str, disposition: str, content_type: str, data: bytes) -> bytes:
-    head = f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\nContent-Type: {content_type}\r\n\r\n"
-    return head.encode("ascii") + data + b"\r\n"
-
-
-# --------------------------------------------------------------------------------------------- callback

@@ -54,6 +54,39 @@ class EmptyDatasetError(ValueError):
     """No usable image in any dataset: raised before any model weights load."""
 
 
+def warn_upscale(dataset: str, samples: list[Sample], limit: float = 2.0) -> float:
+    """Warn when the buckets enlarge the median image more than ``limit`` times along an edge: a
+    resolution far above the images (``resolution=7`` read as 7 megapixels) costs memory and time and
+    teaches blur. Returns that median factor."""
+    if not samples:
+        return 1.0
+    factors = sorted(max(s.bucket[0] / s.width, s.bucket[1] / s.height) for s in samples)
+    median = factors[len(factors) // 2]
+    if median > limit:
+        typical = samples[[max(s.bucket[0] / s.width, s.bucket[1] / s.height) for s in samples].index(median)]
+        log.warning(
+            "dataset %r: the buckets enlarge the median image %.1fx (e.g. %dx%d px into a %dx%d bucket); check "
+            "data.resolution (an edge in pixels, or megapixels below 16 with resolution_type=area)",
+            dataset,
+            median,
+            typical.width,
+            typical.height,
+            *typical.bucket,
+        )
+    return median
+
+
+def shard_hint(path: str) -> str:
+    """For a folder read as images that holds ``.tar`` shards: the hint to read it as webdataset."""
+    if not os.path.isdir(path):
+        return ""
+    shards = sorted(e for e in os.listdir(path) if e.endswith(".tar"))
+    if not shards:
+        return ""
+    shown = ", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")
+    return f"; {path!r} holds {len(shards)} .tar shard(s) ({shown}): to train on them set data.type=webdataset"
+
+
 class BucketedImageDataset(Dataset):
     """Loads ``samples[index]`` resized and cropped to its bucket. Keys are ``(index, epoch)``.
 
@@ -200,6 +233,7 @@ class DiffusionDataModule(L.LightningDataModule):
         cache_latents: bool = True,
         cache_text_embeds: bool = True,
         num_workers: int = 0,
+        allow_large_buckets: bool = False,  # checked with the config (tuner.config); nothing to do here
         datasets: dict[str, dict] | None = None,
         seed: int = 0,
         report_path: str | None = None,
@@ -249,6 +283,7 @@ class DiffusionDataModule(L.LightningDataModule):
             raise EmptyDatasetError(str(err)) from err
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
+        self.report_written: str | None = None
         self.cache_dir = cache_dir
         self.validation_split = validation_split
         self.held_out: list[Sample] = []
@@ -288,9 +323,11 @@ class DiffusionDataModule(L.LightningDataModule):
             log.warning("skipped %s: %s", item["path"], item["reason"])
         if not usable:
             paths = ", ".join(repr(spec["path"]) for spec in self.specs.values())
-            raise EmptyDatasetError(
-                f"no usable images in {paths} ({len(skipped)} skipped; see dataset_report.json for reasons)"
-            )
+            where = self.report_written or "dataset_report.json"
+            hint = "".join(shard_hint(str(spec["path"])) for spec in self.specs.values() if spec["type"] != "webdataset")
+            raise EmptyDatasetError(f"no usable images in {paths} ({len(skipped)} skipped; see {where}){hint}")
+        for name, result in self.results.items():
+            warn_upscale(name, result.usable)
         if self.validation_split > 0:
             usable, self.held_out = split_held_out(usable, self.validation_split)
             log.info("data: %d images held out for the validation loss", len(self.held_out))
@@ -316,10 +353,14 @@ class DiffusionDataModule(L.LightningDataModule):
             "skipped": skipped,
         }
         path = Path(self.report_path)
+        if not usable and path.exists():
+            # A failed preflight in a used output_dir leaves that run's report as it was.
+            path = path.with_name(f"{path.stem}.failed{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=1))
         os.replace(tmp, path)
+        self.report_written = str(path)
 
     def setup(self, stage: str | None = None) -> None:
         self.scan()

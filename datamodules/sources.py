@@ -97,8 +97,13 @@ def infer_type(path: str) -> str:
 
 
 def _only_tars(path: str) -> bool:
+    """A folder of shards: ``.tar`` files and no images or sub-folders beside them (an index, a README
+    or a checksum list may sit there too)."""
     entries = [e for e in os.listdir(path) if not e.startswith(".")]
-    return bool(entries) and all(e.endswith(".tar") for e in entries)
+    if not any(e.endswith(".tar") for e in entries):
+        return False
+    images = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGES
+    return not any(os.path.splitext(e)[1].lower() in images or os.path.isdir(os.path.join(path, e)) for e in entries)
 
 
 def open_source(path: str, type: str | None = None, options: dict | None = None) -> Source:

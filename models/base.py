@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -414,10 +415,30 @@ class DiffusionModule(L.LightningModule):
         """The parameters that train, by their module path: all a checkpoint needs of the weights."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
+    @classmethod
+    def identity(cls, family: str, base_model: str, finetune: str, lora: dict | None) -> dict:
+        """What a checkpoint must share with the run that resumes it: stored in every checkpoint and
+        compared before any weight loads (callbacks.checkpoints.check_resumable)."""
+        out: dict[str, Any] = {"family": family, "base_model": str(base_model), "finetune": str(finetune)}
+        if finetune == "lora":
+            lora = dict(lora or {})
+            rank = int(lora.get("rank") or 16)
+            out.update(
+                lora_rank=rank,
+                lora_alpha=float(lora.get("alpha") or rank),
+                lora_target_modules=sorted(lora.get("target_modules") or cls.default_lora_targets),
+            )
+        return out
+
+    def run_identity(self) -> dict:
+        hp = self.hparams
+        return self.identity(hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen VAE, text encoders and (under LoRA) the base denoiser stay out of .ckpt files.
         keep = set(self.trainable_state_dict())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["tuner_model"] = self.run_identity()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Loading is not strict (frozen weights are not in the file), so check the other direction
@@ -444,7 +465,9 @@ class DiffusionModule(L.LightningModule):
         whole pipeline), or ``<dir>/unet<suffix>/`` alone when ``full_pipeline`` is false (checkpoints).
         ``suffix`` names a variant written beside the live weights, such as ``_ema``.
         """
-        directory = Path(directory)
+        return _respect_umask(self._save_weights(Path(directory), full_pipeline, suffix))
+
+    def _save_weights(self, directory: Path, full_pipeline: bool, suffix: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         if self.hparams.finetune == "lora":
             name = f"pytorch_lora_weights{suffix}.safetensors"
@@ -467,3 +490,22 @@ class DiffusionModule(L.LightningModule):
             return directory / f"pipeline{suffix}"
         self.unet.save_pretrained(directory / f"unet{suffix}", safe_serialization=True)
         return directory / f"unet{suffix}"
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # no /proc: read it by setting it (and put it straight back)
+        os.umask(mask)
+        return mask
+
+
+def _respect_umask(path: Path) -> Path:
+    """safetensors writes its files 0600 whatever the umask; give them the mode any other file gets, so
+    that other users of a shared cluster can read the results."""
+    mode = 0o666 & ~_umask()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        os.chmod(file, mode)
+    return path

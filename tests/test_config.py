@@ -35,6 +35,7 @@ def test_every_preset_trains_on_tiny_weights(preset, make_cfg, demo_dir, tmp_pat
         "data.bucket_step=16",
         "data.batch_size=2",
         "max_train_steps=2",
+        "lr_scheduler.warmup_steps=1",  # the preset's 100 would be refused: more than the 2 steps
         output_dir=tmp_path,
     )
     assert cfg.mixed_precision.value == "bf16" and cfg.model.gradient_checkpointing  # the preset's own settings

@@ -28,6 +28,7 @@ from tuner.optim_schemas import (
     ProdigyConfig,
     SineSchedulerConfig,
     StableAdamWConfig,
+    optim_problems,
 )
 
 
@@ -167,6 +168,7 @@ class DataConfig:
     cache_latents: bool = True  # VAE posteriors on disk (off by itself for random-crop data)
     cache_text_embeds: bool = True
     num_workers: int = 0
+    allow_large_buckets: bool = False  # confirm buckets over 16 megapixels (refused otherwise, before loading)
     # Entries are checked against DatasetConfig in ``check`` (OmegaConf cannot add new typed entries to a
     # Dict[str, DatasetConfig] from the command line, e.g. ``+data.datasets.photos.path=DIR``).
     datasets: dict[str, Any] = field(default_factory=dict)
@@ -228,6 +230,7 @@ class ValidationConfig:
 class WebhookSettings:
     config: Optional[str] = None  # path to the seed's webhook JSON (webhook_url, webhook_type, ...); null: off
     status_every_n_steps: int = 100
+    exit_timeout: float = 2.0  # seconds the run waits at exit for undelivered messages (then drops them)
 
 
 @dataclass
@@ -334,6 +337,9 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
     """Rules that span keys. Raises ConfigError naming the keys and the valid values."""
     datasets = _typed_datasets(cfg)
     steps, epochs = cfg.max_train_steps, cfg.num_train_epochs
+    for key, value in (("max_train_steps", steps), ("num_train_epochs", epochs)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value}; it must be a positive number (or 0/null to leave it unset)")
     if not _unset(steps) and not _unset(epochs):
         raise ConfigError(
             f"max_train_steps={steps} and num_train_epochs={epochs} are both set; set one and leave the other "
@@ -394,10 +400,43 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
             "a quantised denoiser cannot be fully fine-tuned; train a LoRA on it (model.finetune=lora) or use "
             "quantization=none"
         )
+    problems = optim_problems(cfg.optimizer, cfg.lr_scheduler, steps)
+    if problems:
+        raise ConfigError(problems[0])
+    _check_bucket_size(cfg, datasets)
     strategies = [d.caption_strategy for d in datasets.values()] + [cfg.data.caption_strategy]
     prompts = [d.instance_prompt for d in datasets.values()] + [cfg.data.instance_prompt]
     if CaptionStrategy.instanceprompt in strategies and not any(prompts):
         raise ConfigError("caption_strategy=instanceprompt needs data.instance_prompt")
+
+
+MAX_BUCKET_MEGAPIXELS = 16
+
+
+def bucket_megapixels(resolution: float, resolution_type: str) -> float:
+    """The area of a square bucket at this resolution, in megapixels (``pixel``: the shorter edge)."""
+    if str(resolution_type) in ("area", "ResolutionType.area") and resolution < 16:
+        return float(resolution)  # below 16, an area resolution is in megapixels
+    return resolution**2 / 1e6
+
+
+def _check_bucket_size(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:
+    """Buckets over 16 megapixels are almost always a unit mistake (``resolution=7`` meant as 768 px is
+    7 MP): refused unless ``data.allow_large_buckets=true`` confirms them."""
+    if cfg.data.allow_large_buckets:
+        return
+    entries = [("data", cfg.data)] + [(f"data.datasets.{k}", v) for k, v in datasets.items()]
+    for name, d in entries:
+        resolution = d.resolution if d.resolution is not None else cfg.data.resolution
+        kind = d.resolution_type if d.resolution_type is not None else cfg.data.resolution_type
+        kind = kind.name if isinstance(kind, Enum) else str(kind)
+        mp = bucket_megapixels(resolution, kind)
+        if mp > MAX_BUCKET_MEGAPIXELS:
+            raise ConfigError(
+                f"{name}.resolution={resolution:g} ({kind}) makes {mp:.0f}-megapixel buckets; resolution is an edge "
+                f"in pixels (e.g. 1024) or, below 16 with resolution_type=area, megapixels (e.g. 1). If you really "
+                f"mean it, add data.allow_large_buckets=true"
+            )
 
 
 def suggest(key: str, valid: list[str]) -> str:

@@ -102,3 +102,39 @@ class PolynomialSchedulerConfig(LRSchedulerConfig):
 class SineSchedulerConfig(LRSchedulerConfig):
     cycles: float = 1.0
     min_lr_ratio: float = 0.1
+
+
+def optim_problems(optimizer, lr_scheduler, max_train_steps) -> list[str]:
+    """Impossible optimiser and schedule numbers, each as ``key=value; what is valid`` (empty: all fine).
+
+    Checked before anything loads: torch would otherwise refuse them only once the model is built."""
+    problems = []
+    lr = optimizer.get("lr")
+    if lr is not None and not lr > 0:
+        problems.append(f"optimizer.lr={lr}; it must be above 0 (e.g. 1e-4)")
+    weight_decay = optimizer.get("weight_decay")
+    if weight_decay is not None and not 0 <= weight_decay <= 1:
+        problems.append(f"optimizer.weight_decay={weight_decay}; valid: 0 to 1 (e.g. 1e-2)")
+    betas = optimizer.get("betas")
+    if betas is not None and not all(0 <= b < 1 for b in betas):
+        problems.append(f"optimizer.betas={list(betas)}; each must be at least 0 and below 1 (e.g. [0.9, 0.999])")
+    eps = optimizer.get("eps")
+    if eps is not None and not eps > 0:
+        problems.append(f"optimizer.eps={eps}; it must be above 0 (e.g. 1e-8)")
+    warmup = lr_scheduler.get("warmup_steps", 0)
+    if warmup is not None and warmup < 0:
+        problems.append(f"lr_scheduler.warmup_steps={warmup}; it must be >= 0")
+    elif warmup and max_train_steps and max_train_steps > 0 and warmup > max_train_steps:
+        problems.append(
+            f"lr_scheduler.warmup_steps={warmup} is more than max_train_steps={max_train_steps}: the learning rate "
+            "would never reach optimizer.lr; lower warmup_steps"
+        )
+    for key in ("num_cycles", "cycles", "power"):
+        value = lr_scheduler.get(key)
+        if value is not None and not value > 0:
+            problems.append(f"lr_scheduler.{key}={value}; it must be above 0")
+    for key in ("lr_end", "min_lr_ratio"):
+        value = lr_scheduler.get(key)
+        if value is not None and value < 0:
+            problems.append(f"lr_scheduler.{key}={value}; it must be >= 0")
+    return problems

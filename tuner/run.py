@@ -58,11 +58,11 @@ def setup_logging(output_dir: Path, rank_zero: bool) -> None:
     handlers[0].setLevel(level)
     if rank_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        train_log = logging.FileHandler(output_dir / "train.log")
+        train_log = _FileHandler(output_dir / "train.log")
         train_log.setLevel(logging.INFO)
         handlers.append(train_log)
         if level == "DEBUG":
-            handlers.append(logging.FileHandler(output_dir / "debug.log"))
+            handlers.append(_FileHandler(output_dir / "debug.log"))
     for handler in list(root.handlers):  # Hydra's console handler would print every line twice
         root.removeHandler(handler)
     for handler in handlers:
@@ -75,12 +75,21 @@ def setup_logging(output_dir: Path, rank_zero: bool) -> None:
         logging.getLogger(name).propagate = True
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file whose write failures (a full disk) are not printed as tracebacks on the console: the
+    run reports what went wrong itself, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _drop_adverts(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
 
 def _is_rank_zero() -> bool:
-    return all(int(os.environ.get(var, "0")) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(var, "0")) == 0 for var in ranks)
 
 
 def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
@@ -198,7 +207,13 @@ def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> l
         }
         summary.update(max_train_steps=cfg.max_train_steps, images=sum(d["images"] for d in info["datasets"]))
         out.append(
-            WebhookCallback(hook.config, hook.status_every_n_steps, run_summary=summary, default_prefix=output_dir.name)
+            WebhookCallback(
+                hook.config,
+                hook.status_every_n_steps,
+                run_summary=summary,
+                default_prefix=output_dir.name,
+                close_timeout=hook.exit_timeout,
+            )
         )
     return out
 
@@ -263,18 +278,62 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
     write_images(root / "images")
 
 
+def user_error(err: BaseException) -> BaseException | None:
+    """The user-facing error behind ``err`` (Lightning and torch may wrap it), or None. Their messages
+    are one line that names the key or file and says what to do; train.py prints just that line."""
+    from callbacks.checkpoints import CheckpointError
+    from datamodules import EmptyDatasetError
+    from tuner.lock import OutputDirLocked
+
+    kinds = (ConfigError, EmptyDatasetError, CheckpointError, OutputDirLocked)
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_config_dump(cfg: DictConfig, output_dir: Path) -> None:
+    """``<output_dir>/.hydra/``: the composed config (unresolved, as Hydra writes it), the command-line
+    overrides and Hydra's own settings. Written by the run itself once it holds the output directory and
+    its data passed the preflight (Hydra's own early write is off), so a refused or failed start leaves
+    an earlier run's record as it was."""
+    folder = output_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train as configured. Returns the sweep metric: the last ``val/loss`` when validation runs, else
-    the final epoch-mean train loss (None when stopped by SIGTERM / Ctrl-C)."""
+    the final epoch-mean train loss (None when stopped by SIGTERM / Ctrl-C).
+
+    Rank 0 holds ``<output_dir>/.tuner.lock`` from before it writes anything until it returns, so a
+    second run into the same folder is refused at once (tuner.lock)."""
+    from contextlib import nullcontext
+
+    from tuner.lock import RunLock
+
+    composed = cfg.copy()
     cfg = prepare(cfg)
     output_dir = Path(cfg.output_dir)
+    lock = RunLock(output_dir) if _is_rank_zero() else None
+    with lock or nullcontext():
+        return _train(cfg, composed, output_dir, lock)
+
+
+def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> float | None:
     rank_zero = _is_rank_zero()
     setup_logging(output_dir, rank_zero)
+    if lock is not None and lock.stale:
+        log.warning("took over the output_dir lock of a run that ended without releasing it (%s)", lock.stale)
 
     import lightning as L
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from callbacks.checkpoints import resolve_checkpoint
 
     check_precision_for_device(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -288,11 +347,9 @@ def train(cfg: DictConfig) -> float | None:
         cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
     )
     datamodule.scan()  # an unusable dataset fails here, before any weights load
-
-    ckpt_path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir / "checkpoints")
-    if cfg.resume_from_checkpoint == "latest" and ckpt_path is None:
-        log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from scratch", output_dir)
-
+    if rank_zero:
+        write_config_dump(composed, output_dir)
+    ckpt_path = resume_checkpoint(cfg, output_dir)
     module = instantiate(
         cfg.model,
         optimizer=instantiate(cfg.optimizer),
@@ -306,6 +363,34 @@ def train(cfg: DictConfig) -> float | None:
     )
     datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir, datamodule)
+    if not fit(trainer, module, datamodule, ckpt_path, output_dir):
+        return None
+    return finish(trainer, module, output_dir)
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint to resume from, checked (readable, and trained with this run's model setup) before
+    any weight loads."""
+    from hydra.utils import get_class
+
+    from callbacks.checkpoints import check_resumable, resolve_checkpoint
+
+    ckpt_path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir / "checkpoints")
+    if cfg.resume_from_checkpoint == "latest" and ckpt_path is None:
+        log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from scratch", output_dir)
+    if ckpt_path is not None:
+        model = cfg.model
+        identity = get_class(model._target_).identity(
+            model.family, model.pretrained_model_name_or_path, model.finetune, model.lora
+        )
+        check_resumable(ckpt_path, identity)
+    return ckpt_path
+
+
+def fit(trainer, module, datamodule, ckpt_path: str | None, output_dir: Path) -> bool:
+    """``trainer.fit``; False when SIGTERM or Ctrl-C stopped it (its checkpoint is written)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     with warnings.catch_warnings():
         # The data module restores the sampler's position itself (DiffusionDataModule.state_dict).
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -320,8 +405,12 @@ def train(cfg: DictConfig) -> float | None:
                     f"tuner: stopped at step {trainer.global_step}; checkpoint in {output_dir / 'checkpoints'}; "
                     "continue with resume_from_checkpoint=latest"
                 )
-            return None
+            return False
+    return True
 
+
+def finish(trainer, module, output_dir: Path) -> float | None:
+    """The final export when fit had nothing to do, the closing line, and the sweep metric."""
     from callbacks.checkpoints import FinalExport
 
     export = next(c for c in trainer.callbacks if isinstance(c, FinalExport))
