@@ -79,13 +79,13 @@ def bench_optimizers(names: list[str]) -> dict[str, int]:
     from hydra.utils import instantiate
 
     from datamodules.demo import write_images
-    from models.tiny import write_pipeline
+    from tuner.families import write_tiny
     from tuner.run import prepare
 
     logging.disable(logging.WARNING)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        write_pipeline("sd15", Path(tmp) / "sd15")
+        write_tiny("sd15", Path(tmp) / "sd15")
         write_images(Path(tmp) / "images")
         for name in names:
             cfg = compose_config(

@@ -63,7 +63,7 @@ class BareLoop:
         self.unet, self.vae, self.te, self.tok = module.unet, module.vae, module.text_encoder, module.tokenizer
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-        self.acp, self.batch, self.max_norm = module.alphas_cumprod, batch, cfg.max_grad_norm
+        self.acp, self.batch, self.max_norm = module.noise.alphas_cumprod, batch, cfg.max_grad_norm
         self.n = 0
 
     def step(self) -> float:
@@ -173,12 +173,12 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from datamodules.datamodule import DiffusionDataModule, collate
     from datamodules.demo import write_images
-    from models.tiny import write_pipeline
+    from tuner.families import write_tiny
 
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         demo = Path(tmp) / "demo"
-        write_pipeline("sd15", demo / "sd15")
+        write_tiny("sd15", demo / "sd15")
         write_images(demo / "images")
         cfg = _compose(demo, Path(tmp) / "out", args)
         dm = DiffusionDataModule(**{k: v for k, v in cfg.data.items() if not k.startswith("_")})

@@ -131,6 +131,8 @@ class StepCheckpoint(Checkpoint):
         self._last_saved = -1
         self.interrupted_at: int | None = None  # the step a SIGTERM / Ctrl-C stopped the run at
         self.images_seen: int | None = 0  # counted as batches are drawn, so a batch-size change is honest
+        self._stop_requested = False  # SIGTERM / Ctrl-C seen; the run stops at the next optimiser step
+        self._step_seen = 0
 
     def state_dict(self) -> dict:
         return {"images_seen": self.images_seen}
@@ -140,6 +142,8 @@ class StepCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved = trainer.global_step  # never re-save the step we resumed from
+        self._step_seen = trainer.global_step
+        self._stop_requested = False
         if self.images_seen is None:  # estimated once, for checkpoints written before images were counted
             per_step = getattr(trainer.datamodule, "batch_size", 1) * trainer.accumulate_grad_batches
             self.images_seen = trainer.global_step * per_step * trainer.world_size
@@ -150,21 +154,33 @@ class StepCheckpoint(Checkpoint):
 
     # ---- preemption and Ctrl-C -----------------------------------------------------------------
     def _catch_signals(self, trainer: L.Trainer) -> None:
-        """SIGTERM (cluster preemption) and a first Ctrl-C both ask Lightning to stop after the current
-        step, through its own SIGTERM flag, which it broadcasts to every DDP rank; ``on_exception`` then
-        writes the checkpoint. A second Ctrl-C interrupts at once. (Registered here, after Lightning has
-        installed its own handlers at fit start.)"""
+        """SIGTERM (cluster preemption) and a first Ctrl-C both ask the run to stop after the current
+        optimiser step; ``on_exception`` then writes the checkpoint. A second Ctrl-C interrupts at once.
+        (Registered here, after Lightning has installed its own handlers at fit start.)"""
         if threading.current_thread() is not threading.main_thread():
             return
-        connector = trainer._signal_connector  # Lightning keeps its stop flag here
 
         def handler(signum, frame):
-            if signum == signal.SIGINT and connector.received_sigterm:
+            if signum == signal.SIGINT and self._stop_requested:
                 raise KeyboardInterrupt
             log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
-            connector.received_sigterm = True
+            self._stop_requested = True
 
         self._previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_now(self, trainer: L.Trainer) -> bool:
+        """Whether a requested stop takes effect now: only once an optimiser step is complete, and on
+        every DDP rank at the same step (rank 0 decides). Lightning's own SIGTERM check runs after every
+        micro-batch, and its exception-time state can sit past an epoch's end; stopping here, with the
+        checkpoint written exactly as a periodic one, keeps the saved data position on the saved step."""
+        stepped = trainer.global_step != self._step_seen
+        self._step_seen = trainer.global_step
+        if not stepped:
+            return False
+        stop = self._stop_requested
+        if trainer.world_size > 1:
+            stop = bool(trainer.strategy.broadcast(stop, src=0))
+        return stop
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -196,12 +212,14 @@ class StepCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
         if isinstance(batch, dict) and "captions" in batch:
             self.images_seen = (self.images_seen or 0) + len(batch["captions"]) * trainer.world_size
+        stop = self._stop_now(trainer)
         step = trainer.global_step
-        if step <= 0 or step == self._last_saved:
-            return
         periodic = bool(self.every_n_steps) and step % self.every_n_steps == 0
-        if periodic or self._is_last_batch(trainer):
+        if step > 0 and step != self._last_saved and (periodic or stop or self._is_last_batch(trainer)):
             self.save(trainer, pl_module)
+        if stop:  # Lightning stops the loop through its own flag, and the run ends cleanly from there
+            self.interrupted_at = step
+            trainer._signal_connector.received_sigterm = True
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         step = trainer.global_step

@@ -76,7 +76,7 @@ class Validation(L.Callback):
         seed: int = 42,
         use_ema: str = "both",
         loss_batches: int = 4,
-        loss_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
+        loss_levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
     ):
         if use_ema not in USE_EMA:
             raise ValueError(f"callbacks.validation.use_ema={use_ema!r}; valid: {', '.join(USE_EMA)}")
@@ -85,7 +85,7 @@ class Validation(L.Callback):
         self.prompts = load_prompts(list(prompts or []), prompt_library)
         self.negative_prompt, self.guidance_scale = negative_prompt, guidance_scale
         self.num_inference_steps, self.width, self.height, self.seed = num_inference_steps, width, height, seed
-        self.use_ema, self.loss_batches, self.loss_timesteps = use_ema, loss_batches, tuple(loss_timesteps)
+        self.use_ema, self.loss_batches, self.loss_levels = use_ema, loss_batches, tuple(loss_levels)
         self._last_step = -1
         self.history: list[tuple[int, float]] = []  # (step, val/loss)
 
@@ -137,8 +137,8 @@ class Validation(L.Callback):
             for i, batch in enumerate(datamodule.fixed_batches(self.loss_batches)):
                 batch = trainer.strategy.batch_to_device(batch, pl_module.device)
                 generator = torch.Generator().manual_seed(self.seed + i)  # the same noise every time
-                for t in self.loss_timesteps:
-                    total += float(pl_module.compute_loss(batch, generator, fixed_timestep=t))
+                for level in self.loss_levels:  # fractions of the noise schedule, for DDPM and flow alike
+                    total += float(pl_module.compute_loss(batch, generator, fixed_level=level))
                     n += 1
         restore()
         return total / n if n else None
@@ -157,17 +157,19 @@ class Validation(L.Callback):
             pipe.set_progress_bar_config(disable=True)
             produced: list[tuple[str, Image.Image]] = []
             for suffix, context in variants:
-                with context, trainer.precision_plugin.forward_context():
+                with context:
                     for name, prompt in self.prompts.items():
-                        image = pipe(
+                        image = pl_module.sample_image(
+                            pipe,
                             prompt,
+                            autocast=trainer.precision_plugin.forward_context(),
                             negative_prompt=self.negative_prompt or None,
                             num_inference_steps=self.num_inference_steps,
                             guidance_scale=self.guidance_scale,
                             width=self.width,
                             height=self.height,
                             generator=torch.Generator("cpu").manual_seed(self.seed),
-                        ).images[0]
+                        )
                         image.save(folder / f"{name}{suffix}.png")
                         produced.append((f"{name}{suffix}", image))
         finally:

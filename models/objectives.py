@@ -150,3 +150,60 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 def step_seed(*parts: int) -> int:
     """A 63-bit seed that depends on every part (run seed, epoch, batch, rank), stable across runs."""
     return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
+
+
+# ---- flow matching (rectified flow; Esser et al. 2024, "Scaling Rectified Flow Transformers") -----------
+FLOW_SAMPLING = ("uniform", "logit_normal", "mode")
+FLOW_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+def sample_flow_sigmas(
+    batch_size: int,
+    generator: torch.Generator,
+    scheme: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """Noise levels σ in (0, 1), one per sample, before any shift. Shape (B,).
+
+    ``uniform``; ``logit_normal``: sigmoid of N(mean, std), which favours the middle (SD3 paper, sec. 3.1);
+    ``mode``: the mode-seeking density with heavier tails, ``scale`` sets how much. Drawn from
+    ``generator`` so that a resumed run draws what a straight one would.
+    """
+    if scheme not in FLOW_SAMPLING:
+        raise ValueError(f"unknown flow sigma sampling {scheme!r}; valid: {', '.join(FLOW_SAMPLING)}")
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    return compute_density_for_timestep_sampling(
+        scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, generator=generator
+    )
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The SD3 resolution shift ``s·σ / (1 + (s − 1)·σ)``: s > 1 spends more steps at high noise, which
+    larger images need (SD3 paper, sec. 5.3.2; SD3 uses s = 3)."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """``x_σ = (1 − σ)·x0 + σ·ε``: a straight line from data (σ = 0) to noise (σ = 1). sigmas: (B,)."""
+    s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - s) * latents + s * noise
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity ``dx/dσ = ε − x0`` that a flow-matching model predicts."""
+    return noise - latents
+
+
+def flow_weights(sigmas: torch.Tensor, scheme: str = "none") -> torch.Tensor:
+    """Per-sample loss weights: ``none`` (1), ``sigma_sqrt`` (σ⁻²) or ``cosmap``
+    (2 / (π·(1 − 2σ + 2σ²)), SD3 paper, sec. 3.1). Shape (B,), float32, on ``sigmas``' device."""
+    if scheme not in FLOW_WEIGHTING:
+        raise ValueError(f"unknown flow loss weighting {scheme!r}; valid: {', '.join(FLOW_WEIGHTING)}")
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(scheme, sigmas.float())

@@ -8,10 +8,9 @@ top-left and target size, each (h, w)) go in through ``added_cond_kwargs``. Pode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline
 
 from models.base import DiffusionModule
 from models.sd import tokenize
@@ -19,22 +18,18 @@ from models.sd import tokenize
 
 class SDXLModule(DiffusionModule):
     pipeline_class = StableDiffusionXLPipeline
+    denoiser_name = "unet"
+    noise_schedule = "ddpm"
+    license = "openrail++"
     vae_in_fp32 = True  # the original SDXL VAE produces NaNs in fp16
-
-    def load_components(self, path: str, load_kwargs: dict) -> dict[str, Any]:
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        revision = load_kwargs["revision"]
-        return {
-            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **self.unet_load_kwargs(load_kwargs)),
-            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs),
-            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load_kwargs),
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", **load_kwargs
-            ),
-            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision),
-        }
+    components = {
+        "unet": "diffusers.UNet2DConditionModel",
+        "vae": "diffusers.AutoencoderKL",
+        "text_encoder": "transformers.CLIPTextModel",
+        "text_encoder_2": "transformers.CLIPTextModelWithProjection",
+        "tokenizer": "transformers.CLIPTokenizer",
+        "tokenizer_2": "transformers.CLIPTokenizer",
+    }
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         hidden = []
@@ -49,7 +44,7 @@ class SDXLModule(DiffusionModule):
         return {"prompt_embeds": prompt_embeds * keep[:, None, None], "pooled": pooled * keep[:, None]}
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
-        dtype = self.unet_dtype
+        dtype = self.denoiser_dtype
         # (B, 6): original (h, w), crop top-left (y, x), target (h, w), per sample.
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
         added = {"text_embeds": cond["pooled"].to(dtype), "time_ids": time_ids.to(self.device, dtype)}
@@ -57,12 +52,34 @@ class SDXLModule(DiffusionModule):
             noisy.to(dtype), timesteps, encoder_hidden_states=cond["prompt_embeds"].to(dtype), added_cond_kwargs=added
         ).sample
 
-    def pipeline_components(self) -> dict[str, Any]:
-        return {
-            "vae": self.vae,
-            "text_encoder": self.text_encoder,
-            "text_encoder_2": self.text_encoder_2,
-            "tokenizer": self.tokenizer,
-            "tokenizer_2": self.tokenizer_2,
-            "unet": self.unet,
-        }
+    @classmethod
+    def tiny_pipeline(cls, family: str, seed: int = 0):
+        import diffusers
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from models import tiny
+
+        torch.manual_seed(seed)
+        vae = diffusers.AutoencoderKL(**tiny.VAE)
+        # Pooled text embeds (32) + six time ids of 8 each, as SDXL's add_embedding expects.
+        unet = diffusers.UNet2DConditionModel(
+            **tiny.UNET,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,
+        )
+        return cls.pipeline_class(
+            vae=vae,
+            text_encoder=CLIPTextModel(tiny.clip_text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(tiny.clip_text_config()),
+            tokenizer=tiny.clip_tokenizer(),
+            tokenizer_2=tiny.clip_tokenizer(),
+            unet=unet,
+            scheduler=diffusers.EulerDiscreteScheduler(**tiny.SCHEDULER, timestep_spacing="leading"),
+        )

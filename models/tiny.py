@@ -1,9 +1,9 @@
-"""Tiny random-weight pipelines in the exact on-disk layout of the real checkpoints.
+"""Parts for tiny random-weight pipelines, and writing them in the exact on-disk layout of the real ones.
 
-The layout (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/) is what
-``from_pretrained`` reads for ``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-2-1``
-and ``stabilityai/stable-diffusion-xl-base-1.0``. Only the sizes differ, so tests exercise the very
-loading path a real run takes. Tokenizers are built locally: there is no Hub access in tests.
+Each family builds its own tiny pipeline (``DiffusionModule.tiny_pipeline``) from these parts; the
+layout it saves (model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)
+is what ``from_pretrained`` reads for the real checkpoint. Only the sizes differ, so tests exercise the
+very loading path a real run takes. Tokenizers are built locally: there is no Hub access in tests.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
-
-FAMILIES = ("sd15", "sd2", "sdxl")
+from typing import Any
 
 # Small enough to train a step in tens of milliseconds on a CPU, but with the real block types,
 # an 8x VAE (four blocks) and a UNet that downsamples once, so latents must be even.
-_VAE = dict(
+VAE = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -48,7 +46,7 @@ def _byte_symbols() -> list[str]:
     return out
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     """A byte-level CLIP BPE tokenizer with no merges: every byte is a token."""
     from transformers import CLIPTokenizer
 
@@ -58,7 +56,7 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_text_config():
+def clip_text_config():
     from transformers import CLIPTextConfig
 
     # Three layers, so SDXL's penultimate hidden state is a real intermediate layer.
@@ -78,16 +76,16 @@ def _clip_text_config():
 
 
 # Shared by every family's UNet: two blocks, so 8x8 latents (64 px images) downsample once.
-_UNET = dict(
+UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32
 )
 
 
-def _unet_sd(cross_attention_dim: int, linear_proj: bool):
+def sd_unet(cross_attention_dim: int, linear_proj: bool):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        **_UNET,
+        **UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
@@ -96,85 +94,19 @@ def _unet_sd(cross_attention_dim: int, linear_proj: bool):
     )
 
 
-def _unet_sdxl():
-    from diffusers import UNet2DConditionModel
-
-    # Pooled text embeds (32) + six time ids of 8 each, as SDXL's add_embedding expects.
-    return UNet2DConditionModel(
-        **_UNET,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-    )
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
-def _scheduler_kwargs():
-    return dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-    )
-
-
-def build_pipeline(family: str, seed: int = 0):
-    """Return a tiny random pipeline object of ``family``'s real pipeline class."""
-    import diffusers
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(**_VAE)
-    if family == "sdxl":
-        unet = _unet_sdxl()
-        scheduler = diffusers.EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading")
-        return diffusers.StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=CLIPTextModel(_clip_text_config()),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
-            tokenizer=_clip_tokenizer(),
-            tokenizer_2=_clip_tokenizer(),
-            unet=unet,
-            scheduler=scheduler,
-        )
-    if family == "sd2":
-        # SD 2.x (768-v) predicts velocity; the scheduler config carries it, as on the Hub.
-        unet = _unet_sd(cross_attention_dim=32, linear_proj=True)
-        scheduler = diffusers.DDIMScheduler(
-            **_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
-        )
-    else:
-        unet = _unet_sd(cross_attention_dim=32, linear_proj=False)
-        scheduler = diffusers.PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True)
-    return diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(_clip_text_config()),
-        tokenizer=_clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def write_pipeline(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny ``family`` pipeline to ``path`` atomically (a temp dir, then a rename)."""
+def write_pipeline(build: Callable[[], Any], path: str | os.PathLike) -> Path:
+    """Write the pipeline ``build()`` returns to ``path`` atomically (a temp dir, then a rename); a path
+    that already holds one is left as it is."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        build_pipeline(family, seed).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first; theirs is as good as ours
@@ -183,3 +115,34 @@ def write_pipeline(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def t5_tokenizer(model_max_length: int = 256):
+    """A T5 tokenizer built locally: a Unigram vocabulary of single characters (each also with the
+    SentencePiece word marker ``▁``) wrapped in ``T5TokenizerFast``, so no sentencepiece model is needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord(" ") + 1, ord("~") + 1)]
+    pieces = ["<pad>", "</s>", "<unk>", "▁"] + chars + ["▁" + c for c in chars]
+    vocab = [(p, 0.0 if i < 3 else -1.0 - (i > len(chars) + 3)) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+def t5_config(d_model: int = 64):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=256, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8
+    )

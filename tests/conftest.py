@@ -36,11 +36,11 @@ def tuner_home(tmp_path_factory):
 def demo_dir(tmp_path_factory) -> Path:
     """Tiny pipelines for every family plus the demo images, built once for the whole session."""
     from datamodules.demo import write_images
-    from models.tiny import FAMILIES, write_pipeline
+    from tuner.families import families, write_tiny
 
     root = tmp_path_factory.mktemp("demo")
-    for family in FAMILIES:
-        write_pipeline(family, root / family)
+    for family in families():
+        write_tiny(family, root / family)
     write_images(root / "images")
     return root
 

@@ -66,11 +66,11 @@ def losses(demo_dir: Path, overrides: list[str]) -> list[float]:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     from datamodules.demo import write_images
-    from models.tiny import write_pipeline
+    from tuner.families import write_tiny
 
     demo = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/tuner-ddpm-reference")
     for family in ("sd15", "sd2", "sdxl"):
-        write_pipeline(family, demo / family)
+        write_tiny(family, demo / family)
     write_images(demo / "images")
     values = {name: losses(demo, overrides) for name, overrides in CASES}
     DATA.parent.mkdir(exist_ok=True)

@@ -88,3 +88,73 @@ def test_step_seed_is_stable_and_distinct():
     assert len({obj.step_seed(42, e, b, r) for e in range(3) for b in range(3) for r in range(2)}) == 18
     assert 0 <= obj.step_seed(1) < 2**63
     assert math.isfinite(obj.step_seed(0))
+
+
+# ---- flow matching, against hand-computed values ----------------------------------------------------
+def test_flow_noising_and_target():
+    x0, eps = torch.full((2, 1, 1, 1), 1.0), torch.full((2, 1, 1, 1), 3.0)
+    sigmas = torch.tensor([0.25, 1.0])
+    assert obj.flow_noisy(x0, eps, sigmas).flatten().tolist() == [0.75 * 1 + 0.25 * 3, 3.0]  # 1.5, then pure noise
+    assert obj.flow_target(x0, eps).flatten().tolist() == [2.0, 2.0]  # eps - x0
+
+
+def test_sd3_shift():
+    sigmas = torch.tensor([0.0, 0.5, 1.0])
+    assert obj.shift_sigmas(sigmas, 3.0).tolist() == [0.0, 0.75, 1.0]  # 3*0.5 / (1 + 2*0.5)
+    assert obj.shift_sigmas(sigmas, 1.0) is sigmas
+
+
+def test_flow_loss_weightings():
+    sigmas = torch.tensor([0.5, 0.25])
+    assert obj.flow_weights(sigmas, "none").tolist() == [1.0, 1.0]
+    assert obj.flow_weights(sigmas, "sigma_sqrt").tolist() == [4.0, 16.0]  # sigma^-2
+    cosmap = obj.flow_weights(sigmas, "cosmap")
+    assert cosmap[0].item() == pytest.approx(2 / (math.pi * 0.5))  # 1 - 1 + 0.5 = 0.5
+    assert cosmap[1].item() == pytest.approx(2 / (math.pi * (1 - 0.5 + 0.125)))
+    with pytest.raises(ValueError, match="valid: none, sigma_sqrt, cosmap"):
+        obj.flow_weights(sigmas, "snr")
+
+
+def test_flow_sigma_sampling_is_drawn_from_the_generator():
+    def draw(scheme):
+        return obj.sample_flow_sigmas(4, torch.Generator().manual_seed(7), scheme, 0.0, 1.0, 1.29)
+
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(draw("uniform"), torch.rand(4, generator=g))
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(draw("logit_normal"), torch.sigmoid(torch.normal(0.0, 1.0, (4,), generator=g)))
+    u = torch.rand(4, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(draw("mode"), 1 - u - 1.29 * (torch.cos(math.pi * u / 2) ** 2 - 1 + u))
+    assert torch.equal(draw("logit_normal"), draw("logit_normal"))  # resume draws the same
+    with pytest.raises(ValueError, match="valid: uniform, logit_normal, mode"):
+        draw("beta")
+
+
+def _hp(**kw):
+    from types import SimpleNamespace
+
+    base = dict(
+        prediction_type=None, zero_terminal_snr=False, timestep_sampling="uniform", min_snr_gamma=None,
+        min_noise_level=0.0, max_noise_level=1.0, min_timestep=None, max_timestep=None, flow_shift=None,
+        loss_weighting="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+    )  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_noise_levels_are_fractions_of_either_schedule():
+    from models.noise import DDPMSchedule, FlowSchedule
+
+    ddpm_config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    ddpm = DDPMSchedule(ddpm_config, _hp(min_noise_level=0.2, max_noise_level=0.8))
+    assert (ddpm.min_t, ddpm.max_t) == (200, 800)
+    assert (ddpm.min_t, ddpm.max_t) == DDPMSchedule(ddpm_config, _hp(min_timestep=200, max_timestep=800))._range(_hp(min_timestep=200, max_timestep=800))
+    assert ddpm.at_level(0.5, 2).tolist() == [500, 500] and ddpm.at_level(1.0, 1).tolist() == [999]
+    t = ddpm.sample(1000, torch.Generator().manual_seed(0))
+    assert int(t.min()) >= 200 and int(t.max()) < 800
+
+    flow = FlowSchedule({"num_train_timesteps": 1000, "shift": 3.0}, _hp(min_noise_level=0.2, max_noise_level=0.8))
+    t = flow.sample(1000, torch.Generator().manual_seed(0))
+    assert 200 <= float(t.min()) and float(t.max()) <= 800
+    assert flow.at_level(0.5, 1).tolist() == [500.0] and flow.sigmas(flow.at_level(0.5, 1)).tolist() == [0.5]
+    with pytest.raises(ValueError, match="DDPM timesteps"):
+        FlowSchedule({}, _hp(min_timestep=100))

@@ -75,11 +75,19 @@ def test_an_8bit_optimiser_on_a_quantised_base(make_cfg, tmp_path):
     assert loss is not None and math.isfinite(loss)
 
 
-def test_sdxl_encoders_take_their_own_levels(make_cfg, tmp_path):
+def test_each_text_encoder_takes_its_own_level(make_cfg, tmp_path, caplog):
     from hydra.utils import instantiate
     from optimum.quanto import QLinear
 
-    cfg = prepare(make_cfg("model=sdxl", "quantization.text_encoder_2_precision=int8-quanto", output_dir=tmp_path))
-    module = instantiate(cfg.model, optimizer=None, lr_scheduler=None, text_encoder_2_precision="int8-quanto")
+    cfg = prepare(make_cfg("model=sdxl", "+quantization.text_encoders.text_encoder_2=int8-quanto", output_dir=tmp_path))
+    module = instantiate(cfg.model, optimizer=None, lr_scheduler=None, text_encoders=dict(cfg.quantization.text_encoders))
     assert any(isinstance(m, QLinear) for m in module.text_encoder_2.modules())
     assert not any(isinstance(m, QLinear) for m in module.text_encoder.modules())
+    # The old SDXL-shaped key still works, with a deprecation line.
+    with caplog.at_level("WARNING"):
+        cfg = prepare(make_cfg("model=sdxl", "quantization.text_encoder_2_precision=int8-quanto", output_dir=tmp_path))
+    assert dict(cfg.quantization.text_encoders) == {"text_encoder_2": "int8-quanto"}
+    assert "text_encoder_2_precision is deprecated" in caplog.text
+    # A name the family does not have fails before loading, listing the ones it has.
+    with pytest.raises(ConfigError, match="sd15 has no such text encoder; valid: text_encoder$"):
+        prepare(make_cfg("+quantization.text_encoders.text_encoder_3=int8-quanto", output_dir=tmp_path))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuner.families import families, family_class
 from tuner.run import train
 
 
@@ -29,24 +30,31 @@ def _losses(output_dir: Path) -> list[float]:
     return [float(r["train/loss_step"]) for r in csv.DictReader(metrics.open()) if r["train/loss_step"]]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
-def test_lora_exports_diffusers_keys_that_change_the_image(family, make_cfg, demo_dir, tmp_path):
+FAMILIES = list(families())  # conf/model/*.yaml: a new family joins this matrix with no edit here
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, make_cfg, demo_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
+    cls = family_class(family)
     out = tmp_path / family
     cfg = make_cfg(f"model={family}", "optimizer.lr=5e-2", "max_train_steps=6", output_dir=out)
     loss = train(cfg)
     assert loss is not None and np.isfinite(loss)
 
-    weights = out / "pytorch_lora_weights.safetensors"
-    state = load_file(weights)
-    assert state and all(k.startswith("unet.") for k in state)
-    # diffusers format (what the diffusers example scripts write): ...to_q.lora.down.weight / .lora.up.weight
-    assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in state)
-    assert any("to_q" in k for k in state) and any("to_out.0" in k for k in state)
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    assert state and all(k.startswith(f"{cls.denoiser_name}.") for k in state)
+    if cls.denoiser_name == "unet":  # diffusers' UNet key format, as the diffusers UNet scripts write it
+        assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in state)
+    else:  # peft's, as the transformer scripts write it
+        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
+    for target in cls.default_lora_targets:  # every default target trained and saved
+        assert any(f".{target}." in k for k in state), target
     assert all(v.dtype == torch.float32 for v in state.values())
 
     pipe = DiffusionPipeline.from_pretrained(demo_dir / family)
+    assert isinstance(pipe, cls.pipeline_class)
     before = _generate(pipe)
     pipe.load_lora_weights(out)
     after = _generate(pipe)
@@ -60,21 +68,41 @@ def test_lora_exports_diffusers_keys_that_change_the_image(family, make_cfg, dem
     assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # frozen weights left out
     assert (out / "checkpoints" / "6" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "train.log").is_file() and (out / "dataset_report.json").is_file()
+    # validation (the tiny preset's): images and a finite val/loss
+    assert sorted(p.name for p in (out / "validation" / "step_6").glob("*.png"))
+    (metrics,) = out.glob("logs/*/metrics.csv")
+    val = [float(r["val/loss"]) for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
+    assert val and all(np.isfinite(val))
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_full_finetune_writes_a_loadable_pipeline(family, make_cfg, demo_dir, tmp_path):
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
 
+    cls = family_class(family)
     out = tmp_path / family
     train(make_cfg(f"model={family}", "model.finetune=full", "optimizer.lr=1e-3", "max_train_steps=3", output_dir=out))
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
-    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
+    assert isinstance(pipe, cls.pipeline_class)
     assert _generate(pipe).shape == (64, 64, 3)
-    base = UNet2DConditionModel.from_pretrained(demo_dir / family, subfolder="unet")
-    changed = [not torch.equal(a, b) for a, b in zip(base.parameters(), pipe.unet.parameters(), strict=True)]
+    denoiser_cls = type(getattr(pipe, cls.denoiser_name))
+    base = denoiser_cls.from_pretrained(demo_dir / family, subfolder=cls.denoiser_name)
+    trained = getattr(pipe, cls.denoiser_name)
+    changed = [not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
-    assert (out / "checkpoints" / "3" / "unet" / "config.json").is_file()  # checkpoint weights: the unet alone
+    # checkpoint weights: the denoiser alone, under its own name
+    assert (out / "checkpoints" / "3" / cls.denoiser_name / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_is_bit_identical_for_every_family(family, make_cfg, tmp_path):
+    common = (f"model={family}", "data.caption_dropout_probability=0.3", "checkpointing_steps=3")
+    train(make_cfg(*common, "max_train_steps=5", output_dir=tmp_path / "straight"))
+    train(make_cfg(*common, "max_train_steps=3", output_dir=tmp_path / "resumed"))
+    train(make_cfg(*common, "max_train_steps=5", "resume_from_checkpoint=latest", output_dir=tmp_path / "resumed"))
+    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("finetune,lr", [("lora", "1e-2"), ("full", "1e-3")])
@@ -176,10 +204,25 @@ def test_zero_terminal_snr_with_min_snr_stays_finite(make_cfg, tmp_path):
         )
     )
     module = instantiate(cfg.model, optimizer=None, lr_scheduler=None)
-    assert (
-        module.scheduler_config["rescale_betas_zero_snr"] and module.scheduler_config["timestep_spacing"] == "trailing"
-    )
+    # It samples with a scheduler that honours the rescaled betas (PNDM, SD 1.5's own, ignores them).
+    scheduler = module.pipeline().scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler" and scheduler.config.timestep_spacing == "trailing"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6
     dm = instantiate(cfg.data, seed=0)
     dm.scan()
     loss = module.compute_loss(next(iter(dm.train_dataloader())), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_yaml_shows_its_options_with_their_defaults(family):
+    """conf/model/<family>.yaml lists the family's Options (so they override without '+'), as declared."""
+    import dataclasses
+
+    import yaml
+
+    from tuner.families import CONF
+
+    doc = yaml.safe_load((CONF / "model" / f"{family}.yaml").read_text())
+    declared = {f.name: f.default for f in dataclasses.fields(family_class(family).Options)}
+    assert (doc.get("options") or {}) == declared

@@ -73,7 +73,15 @@ class PredictionType(Enum):
 
 
 class TimestepSampling(Enum):
-    uniform = "uniform"
+    uniform = "uniform"  # DDPM: uniform integer timesteps; flow: uniform sigmas
+    logit_normal = "logit_normal"  # flow: sigmoid of N(logit_mean, logit_std) (SD3's default)
+    mode = "mode"  # flow: mode-seeking density, heavier tails (mode_scale)
+
+
+class LossWeighting(Enum):
+    none = "none"
+    sigma_sqrt = "sigma_sqrt"  # flow: sigma^-2
+    cosmap = "cosmap"  # flow: 2 / (pi (1 - 2 sigma + 2 sigma^2))
 
 
 @dataclass
@@ -95,15 +103,24 @@ class ModelConfig:
     finetune: Finetune = Finetune.lora
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False
-    prediction_type: Optional[PredictionType] = None  # None: from the checkpoint's scheduler config
+    prediction_type: Optional[PredictionType] = None  # DDPM; None: from the checkpoint's scheduler config
     timestep_sampling: TimestepSampling = TimestepSampling.uniform
-    min_timestep: int = 0
-    max_timestep: Optional[int] = None
+    logit_mean: float = 0.0  # flow, logit_normal
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # flow, mode
+    flow_shift: Optional[float] = None  # flow: the SD3 shift; None: the checkpoint scheduler's `shift`
+    loss_weighting: LossWeighting = LossWeighting.none  # flow
+    # The noise range trained on, as fractions of the schedule (DDPM: t / T; flow: sigma), for every family.
+    min_noise_level: float = 0.0
+    max_noise_level: float = 1.0
+    min_timestep: Optional[int] = None  # DDPM alias of min_noise_level, in timesteps (0..999)
+    max_timestep: Optional[int] = None  # DDPM alias of max_noise_level (exclusive)
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
     min_snr_gamma: Optional[float] = None
     zero_terminal_snr: bool = False
     prior_loss_weight: float = 1.0  # loss weight of regularisation (prior-preservation) images
+    options: dict[str, Any] = field(default_factory=dict)  # family-only knobs, checked against the family's Options
 
 
 @dataclass
@@ -177,8 +194,9 @@ class DataConfig:
 @dataclass
 class QuantizationConfig:
     base_model_precision: str = "no_change"
-    text_encoder_precision: str = "no_change"  # every text encoder, unless the one below is set
-    text_encoder_2_precision: Optional[str] = None  # SDXL's second (larger) encoder; null: as above
+    text_encoder_precision: str = "no_change"  # every text encoder, unless text_encoders.<name> says otherwise
+    text_encoders: dict[str, str] = field(default_factory=dict)  # per encoder, by name: {text_encoder_3: int8-quanto}
+    text_encoder_2_precision: Optional[str] = None  # deprecated alias of text_encoders.text_encoder_2
 
 
 @dataclass
@@ -223,7 +241,8 @@ class ValidationConfig:
     seed: int = 42
     use_ema: UseEMA = UseEMA.both  # with callbacks.ema.enabled: sample the EMA weights, the live ones, or both
     loss_batches: int = 4  # validation loss: this many fixed batches...
-    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])  # ...at these timesteps
+    loss_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # ...at these noise levels
+    loss_timesteps: Optional[list[int]] = None  # DDPM alias of loss_levels, in timesteps (0..999)
 
 
 @dataclass
@@ -355,13 +374,7 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
         raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
     if not cfg.data.path and not any(d.path for d in datasets.values()):
         raise ConfigError("data.path is not set: point it at a folder of images (or set data.datasets.<id>.path)")
-    if cfg.model.min_timestep < 0 or (
-        cfg.model.max_timestep is not None and cfg.model.max_timestep <= cfg.model.min_timestep
-    ):
-        raise ConfigError(
-            f"model.min_timestep={cfg.model.min_timestep}, model.max_timestep={cfg.model.max_timestep}; "
-            "need 0 <= min_timestep < max_timestep (<= 1000 for the SD family schedules)"
-        )
+    _check_noise_range(cfg.model)
     for name, d in [("data", cfg.data), *((f"data.datasets.{k}", v) for k, v in datasets.items())]:
         if d.repeats is not None and d.repeats < 0:
             raise ConfigError(f"{name}.repeats={d.repeats}; it must be >= 0")
@@ -388,11 +401,10 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
         raise ConfigError(f"data.validation_split={cfg.data.validation_split}; valid: 0 (none) up to, not including, 1")
     if not 0 <= cfg.data.caption_dropout_probability <= 1:
         raise ConfigError(f"data.caption_dropout_probability={cfg.data.caption_dropout_probability}; valid: 0 to 1")
-    for key in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision"):
-        value = cfg.quantization[key]
-        if value is None:
-            continue
-        if value not in QUANTIZATION_LEVELS:
+    levels = {k: cfg.quantization[k] for k in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision")}
+    levels.update({f"text_encoders.{k}": v for k, v in cfg.quantization.text_encoders.items()})
+    for key, value in levels.items():
+        if value is not None and value not in QUANTIZATION_LEVELS:
             raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
     if cfg.model.finetune == Finetune.full and cfg.quantization.base_model_precision != "no_change":
         raise ConfigError(
@@ -408,6 +420,21 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
     prompts = [d.instance_prompt for d in datasets.values()] + [cfg.data.instance_prompt]
     if CaptionStrategy.instanceprompt in strategies and not any(prompts):
         raise ConfigError("caption_strategy=instanceprompt needs data.instance_prompt")
+
+
+def _check_noise_range(model: DictConfig) -> None:
+    lo, hi = model.min_noise_level, model.max_noise_level
+    if not 0 <= lo < hi <= 1:
+        raise ConfigError(
+            f"model.min_noise_level={lo}, model.max_noise_level={hi}; need 0 <= min_noise_level < max_noise_level <= 1 "
+            "(fractions of the noise schedule)"
+        )
+    t_lo, t_hi = model.min_timestep, model.max_timestep
+    if (t_lo is not None and t_lo < 0) or (t_lo is not None and t_hi is not None and t_hi <= t_lo):
+        raise ConfigError(
+            f"model.min_timestep={t_lo}, model.max_timestep={t_hi}; need 0 <= min_timestep < max_timestep (<= 1000 "
+            "for the SD family schedules), or use model.min_noise_level/max_noise_level (0..1)"
+        )
 
 
 MAX_BUCKET_MEGAPIXELS = 16

@@ -111,11 +111,17 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
             cfg.optimizer.lr,
         )
     # From here on a plain, fully resolved config: enums become their names, interpolations values.
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    from tuner.families import check_family
+
+    check_family(plain)
+    return plain
 
 
 def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -> dict:
     """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
+    from tuner.families import family_class
+
     model, data = cfg.model, cfg.data
     datasets = []
     for name, result in getattr(datamodule, "results", {}).items():
@@ -133,7 +139,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "family": model.family,
         "finetune": model.finetune,
         "base_model": model.pretrained_model_name_or_path,
-        "license": cfg.callbacks.hub.license,
+        "license": cfg.callbacks.hub.license or family_class(model.family).license,
         "instance_prompt": data.instance_prompt,
         "validation_prompts": validation_prompts,
         "epochs": cfg.num_train_epochs,
@@ -181,7 +187,7 @@ def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> l
             seed=val.seed,
             use_ema=val.use_ema,
             loss_batches=val.loss_batches,
-            loss_timesteps=tuple(val.loss_timesteps),
+            loss_levels=tuple(val.loss_levels),
         )
         prompts = dict(validation.prompts)
         if ema.enabled and val.use_ema != "live":  # the EMA's images are named <shortname>_ema
@@ -260,10 +266,11 @@ def check_precision_for_device(cfg: DictConfig) -> None:
     from models.quantize import device_problem
 
     mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    for key in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision"):
-        if cfg.quantization.get(key) is None:
-            continue
-        problem = device_problem(cfg.quantization[key], accelerator, torch.cuda.is_available(), mps)
+    quant = cfg.quantization
+    levels = {"base_model_precision": quant.base_model_precision, "text_encoder_precision": quant.text_encoder_precision}
+    levels.update({f"text_encoders.{k}": v for k, v in quant.text_encoders.items()})
+    for key, level in levels.items():
+        problem = device_problem(level, accelerator, torch.cuda.is_available(), mps)
         if problem:
             raise ConfigError(f"quantization.{key}: {problem}")
 
@@ -271,10 +278,10 @@ def check_precision_for_device(cfg: DictConfig) -> None:
 def ensure_demo_assets(cfg: DictConfig) -> None:
     """Write the tiny demo pipeline and images under ``demo_assets_dir`` if they are not there yet."""
     from datamodules.demo import write_images
-    from models.tiny import write_pipeline
+    from tuner.families import write_tiny
 
     root = Path(cfg.demo_assets_dir)
-    write_pipeline(cfg.model.family, root / cfg.model.family)
+    write_tiny(cfg.model.family, root / cfg.model.family)
     write_images(root / "images")
 
 
@@ -340,32 +347,41 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     if cfg.demo_assets_dir:
         ensure_demo_assets(cfg)
 
-    datamodule = instantiate(
-        cfg.data,
-        seed=cfg.seed,
-        report_path=str(output_dir / "dataset_report.json"),
-        cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
-    )
+    datamodule = build_datamodule(cfg, output_dir)
     datamodule.scan()  # an unusable dataset fails here, before any weights load
     if rank_zero:
         write_config_dump(composed, output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
-    module = instantiate(
-        cfg.model,
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=instantiate(cfg.lr_scheduler),
-        caption_dropout_probability=cfg.data.caption_dropout_probability,
-        mixed_precision=cfg.mixed_precision,
-        seed=cfg.seed,
-        base_model_precision=cfg.quantization.base_model_precision,
-        text_encoder_precision=cfg.quantization.text_encoder_precision,
-        text_encoder_2_precision=cfg.quantization.text_encoder_2_precision,
-    )
+    module = build_module(cfg)
     datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir, datamodule)
     if not fit(trainer, module, datamodule, ckpt_path, output_dir):
         return None
     return finish(trainer, module, output_dir)
+
+
+def build_datamodule(cfg: DictConfig, output_dir: Path):
+    return instantiate(
+        cfg.data,
+        seed=cfg.seed,
+        report_path=str(output_dir / "dataset_report.json"),
+        cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
+    )
+
+
+def build_module(cfg: DictConfig, with_optimizer: bool = True):
+    """The family's module from ``cfg.model``, with what it needs from the other groups."""
+    return instantiate(
+        cfg.model,
+        optimizer=instantiate(cfg.optimizer) if with_optimizer else None,
+        lr_scheduler=instantiate(cfg.lr_scheduler) if with_optimizer else None,
+        caption_dropout_probability=cfg.data.caption_dropout_probability,
+        mixed_precision=cfg.mixed_precision,
+        seed=cfg.seed,
+        base_model_precision=cfg.quantization.base_model_precision,
+        text_encoder_precision=cfg.quantization.text_encoder_precision,
+        text_encoders=dict(cfg.quantization.text_encoders),
+    )
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:

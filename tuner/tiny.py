@@ -10,10 +10,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.tiny import FAMILIES
+    from tuner.families import families
 
     parser = argparse.ArgumentParser(prog="python -m tuner.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=[*FAMILIES, "images"], help="model family, or 'images'")
+    parser.add_argument("family", choices=[*families(), "images"], help="model family, or 'images'")
     parser.add_argument("dir", help="output directory (left as it is if it already holds one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
 
         path = write_images(args.dir, seed=args.seed)
     else:
-        from models.tiny import write_pipeline
+        from tuner.families import write_tiny
 
-        path = write_pipeline(args.family, args.dir, seed=args.seed)
+        path = write_tiny(args.family, args.dir, seed=args.seed)
     print(path)
     return 0
 

@@ -1,0 +1,162 @@
+"""Noise schedules: the one part of the objective that differs between DDPM and flow-matching families.
+
+A family declares its kind (``noise_schedule = "ddpm" | "flow"``); the base builds the matching strategy
+from the checkpoint's scheduler config and the model keys, and the training step asks it for timesteps,
+the noised input, the target and the per-sample loss weights. Everything else in the step (latents,
+noise, offset noise, input perturbation, caption dropout, the weighted MSE) is shared.
+
+Noise ranges are **levels**, fractions of the schedule in [0, 1]: for DDPM the timestep over the number
+of train timesteps, for flow the noise level σ. So ``model.min_noise_level`` / ``max_noise_level`` and
+the validation loss levels mean the same for every family. (The integer ``min_timestep`` /
+``max_timestep`` remain as DDPM aliases.)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from models import objectives as obj
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_KINDS = ("ddpm", "flow")
+
+
+class DDPMSchedule:
+    """Discrete timesteps over ᾱ_t (Ho et al. 2020), with epsilon or v targets and min-SNR weighting."""
+
+    kind = "ddpm"
+
+    def __init__(self, scheduler_config: dict, hp: Any):
+        from diffusers import DDPMScheduler
+
+        self.config = dict(scheduler_config)
+        # Training needs only its noise schedule; DDPM's sampling options (clip_sample) never apply.
+        sched = DDPMScheduler.from_config(self.config, clip_sample=False)
+        betas = sched.betas
+        self.zero_terminal_snr = bool(hp.zero_terminal_snr)
+        if self.zero_terminal_snr:
+            betas = obj.rescale_zero_terminal_snr(betas)
+        alphas_cumprod = torch.cumprod(1.0 - betas.float(), 0)
+        if self.zero_terminal_snr:
+            # Exactly 0 makes SNR 0 and the epsilon min-SNR weight 0/0; diffusers' schedulers use 2^-24 too.
+            alphas_cumprod[-1] = 2**-24
+        self.alphas_cumprod = alphas_cumprod
+        self.num_timesteps = len(alphas_cumprod)
+        self.prediction_type = hp.prediction_type or sched.config.prediction_type
+        if self.prediction_type not in obj.PREDICTION_TYPES:
+            raise ValueError(f"model.prediction_type={self.prediction_type!r}; valid: {', '.join(obj.PREDICTION_TYPES)}")
+        self.config["prediction_type"] = self.prediction_type
+        if hp.timestep_sampling != "uniform":
+            raise ValueError(f"model.timestep_sampling={hp.timestep_sampling!r}: DDPM families sample uniform timesteps")
+        self.min_t, self.max_t = self._range(hp)
+        self.min_snr_gamma = hp.min_snr_gamma
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            log.warning("zero_terminal_snr with %s prediction: the last timestep has nothing to predict", self.prediction_type)
+
+    def _range(self, hp: Any) -> tuple[int, int]:
+        """Integer bounds ``[min_t, max_t)``: the timestep aliases when set, else the levels."""
+        n = self.num_timesteps
+        lo = hp.min_timestep if hp.min_timestep is not None else round(hp.min_noise_level * n)
+        hi = hp.max_timestep if hp.max_timestep is not None else round(hp.max_noise_level * n)
+        if not 0 <= lo < hi <= n:
+            raise ValueError(f"noise range [{lo}, {hi}) is outside the schedule's {n} timesteps")
+        return lo, hi
+
+    def to(self, device: torch.device) -> DDPMSchedule:
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Timesteps for a batch, drawn from ``generator``. (B,) long."""
+        ts = obj.sample_timesteps(n, self.num_timesteps, generator, "uniform", self.min_t, self.max_t)
+        return ts.to(self.alphas_cumprod.device)
+
+    def at_level(self, level: float, n: int) -> torch.Tensor:
+        t = min(round(level * self.num_timesteps), self.num_timesteps - 1)
+        return torch.full((n,), t, dtype=torch.long, device=self.alphas_cumprod.device)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return obj.add_noise(latents, noise, self.alphas_cumprod, t)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return obj.target(self.prediction_type, latents, noise, self.alphas_cumprod, t)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.min_snr_gamma:
+            return torch.ones(t.shape[0], device=t.device)
+        return obj.min_snr_weights(obj.snr(self.alphas_cumprod, t), self.min_snr_gamma, self.prediction_type)
+
+    def sampling_scheduler(self):
+        """The scheduler for the exported and validation pipelines: the checkpoint's own (PNDM, DDIM,
+        Euler...), except that a zero-terminal-SNR model samples with DDIM over trailing timesteps, since
+        PNDM and others ignore ``rescale_betas_zero_snr`` (Lin et al. 2023, sec. 3.3)."""
+        import diffusers
+
+        if self.zero_terminal_snr:
+            config = {**self.config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False}
+            return diffusers.DDIMScheduler.from_config(config)
+        return getattr(diffusers, self.config.get("_class_name", "DDPMScheduler")).from_config(self.config)
+
+
+class FlowSchedule:
+    """Rectified flow: ``x_σ = (1 − σ)·x0 + σ·ε``, velocity target ``ε − x0``, σ from a density and shifted.
+
+    The denoiser sees ``σ · num_train_timesteps`` as its timestep, as the diffusers flow pipelines feed it.
+    """
+
+    kind = "flow"
+    prediction_type = "flow"
+
+    def __init__(self, scheduler_config: dict, hp: Any):
+        self.config = dict(scheduler_config)
+        self.num_timesteps = int(self.config.get("num_train_timesteps", 1000))
+        self.shift = float(hp.flow_shift if hp.flow_shift is not None else self.config.get("shift", 1.0))
+        self.scheme, self.weighting = str(hp.timestep_sampling), str(hp.loss_weighting)
+        self.logit_mean, self.logit_std, self.mode_scale = hp.logit_mean, hp.logit_std, hp.mode_scale
+        if hp.min_timestep is not None or hp.max_timestep is not None:
+            raise ValueError("model.min_timestep/max_timestep are DDPM timesteps; use model.min_noise_level/max_noise_level")
+        self.lo, self.hi = float(hp.min_noise_level), float(hp.max_noise_level)
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> FlowSchedule:
+        self.device = torch.device(device)
+        return self
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        u = obj.sample_flow_sigmas(n, generator, self.scheme, self.logit_mean, self.logit_std, self.mode_scale)
+        sigmas = self.lo + (self.hi - self.lo) * obj.shift_sigmas(u, self.shift)
+        return (sigmas * self.num_timesteps).to(self.device)  # (B,) float timesteps
+
+    def at_level(self, level: float, n: int) -> torch.Tensor:
+        return torch.full((n,), float(level) * self.num_timesteps, device=self.device)
+
+    def sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float() / self.num_timesteps
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return obj.flow_noisy(latents, noise, self.sigmas(t))
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return obj.flow_target(latents, noise)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        return obj.flow_weights(self.sigmas(t), self.weighting)
+
+    def sampling_scheduler(self):
+        import diffusers
+
+        return getattr(diffusers, self.config.get("_class_name", "FlowMatchEulerDiscreteScheduler")).from_config(
+            self.config
+        )
+
+
+def build(kind: str, scheduler_config: dict, hp: Any) -> DDPMSchedule | FlowSchedule:
+    if kind == "ddpm":
+        return DDPMSchedule(scheduler_config, hp)
+    if kind == "flow":
+        return FlowSchedule(scheduler_config, hp)
+    raise ValueError(f"unknown noise schedule {kind!r}; valid: {', '.join(SCHEDULE_KINDS)}")

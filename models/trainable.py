@@ -1,0 +1,92 @@
+"""What trains and in which precision: the load-time dtype plan, quantisation of the frozen weights,
+and LoRA (peft) or full fine-tuning of the denoiser.
+
+Weights load in their training dtype (``torch_dtype`` at ``from_pretrained``), so a 12 B denoiser or
+T5-XXL is never held in fp32 first and T5's ``_keep_in_fp32_modules`` survive; a quantised module is
+never cast afterwards (diffusers refuses that for bitsandbytes, and it would undo quanto's packing).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_plan(
+    names: list[str], denoiser: str, finetune: str, mixed_precision: str, vae_in_fp32: bool
+) -> dict[str, torch.dtype]:
+    """The dtype each module loads in: frozen ones in the mixed-precision dtype (the VAE in fp32 when the
+    family needs it), a fully fine-tuned denoiser in fp32 (its master weights; autocast does the rest)."""
+    weight = DTYPES[mixed_precision]
+    plan = {}
+    for name in names:
+        if name.startswith("tokenizer"):
+            continue
+        if name == denoiser:
+            plan[name] = weight if finetune == "lora" else torch.float32
+        elif name == "vae":
+            plan[name] = torch.float32 if vae_in_fp32 else weight
+        else:
+            plan[name] = weight
+    return plan
+
+
+def load_kwargs(cls: type, dtype: torch.dtype | None, common: dict, quantization_config=None) -> dict:
+    """``from_pretrained`` keywords for one component: transformers calls the dtype ``dtype``, diffusers
+    ``torch_dtype``; tokenizers take neither. nf4 quantisation is applied while loading."""
+    kwargs = dict(common)
+    if dtype is not None:
+        kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
+    else:
+        kwargs.pop("variant", None)  # tokenizers have no weight variants
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return kwargs
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether any weight of ``module`` is a quantised tensor (quanto or bitsandbytes)."""
+    if getattr(module, "is_quantized", False) or getattr(module, "quantization_method", None):
+        return True
+    return any(type(p).__module__.split(".")[0] in ("optimum", "bitsandbytes") for p in module.parameters())
+
+
+def quantize_frozen(module: Any, levels: dict[str, str]) -> None:
+    """Quantise the frozen weights after load and before the adapter (models/quantize.py): ``levels``
+    maps a component name to its level; nf4 was applied while loading."""
+    from models.quantize import quantize_module
+
+    for name, level in levels.items():
+        part = getattr(module, name, None)
+        if part is not None and level not in ("no_change", "nf4-bnb"):
+            quantize_module(part, level)
+
+
+def setup_adapter(denoiser: torch.nn.Module, finetune: str, lora: dict, default_targets, checkpointing: bool) -> None:
+    """LoRA through peft (only the adapter trains, upcast to fp32) or the whole denoiser."""
+    if finetune == "lora":
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        rank = int(lora.get("rank") or 16)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=lora.get("alpha") or rank,
+            lora_dropout=float(lora.get("dropout") or 0.0),
+            init_lora_weights="gaussian",
+            target_modules=list(lora.get("target_modules") or default_targets),
+        )
+        denoiser.add_adapter(config)
+        cast_training_params(denoiser, dtype=torch.float32)  # only what trains is upcast
+    elif finetune == "full":
+        denoiser.requires_grad_(True)
+    else:
+        raise ValueError(f"model.finetune={finetune!r}; valid: lora, full")
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()

@@ -1,0 +1,124 @@
+"""The families tuner knows: ``conf/model/*.yaml`` is the one list.
+
+Each YAML names its family (``family: sd15``) and its class (``_target_: models.sd.SDModule``); the
+tiny-pipeline writer, the presets, the run's checks and the family test matrix all read it from here.
+A new family is its class file plus its YAML (and presets), with nothing to register.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@cache
+def families() -> dict[str, str]:
+    """family -> the dotted path of its class, from ``conf/model/*.yaml`` (sorted by family)."""
+    found = {}
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        if "family" in doc and "_target_" in doc:
+            found[str(doc["family"])] = str(doc["_target_"])
+    return found
+
+
+def family_class(family: str) -> type:
+    """The class of ``family``; a ValueError naming the known ones otherwise."""
+    from models.base import resolve
+
+    known = families()
+    if family not in known:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(known)}")
+    return resolve(known[family])
+
+
+def write_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
+    """A tiny random ``family`` pipeline at ``path``, in the real on-disk layout (kept if already there)."""
+    from models.tiny import write_pipeline
+
+    cls = family_class(family)
+    return write_pipeline(lambda: cls.tiny_pipeline(family, seed), path)
+
+
+def check_family(cfg) -> None:
+    """The config against what its family declares, before any weight loads: family-only options, text
+    encoder names, keys that belong to the other noise schedule, and the bucket step. Settles the typed
+    options and the per-encoder quantisation levels in place. Raises ConfigError."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tuner.config import ConfigError, suggest
+
+    model = cfg.model
+    try:
+        cls = family_class(model.family)
+    except ValueError as err:
+        raise ConfigError(f"model.family: {err}") from None
+    valid = [f.name for f in dataclasses.fields(cls.Options)]
+    for key in model.options:
+        if key not in valid:
+            hint = suggest(str(key), valid) if valid else f" {model.family} has no family options."
+            raise ConfigError(f"unknown config key 'model.options.{key}'.{hint}")
+    try:
+        options = OmegaConf.merge(OmegaConf.structured(cls.Options), model.options)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"model.options: {err}".splitlines()[0]) from None
+    model.options = OmegaConf.to_container(options)
+    _check_schedule_keys(cfg, cls)
+    _settle_text_encoders(cfg, cls)
+    step = cfg.data.bucket_step
+    if step % cls.pixel_multiple:
+        raise ConfigError(f"data.bucket_step={step}: {model.family} needs image edges divisible by {cls.pixel_multiple}")
+
+
+def _check_schedule_keys(cfg, cls) -> None:
+    from tuner.config import ConfigError
+
+    model, val = cfg.model, cfg.callbacks.validation
+    if cls.noise_schedule == "flow":
+        wrong = [k for k in ("min_timestep", "max_timestep", "prediction_type") if model[k] is not None]
+        wrong += ["zero_terminal_snr"] * bool(model.zero_terminal_snr) + ["min_snr_gamma"] * bool(model.min_snr_gamma)
+        if val.loss_timesteps is not None:
+            wrong.append("callbacks.validation.loss_timesteps")
+        if wrong:
+            raise ConfigError(
+                f"{', '.join(w if '.' in w else 'model.' + w for w in wrong)}: DDPM settings, but {model.family} is a "
+                "flow-matching family; use model.min_noise_level/max_noise_level and callbacks.validation.loss_levels"
+            )
+    else:
+        if model.timestep_sampling != "uniform" or model.loss_weighting != "none":
+            raise ConfigError(
+                f"model.timestep_sampling={model.timestep_sampling}, model.loss_weighting={model.loss_weighting}: "
+                f"flow-matching settings, but {model.family} is a DDPM family (use uniform and none; min_snr_gamma "
+                "weights DDPM losses)"
+            )
+        if val.loss_timesteps is not None:  # the alias, over SD's 1000 train timesteps
+            val.loss_levels = [t / 1000 for t in val.loss_timesteps]
+            val.loss_timesteps = None
+
+
+def _settle_text_encoders(cfg, cls) -> None:
+    import logging
+
+    from tuner.config import ConfigError
+
+    quant = cfg.quantization
+    names = cls.text_encoder_names()
+    if quant.text_encoder_2_precision is not None:
+        logging.getLogger("tuner").warning(
+            "quantization.text_encoder_2_precision is deprecated; use quantization.text_encoders.text_encoder_2=%s",
+            quant.text_encoder_2_precision,
+        )
+        quant.text_encoders.setdefault("text_encoder_2", quant.text_encoder_2_precision)
+        quant.text_encoder_2_precision = None
+    for name in quant.text_encoders:
+        if name not in names:
+            raise ConfigError(
+                f"quantization.text_encoders.{name}: {cfg.model.family} has no such text encoder; valid: {', '.join(names)}"
+            )
