@@ -14,41 +14,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.buckets import DEFAULT_ASPECT_BUCKETS, BucketBatchSampler
+from datamodules.buckets import BucketBatchSampler
 from datamodules.cache import TensorCache, cache_key
 from datamodules.images import load_rgb, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample, ScanResult, scan_source
 from datamodules.sources import Source, SourceError, open_source
+from datamodules.spec import DATASET_KEYS, SOURCE_OPTIONS
+from datamodules.spec import defaults as spec_defaults
 
 log = logging.getLogger(__name__)
-
-# Keys a dataset entry may set; any it leaves out come from the data-level defaults.
-DATASET_KEYS = (
-    "path",
-    "type",
-    "resolution",
-    "resolution_type",
-    "bucket_step",
-    "crop_style",
-    "caption_strategy",
-    "instance_prompt",
-    "minimum_image_size",
-    "endpoint_url",
-    "image_column",
-    "caption_column",
-    "multiline_captions",
-    "crop",
-    "crop_aspect",
-    "crop_aspect_buckets",
-    "repeats",
-    "probability",
-    "is_regularisation_data",
-    "maximum_image_size",
-    "target_downsample_size",
-)
-# Of those, the ones handed to the source itself (with ``cache_dir``).
-SOURCE_OPTIONS = ("endpoint_url", "image_column", "caption_column")
-
 
 class EmptyDatasetError(ValueError):
     """No usable image in any dataset: raised before any model weights load."""
@@ -206,81 +180,33 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str | None = None,
+        datasets: dict[str, dict] | None = None,
         batch_size: int = 1,
-        resolution: float = 1024,
-        resolution_type: str = "area",
-        bucket_step: int = 64,
-        crop_style: str = "center",
-        caption_strategy: str = "filename",
         caption_dropout_probability: float = 0.1,
-        instance_prompt: str | None = None,
-        minimum_image_size: int = 0,
-        multiline_captions: bool = True,
-        crop: bool = True,
-        crop_aspect: str = "preserve",
-        crop_aspect_buckets: tuple[float, ...] = DEFAULT_ASPECT_BUCKETS,
-        repeats: int = 0,
-        probability: float = 1.0,
-        is_regularisation_data: bool = False,
-        maximum_image_size: float | None = None,
-        target_downsample_size: float | None = None,
-        endpoint_url: str | None = None,
-        image_column: str = "file_name",
-        caption_column: str = "text",
         cache_dir: str | None = None,
         validation_split: float = 0.0,
         cache_latents: bool = True,
         cache_text_embeds: bool = True,
         num_workers: int = 0,
         allow_large_buckets: bool = False,  # checked with the config (tuner.config); nothing to do here
-        datasets: dict[str, dict] | None = None,
         seed: int = 0,
         report_path: str | None = None,
+        **dataset_keys: Any,
     ):
+        """``dataset_keys`` are the data-level values of the keys in datamodules/spec.py (the defaults of
+        every entry of ``datasets``)."""
         super().__init__()
-        defaults = {
-            "path": path,
-            "resolution": resolution,
-            "resolution_type": resolution_type,
-            "bucket_step": bucket_step,
-            "crop_style": crop_style,
-            "caption_strategy": caption_strategy,
-            "instance_prompt": instance_prompt,
-            "minimum_image_size": minimum_image_size,
-            "multiline_captions": multiline_captions,
-            "crop": crop,
-            "crop_aspect": crop_aspect,
-            "crop_aspect_buckets": tuple(crop_aspect_buckets),
-            "repeats": repeats,
-            "probability": probability,
-            "is_regularisation_data": is_regularisation_data,
-            "maximum_image_size": maximum_image_size,
-            "target_downsample_size": target_downsample_size,
-            "endpoint_url": endpoint_url,
-            "image_column": image_column,
-            "caption_column": caption_column,
-        }
-        defaults["type"] = None
-        entries = datasets or {"default": {}}
+        unknown = sorted(set(dataset_keys) - set(DATASET_KEYS))
+        if unknown:
+            raise TypeError(f"unknown data keys {unknown}; valid: {', '.join(DATASET_KEYS)}")
+        level = {**spec_defaults(), **{k: v for k, v in dataset_keys.items() if v is not None or k == "path"}}
+        level["crop_aspect_buckets"] = tuple(level["crop_aspect_buckets"])
+        level["type"] = None  # a data-level path infers its own kind; only an entry's type overrides it
         self.specs = {
-            name: {k: (entry.get(k) if entry.get(k) is not None else defaults[k]) for k in DATASET_KEYS}
-            for name, entry in entries.items()
+            name: {k: (entry.get(k) if entry.get(k) is not None else level[k]) for k in DATASET_KEYS}
+            for name, entry in (datasets or {"default": {}}).items()
         }
-        for name, spec in self.specs.items():
-            if not spec["path"]:
-                raise EmptyDatasetError(f"dataset {name!r} has no path: set data.path or data.datasets.{name}.path")
-        try:
-            self.sources = {
-                name: open_source(
-                    str(spec["path"]),
-                    spec["type"],
-                    {"cache_dir": cache_dir, **{k: spec[k] for k in SOURCE_OPTIONS}},
-                )
-                for name, spec in self.specs.items()
-            }
-        except SourceError as err:
-            raise EmptyDatasetError(str(err)) from err
+        self.sources = self._open_sources(cache_dir)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
         self.report_written: str | None = None
@@ -294,6 +220,20 @@ class DiffusionDataModule(L.LightningDataModule):
         self.samples: list[Sample] | None = None
         self._resume: dict | None = None
         self._sampler: BucketBatchSampler | None = None
+
+    def _open_sources(self, cache_dir: str | None) -> dict[str, Source]:
+        for name, spec in self.specs.items():
+            if not spec["path"]:
+                raise EmptyDatasetError(f"dataset {name!r} has no path: set data.path or data.datasets.{name}.path")
+        try:
+            return {
+                name: open_source(
+                    str(spec["path"]), spec["type"], {"cache_dir": cache_dir, **{k: spec[k] for k in SOURCE_OPTIONS}}
+                )
+                for name, spec in self.specs.items()
+            }
+        except SourceError as err:
+            raise EmptyDatasetError(str(err)) from err
 
     def scan(self) -> list[Sample]:
         """Scan every dataset once; write the report; fail clearly when nothing is usable."""

@@ -159,27 +159,8 @@ def _fetch_sidecar(source: Source, item: Item) -> bytes | None | Exception:
 
 def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = None) -> ScanResult:
     """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``."""
-    cache = ProbeCache(cache_dir, source)
     items = list(source.items())
-    results: dict[str, tuple[Item, tuple[int, int] | str, bool]] = {}
-    todo = []
-    for item in items:
-        hit = cache.get(item)
-        if hit is None:
-            todo.append(item)
-        else:
-            results[item.key] = (item, hit, True)
-    # Threads: a remote source waits on the network; local probes are short and release the GIL in I/O.
-    sidecars: dict[str, bytes | None | Exception] = {}
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for item, (result, keep) in zip(todo, pool.map(lambda it: probe_item(source, it), todo), strict=True):
-            results[item.key] = (item, result, keep)
-        if spec["caption_strategy"] == "textfile":
-            wanted = [it for it in items if isinstance(results[it.key][1], tuple)]
-            for item, raw in zip(wanted, pool.map(lambda it: _fetch_sidecar(source, it), wanted), strict=True):
-                sidecars[item.key] = raw
-    cache.save(source, results)
-
+    results, sidecars, probed = _probe_all(source, items, cache_dir, spec["caption_strategy"] == "textfile")
     usable, skipped, fallbacks = [], [], 0
     for item in items:
         result = results[item.key][1]
@@ -207,27 +188,54 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
             skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
             continue
         fallbacks += fell_back
-        bucket = bucket_for(
-            width,
-            height,
-            spec["resolution"],
-            spec["resolution_type"],
-            spec["bucket_step"],
-            spec["crop_aspect"],
-            spec["crop_aspect_buckets"],
-        )
-        usable.append(
-            Sample(
-                item,
-                width,
-                height,
-                bucket,
-                captions,
-                name,
-                spec["crop_style"],
-                spec["crop"],
-                spec["is_regularisation_data"],
-                downsample_size(width, height, spec),
-            )
-        )
-    return ScanResult(usable, skipped, fallbacks, len(todo))
+        usable.append(_sample(name, spec, item, width, height, captions))
+    return ScanResult(usable, skipped, fallbacks, probed)
+
+
+def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_sidecars: bool):
+    """Every item's probe result (recalled from the probe cache, or probed now), and the caption
+    sidecars of the usable ones when asked; with the number probed now."""
+    cache = ProbeCache(cache_dir, source)
+    results: dict[str, tuple[Item, tuple[int, int] | str, bool]] = {}
+    todo = []
+    for item in items:
+        hit = cache.get(item)
+        if hit is None:
+            todo.append(item)
+        else:
+            results[item.key] = (item, hit, True)
+    # Threads: a remote source waits on the network; local probes are short and release the GIL in I/O.
+    sidecars: dict[str, bytes | None | Exception] = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for item, (result, keep) in zip(todo, pool.map(lambda it: probe_item(source, it), todo), strict=True):
+            results[item.key] = (item, result, keep)
+        if with_sidecars:
+            wanted = [it for it in items if isinstance(results[it.key][1], tuple)]
+            for item, raw in zip(wanted, pool.map(lambda it: _fetch_sidecar(source, it), wanted), strict=True):
+                sidecars[item.key] = raw
+    cache.save(source, results)
+    return results, sidecars, len(todo)
+
+
+def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions) -> Sample:
+    bucket = bucket_for(
+        width,
+        height,
+        spec["resolution"],
+        spec["resolution_type"],
+        spec["bucket_step"],
+        spec["crop_aspect"],
+        spec["crop_aspect_buckets"],
+    )
+    return Sample(
+        item,
+        width,
+        height,
+        bucket,
+        captions,
+        name,
+        spec["crop_style"],
+        spec["crop"],
+        spec["is_regularisation_data"],
+        downsample_size(width, height, spec),
+    )

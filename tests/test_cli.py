@@ -9,6 +9,8 @@ import torch
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file
 
+from tuner.families import families, family_class
+
 
 def test_quick_start_demo_runs_offline_from_nothing(tmp_path):
     """`python train.py` with no overrides: writes its tiny assets, trains, says where the outputs are."""
@@ -85,24 +87,28 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
     assert all(torch.equal(final[k], at_step[k]) for k in final)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", list(families()))
 def test_tiny_writes_the_real_layout_and_loads(family, tmp_path):
+    """Every family of conf/model/: its declared components, each in its subfolder, loaded back by
+    diffusers' own from_pretrained into the family's pipeline class."""
+    from diffusers import DiffusionPipeline
+
     result = run_cli("-m", "tuner.tiny", family, str(tmp_path / family))
     assert result.returncode == 0, result.stderr[-2000:]
     root = tmp_path / family
     index = json.loads((root / "model_index.json").read_text())
-    expected = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
-    if family == "sdxl":
-        expected |= {"text_encoder_2", "tokenizer_2"}
+    cls = family_class(family)
+    expected = {*cls.components, "scheduler"}
     assert expected <= {k for k, v in index.items() if isinstance(v, list) and v[0]}
     for sub in expected:
         assert (root / sub).is_dir()
-    from diffusers import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_pretrained(root)
+    assert isinstance(pipe, cls.pipeline_class)
     assert pipe.tokenizer.model_max_length == 77
-    prediction = pipe.scheduler.config.prediction_type
-    assert prediction == ("v_prediction" if family == "sd2" else "epsilon")
+    if cls.noise_schedule == "ddpm":
+        assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    else:
+        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
 def test_tiny_rejects_unknown_family(tmp_path):

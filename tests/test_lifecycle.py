@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 import torch
+from conftest import start_train, wait_for
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -72,32 +73,10 @@ def test_validation_with_ema_samples_both(make_cfg, tmp_path):
 
 
 def _start(args, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    env = {**os.environ, "TUNER_LOG_LEVEL": "WARNING"}
-    env.pop("TUNER_RUN_ID", None)
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_train(args)
 
 
-def _wait_for(path, proc, timeout=240):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+_wait_for = wait_for
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(demo_dir, tmp_path):

@@ -14,7 +14,7 @@ import tarfile
 import time
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, start_train, wait_for
 
 from callbacks.checkpoints import CheckpointError, list_checkpoints, resolve_checkpoint
 from tuner.config import ConfigError, check
@@ -23,24 +23,10 @@ from tuner.run import prepare, resume_checkpoint, train
 
 
 def _start(args: list[str], cwd) -> subprocess.Popen:
-    env = {**os.environ, "TUNER_LOG_LEVEL": "WARNING"}
-    env.pop("TUNER_RUN_ID", None)
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_train(args, cwd)
 
 
-def _wait_for(path, proc, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+_wait_for = wait_for
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from datamodules.spec import CaptionStrategy, DatasetKeys, DatasetOverrides
 from tuner.optim_schemas import (
     AdafactorConfig,
     Adam8bitConfig,
@@ -41,30 +42,6 @@ class MixedPrecision(Enum):
     no = "no"
     fp16 = "fp16"
     bf16 = "bf16"
-
-
-class ResolutionType(Enum):
-    pixel = "pixel"
-    area = "area"
-
-
-class CropStyle(Enum):
-    center = "center"
-    random = "random"
-    corner = "corner"
-
-
-class CropAspect(Enum):
-    preserve = "preserve"  # each image's own aspect ratio (aligned to bucket_step)
-    square = "square"
-    closest = "closest"  # the nearest of crop_aspect_buckets
-
-
-class CaptionStrategy(Enum):
-    filename = "filename"
-    textfile = "textfile"
-    instanceprompt = "instanceprompt"
-    column = "column"  # a metadata table's caption column
 
 
 class PredictionType(Enum):
@@ -124,70 +101,21 @@ class ModelConfig:
 
 
 @dataclass
-class DatasetConfig:
-    """One entry of ``data.datasets``; a key left null takes the data-level value."""
+class DataConfig(DatasetKeys):
+    """``data``: every dataset key (datamodules/spec.py) as the default for ``datasets.<id>``, plus these."""
 
-    path: Optional[str] = None
-    type: Optional[str] = None  # folder, s3, webdataset, table; None: inferred from path
-    resolution: Optional[float] = None
-    resolution_type: Optional[ResolutionType] = None
-    bucket_step: Optional[int] = None
-    crop_style: Optional[CropStyle] = None
-    caption_strategy: Optional[CaptionStrategy] = None
-    instance_prompt: Optional[str] = None
-    minimum_image_size: Optional[int] = None
-    multiline_captions: Optional[bool] = None
-    crop: Optional[bool] = None
-    crop_aspect: Optional[CropAspect] = None
-    crop_aspect_buckets: Optional[list[float]] = None
-    repeats: Optional[int] = None
-    probability: Optional[float] = None
-    is_regularisation_data: Optional[bool] = None
-    maximum_image_size: Optional[float] = None
-    target_downsample_size: Optional[float] = None
-    endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, R2); credentials come from the environment
-    image_column: Optional[str] = None
-    caption_column: Optional[str] = None
-
-
-@dataclass
-class DataConfig:
     _target_: str = "datamodules.DiffusionDataModule"
     _convert_: str = "all"
-    path: Optional[str] = None
     batch_size: int = 1
-    resolution: float = 1024
-    resolution_type: ResolutionType = ResolutionType.area
-    bucket_step: int = 64
-    crop_style: CropStyle = CropStyle.center
-    caption_strategy: CaptionStrategy = CaptionStrategy.filename
     caption_dropout_probability: float = 0.1
-    instance_prompt: Optional[str] = None
-    minimum_image_size: int = 0
-    multiline_captions: bool = True  # each line of a caption file is a caption; one is drawn per use
-    crop: bool = True  # false: resize to the bucket without cropping
-    crop_aspect: CropAspect = CropAspect.preserve
-    crop_aspect_buckets: list[float] = field(
-        default_factory=lambda: [1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5]
-    )
-    repeats: int = 0  # each image is seen 1 + repeats times an epoch
-    probability: float = 1.0  # the share of (repeated) images drawn each epoch
-    is_regularisation_data: bool = False  # prior preservation: its loss is weighted by model.prior_loss_weight
-    # Images above maximum_image_size are brought down to target_downsample_size, then a bucket-sized
-    # detail is cropped from them (both in resolution_type units: shorter edge, or area / megapixels).
-    maximum_image_size: Optional[float] = None
-    target_downsample_size: Optional[float] = None
-    endpoint_url: Optional[str] = None
-    image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
-    caption_column: str = "text"
     cache_dir: Optional[str] = None  # scan, latent, text-embedding and download caches; null: <output_dir>/cache
     validation_split: float = 0.0  # share of images held out of training for callbacks.validation's loss
     cache_latents: bool = True  # VAE posteriors on disk (off by itself for random-crop data)
     cache_text_embeds: bool = True
     num_workers: int = 0
     allow_large_buckets: bool = False  # confirm buckets over 16 megapixels (refused otherwise, before loading)
-    # Entries are checked against DatasetConfig in ``check`` (OmegaConf cannot add new typed entries to a
-    # Dict[str, DatasetConfig] from the command line, e.g. ``+data.datasets.photos.path=DIR``).
+    # Entries are checked against DatasetOverrides in ``check`` (OmegaConf cannot add new typed entries to a
+    # Dict[str, DatasetOverrides] from the command line, e.g. ``+data.datasets.photos.path=DIR``).
     datasets: dict[str, Any] = field(default_factory=dict)
 
 
@@ -334,11 +262,11 @@ def _unset(value: Optional[int]) -> bool:
 
 
 def _typed_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
-    """Each ``data.datasets.<id>`` merged onto the DatasetConfig schema: unknown keys and bad values fail."""
+    """Each ``data.datasets.<id>`` merged onto the DatasetOverrides schema: unknown keys and bad values fail."""
     from omegaconf.errors import OmegaConfBaseException
 
     typed = {}
-    valid = [f for f in DatasetConfig.__dataclass_fields__]
+    valid = [f for f in DatasetOverrides.__dataclass_fields__]
     for name, entry in cfg.data.datasets.items():
         if not isinstance(entry, DictConfig):
             raise ConfigError(f"data.datasets.{name} must be a mapping of dataset keys ({', '.join(valid)})")
@@ -346,7 +274,7 @@ def _typed_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
             if key not in valid:
                 raise ConfigError(f"unknown config key 'data.datasets.{name}.{key}'.{suggest(str(key), valid)}")
         try:
-            typed[name] = OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry)
+            typed[name] = OmegaConf.merge(OmegaConf.structured(DatasetOverrides), entry)
         except OmegaConfBaseException as err:
             raise ConfigError(f"data.datasets.{name}: {err}".splitlines()[0]) from err
     return typed
@@ -355,6 +283,18 @@ def _typed_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
 def check(cfg: DictConfig, require_steps: bool = True) -> None:
     """Rules that span keys. Raises ConfigError naming the keys and the valid values."""
     datasets = _typed_datasets(cfg)
+    _check_run(cfg, require_steps)
+    _check_noise_range(cfg.model)
+    _check_data(cfg, datasets)
+    _check_callbacks(cfg.callbacks)
+    _check_quantization(cfg)
+    problems = optim_problems(cfg.optimizer, cfg.lr_scheduler, cfg.max_train_steps)
+    if problems:
+        raise ConfigError(problems[0])
+    _check_bucket_size(cfg, datasets)
+
+
+def _check_run(cfg: DictConfig, require_steps: bool) -> None:
     steps, epochs = cfg.max_train_steps, cfg.num_train_epochs
     for key, value in (("max_train_steps", steps), ("num_train_epochs", epochs)):
         if value is not None and value < 0:
@@ -372,54 +312,60 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
         raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
-    if not cfg.data.path and not any(d.path for d in datasets.values()):
+
+
+def _check_data(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:
+    data = cfg.data
+    if not data.path and not any(d.path for d in datasets.values()):
         raise ConfigError("data.path is not set: point it at a folder of images (or set data.datasets.<id>.path)")
-    _check_noise_range(cfg.model)
-    for name, d in [("data", cfg.data), *((f"data.datasets.{k}", v) for k, v in datasets.items())]:
+    for name, d in [("data", data), *((f"data.datasets.{k}", v) for k, v in datasets.items())]:
         if d.repeats is not None and d.repeats < 0:
             raise ConfigError(f"{name}.repeats={d.repeats}; it must be >= 0")
         if d.probability is not None and not 0 < d.probability <= 1:
             raise ConfigError(f"{name}.probability={d.probability}; valid: above 0, up to 1")
-        if d.maximum_image_size is not None and (d.target_downsample_size or cfg.data.target_downsample_size) is None:
+        if d.maximum_image_size is not None and (d.target_downsample_size or data.target_downsample_size) is None:
             raise ConfigError(
                 f"{name}.maximum_image_size needs {name}.target_downsample_size (the size to bring them to)"
             )
-    ema = cfg.callbacks.ema
+    if data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={data.batch_size}; it must be >= 1")
+    if not 0 <= data.validation_split < 1:
+        raise ConfigError(f"data.validation_split={data.validation_split}; valid: 0 (none) up to, not including, 1")
+    if not 0 <= data.caption_dropout_probability <= 1:
+        raise ConfigError(f"data.caption_dropout_probability={data.caption_dropout_probability}; valid: 0 to 1")
+    strategies = [d.caption_strategy for d in datasets.values()] + [data.caption_strategy]
+    prompts = [d.instance_prompt for d in datasets.values()] + [data.instance_prompt]
+    if CaptionStrategy.instanceprompt in strategies and not any(prompts):
+        raise ConfigError("caption_strategy=instanceprompt needs data.instance_prompt")
+
+
+def _check_callbacks(callbacks: DictConfig) -> None:
+    ema = callbacks.ema
     if ema.enabled and not 0 < ema.decay < 1:
         raise ConfigError(f"callbacks.ema.decay={ema.decay}; it must be between 0 and 1 (e.g. 0.995)")
-    hook = cfg.callbacks.webhook
+    hook = callbacks.webhook
     if hook.config and not os.path.isfile(hook.config):
         raise ConfigError(f"callbacks.webhook.config={hook.config!r} is not a file")
-    if cfg.callbacks.hub.push_to_hub and not cfg.callbacks.hub.model_name:
+    if callbacks.hub.push_to_hub and not callbacks.hub.model_name:
         raise ConfigError("callbacks.hub.push_to_hub=true needs callbacks.hub.model_name (the repository name)")
-    val = cfg.callbacks.validation
+    val = callbacks.validation
     if val.prompt_library and not os.path.isfile(val.prompt_library):
         raise ConfigError(f"callbacks.validation.prompt_library={val.prompt_library!r} is not a file")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}; it must be >= 1")
-    if not 0 <= cfg.data.validation_split < 1:
-        raise ConfigError(f"data.validation_split={cfg.data.validation_split}; valid: 0 (none) up to, not including, 1")
-    if not 0 <= cfg.data.caption_dropout_probability <= 1:
-        raise ConfigError(f"data.caption_dropout_probability={cfg.data.caption_dropout_probability}; valid: 0 to 1")
-    levels = {k: cfg.quantization[k] for k in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision")}
-    levels.update({f"text_encoders.{k}": v for k, v in cfg.quantization.text_encoders.items()})
+
+
+def _check_quantization(cfg: DictConfig) -> None:
+    quant = cfg.quantization
+    levels = {k: quant[k] for k in ("base_model_precision", "text_encoder_precision", "text_encoder_2_precision")}
+    levels.update({f"text_encoders.{k}": v for k, v in quant.text_encoders.items()})
     for key, value in levels.items():
         if value is not None and value not in QUANTIZATION_LEVELS:
             raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
-    if cfg.model.finetune == Finetune.full and cfg.quantization.base_model_precision != "no_change":
+    if cfg.model.finetune == Finetune.full and quant.base_model_precision != "no_change":
         raise ConfigError(
-            f"model.finetune=full with quantization.base_model_precision={cfg.quantization.base_model_precision}: "
+            f"model.finetune=full with quantization.base_model_precision={quant.base_model_precision}: "
             "a quantised denoiser cannot be fully fine-tuned; train a LoRA on it (model.finetune=lora) or use "
             "quantization=none"
         )
-    problems = optim_problems(cfg.optimizer, cfg.lr_scheduler, steps)
-    if problems:
-        raise ConfigError(problems[0])
-    _check_bucket_size(cfg, datasets)
-    strategies = [d.caption_strategy for d in datasets.values()] + [cfg.data.caption_strategy]
-    prompts = [d.instance_prompt for d in datasets.values()] + [cfg.data.instance_prompt]
-    if CaptionStrategy.instanceprompt in strategies and not any(prompts):
-        raise ConfigError("caption_strategy=instanceprompt needs data.instance_prompt")
 
 
 def _check_noise_range(model: DictConfig) -> None:

@@ -158,6 +158,28 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
     }
 
 
+def validation_callback(cfg: DictConfig, output_dir: Path):
+    from callbacks.validation import Validation
+
+    val = cfg.callbacks.validation
+    side = int(val.resolution or (cfg.data.resolution if cfg.data.resolution >= 16 else 1024))
+    return Validation(
+        str(output_dir),
+        every_n_steps=val.every_n_steps,
+        prompts=list(val.prompts),
+        prompt_library=val.prompt_library,
+        negative_prompt=val.negative_prompt,
+        guidance_scale=val.guidance_scale,
+        num_inference_steps=val.num_inference_steps,
+        width=side,
+        height=side,
+        seed=val.seed,
+        use_ema=val.use_ema,
+        loss_batches=val.loss_batches,
+        loss_levels=tuple(val.loss_levels),
+    )
+
+
 def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> list:
     """EMA, validation, the final export + model card, Hub upload and the webhook, as configured."""
     from callbacks.checkpoints import FinalExport
@@ -168,29 +190,11 @@ def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> l
         from callbacks.ema import EMA
 
         out.append(EMA(ema.decay, ema.warmup, ema.update_every_n_steps, ema.on_cpu))
-    val = cfg.callbacks.validation
     prompts: dict[str, str] = {}
-    if val.enabled:
-        from callbacks.validation import Validation
-
-        side = int(val.resolution or (cfg.data.resolution if cfg.data.resolution >= 16 else 1024))
-        validation = Validation(
-            str(output_dir),
-            every_n_steps=val.every_n_steps,
-            prompts=list(val.prompts),
-            prompt_library=val.prompt_library,
-            negative_prompt=val.negative_prompt,
-            guidance_scale=val.guidance_scale,
-            num_inference_steps=val.num_inference_steps,
-            width=side,
-            height=side,
-            seed=val.seed,
-            use_ema=val.use_ema,
-            loss_batches=val.loss_batches,
-            loss_levels=tuple(val.loss_levels),
-        )
+    if cfg.callbacks.validation.enabled:
+        validation = validation_callback(cfg, output_dir)
         prompts = dict(validation.prompts)
-        if ema.enabled and val.use_ema != "live":  # the EMA's images are named <shortname>_ema
+        if ema.enabled and validation.use_ema != "live":  # the EMA's images are named <shortname>_ema
             prompts.update({f"{k}_ema": f"{v} (EMA weights)" for k, v in validation.prompts.items()})
         out.append(validation)
     info = card_info(cfg, datamodule, prompts)
