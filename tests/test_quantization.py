@@ -91,3 +91,8 @@ def test_each_text_encoder_takes_its_own_level(make_cfg, tmp_path, caplog):
     # A name the family does not have fails before loading, listing the ones it has.
     with pytest.raises(ConfigError, match="sd15 has no such text encoder; valid: text_encoder$"):
         prepare(make_cfg("+quantization.text_encoders.text_encoder_3=int8-quanto", output_dir=tmp_path))
+
+
+def test_nf4_on_a_text_encoder_is_refused_not_ignored(make_cfg):
+    with pytest.raises(ConfigError, match="nf4 applies to the denoiser .* only"):
+        prepare(make_cfg("quantization.text_encoder_precision=nf4-bnb"))

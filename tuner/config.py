@@ -360,6 +360,13 @@ def _check_quantization(cfg: DictConfig) -> None:
     for key, value in levels.items():
         if value is not None and value not in QUANTIZATION_LEVELS:
             raise ConfigError(f"quantization.{key}={value!r}; valid: {', '.join(QUANTIZATION_LEVELS)}")
+    encoder_levels = {k: v for k, v in levels.items() if k != "base_model_precision"}
+    for key, value in encoder_levels.items():
+        if value == "nf4-bnb":
+            raise ConfigError(
+                f"quantization.{key}=nf4-bnb: nf4 applies to the denoiser (base_model_precision) only; quantise "
+                "text encoders with int8-quanto or int4-quanto"
+            )
     if cfg.model.finetune == Finetune.full and quant.base_model_precision != "no_change":
         raise ConfigError(
             f"model.finetune=full with quantization.base_model_precision={quant.base_model_precision}: "

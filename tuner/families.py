@@ -72,9 +72,13 @@ def check_family(cfg) -> None:
     model.options = OmegaConf.to_container(options)
     _check_schedule_keys(cfg, cls)
     _settle_text_encoders(cfg, cls)
-    step = cfg.data.bucket_step
-    if step % cls.pixel_multiple:
-        raise ConfigError(f"data.bucket_step={step}: {model.family} needs image edges divisible by {cls.pixel_multiple}")
+    steps = {"data": cfg.data.bucket_step}
+    steps.update({f"data.datasets.{k}": v.get("bucket_step") for k, v in cfg.data.datasets.items()})
+    for where, step in steps.items():
+        if step is not None and step % cls.pixel_multiple:
+            raise ConfigError(
+                f"{where}.bucket_step={step}: {model.family} needs image edges divisible by {cls.pixel_multiple}"
+            )
 
 
 def _check_schedule_keys(cfg, cls) -> None:
