@@ -77,7 +77,8 @@ def write_model_card(output_dir: str | os.PathLike, info: dict | None) -> Path:
     - ``family`` (sd15, sdxl, flux, ...) and ``finetune`` (``lora`` | ``full``; default ``lora``)
     - ``base_model``: the Hub id or path the training started from
     - ``repo_id``: where the weights are published (the snippet loads from it; default: this folder)
-    - ``title``, ``license`` (default ``openrail++`` for sdxl, else ``creativeml-openrail-m``), ``tags``
+    - ``title``, ``license`` (the family's declared licence; default ``other``), ``tags``
+    - ``pipeline``: the family's diffusers pipeline class, for the loading snippet (default ``DiffusionPipeline``)
     - ``instance_prompt``: the trigger word/phrase; ``validation_prompts``: {image name: prompt}
     - ``steps``, ``epochs``, ``learning_rate``, ``lr_scheduler``, ``warmup_steps``, ``batch_size``,
       ``gradient_accumulation_steps``, ``mixed_precision``, ``optimizer``, ``lora_rank``, ``lora_alpha``,
@@ -110,9 +111,8 @@ def _finetune(info: Mapping) -> str:
 
 
 def _license(info: Mapping) -> str:
-    if info.get("license"):
-        return str(info["license"])
-    return "openrail++" if str(info.get("family", "")).lower() == "sdxl" else "creativeml-openrail-m"
+    # The run passes the family's declared licence (or callbacks.hub.license); "other" says "see the base model".
+    return str(info.get("license") or "other")
 
 
 def _is_hub_id(name: Any) -> bool:
@@ -237,15 +237,16 @@ def _snippet(info: Mapping) -> list[str]:
     base = info.get("base_model") or "BASE_MODEL"
     repo = info.get("repo_id") or "."
     prompt = info.get("instance_prompt") or "a photo"
+    pipeline = info.get("pipeline") or "DiffusionPipeline"  # the family's own class, when known
     if _finetune(info) == "lora":
-        load = [f"pipe = DiffusionPipeline.from_pretrained({base!r}, torch_dtype=torch.bfloat16)"]
+        load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)"]
         load.append(f"pipe.load_lora_weights({repo!r})")
     else:
-        load = [f"pipe = DiffusionPipeline.from_pretrained({repo!r}, torch_dtype=torch.bfloat16)"]
+        load = [f"pipe = {pipeline}.from_pretrained({repo!r}, torch_dtype=torch.bfloat16)"]
     return [
         "```python",
         "import torch",
-        "from diffusers import DiffusionPipeline",
+        f"from diffusers import {pipeline}",
         "",
         *load,
         'pipe.to("cuda")',

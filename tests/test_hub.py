@@ -207,6 +207,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 CARD_INFO = {
     "family": "sdxl",
+    "license": "openrail++",  # the run passes the family's declared licence
     "finetune": "lora",
     "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
     "instance_prompt": "a photo of sks dog",
@@ -262,7 +263,7 @@ def test_model_card_lora(tmp_path):
 def test_model_card_full_and_missing_keys(tmp_path):
     text = write_model_card(tmp_path, {"finetune": "full", "repo_id": "me/full", "family": "sd15"}).read_text()
     meta = _front_matter(text)
-    assert meta["license"] == "creativeml-openrail-m" and "full" in meta["tags"]
+    assert meta["license"] == "other" and "full" in meta["tags"]  # no licence given: "see the base model"
     assert "base_model" not in meta  # unknown: left out rather than invalid metadata
     assert "DiffusionPipeline.from_pretrained('me/full'" in text and "load_lora_weights" not in text
     assert "| Learning rate | — |" in text and "| LoRA rank / alpha | full |" in text

@@ -68,6 +68,8 @@ def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, 
     assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # frozen weights left out
     assert (out / "checkpoints" / "6" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "train.log").is_file() and (out / "dataset_report.json").is_file()
+    card = (out / "README.md").read_text()  # the family's own licence and pipeline class in the model card
+    assert f"license: {cls.license}" in card and f"from diffusers import {cls.pipeline_class.__name__}" in card
     # validation (the tiny preset's): images and a finite val/loss
     assert sorted(p.name for p in (out / "validation" / "step_6").glob("*.png"))
     (metrics,) = out.glob("logs/*/metrics.csv")
