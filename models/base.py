@@ -66,6 +66,10 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     vae_in_fp32: ClassVar[bool] = False  # keep the VAE in fp32 under mixed precision (SDXL's overflows in fp16)
     Options: ClassVar[type] = NoOptions
+    #: named target sets for ``model.lora.target_modules=[<name>]`` (e.g. attention, attention+ffn, all)
+    lora_target_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: names ``python -m tuner.tiny`` also accepts for this family's tiny pipeline (e.g. flux-dev, flux-schnell)
+    tiny_variants: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -130,9 +134,15 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         raise NotImplementedError
 
     @classmethod
-    def tiny_pipeline(cls, family: str, seed: int = 0):
-        """A tiny random pipeline of this family's real pipeline class (``python -m tuner.tiny``)."""
+    def tiny_pipeline(cls, name: str, seed: int = 0):
+        """A tiny random pipeline of this family's real pipeline class (``python -m tuner.tiny``); ``name``
+        is the family or one of its ``tiny_variants``."""
         raise NotImplementedError
+
+    def flow_shift_for(self, latents: torch.Tensor) -> float | None:
+        """A flow shift that depends on the batch (Flux dev's, on the image's sequence length); None: the
+        schedule's own (``model.flow_shift`` or the checkpoint scheduler's)."""
+        return None
 
     def wanted(self, name: str) -> bool:
         """Whether component ``name`` is loaded (SD3 can train without its T5 encoder)."""
@@ -212,9 +222,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         self.text_dtype = DTYPES[hp.mixed_precision]
         self.denoiser_dtype = plan[self.denoiser_name]
         trainable.quantize_frozen(self, {self.denoiser_name: hp.base_model_precision, **self.text_encoder_levels()})
-        trainable.setup_adapter(
-            self.denoiser, hp.finetune, dict(hp.lora or {}), self.default_lora_targets, hp.gradient_checkpointing
-        )
+        lora = {**dict(hp.lora or {}), "target_modules": self.lora_targets((hp.lora or {}).get("target_modules"))}
+        trainable.setup_adapter(self.denoiser, hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing)
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info("%s: %s trainable parameters (%s)", type(self).__name__, f"{n_train:,}", hp.finetune)
 
@@ -252,7 +261,10 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
                 cond = self.encode_prompts(["" if d else c for c, d in zip(batch["captions"], dropped, strict=True)])
         noise = obj.offset_noise(obj.randn(latents.shape, generator, latents), hp.noise_offset, generator)
         n = latents.shape[0]
-        timesteps = self.noise.sample(n, generator) if fixed_level is None else self.noise.at_level(fixed_level, n)
+        if fixed_level is None:
+            timesteps = self.noise.sample(n, generator, self.flow_shift_for(latents))
+        else:
+            timesteps = self.noise.at_level(fixed_level, n)
         noisy = self.noise.noisy(latents, obj.perturb_noise(noise, hp.input_perturbation, generator), timesteps)
         pred = self.denoise(noisy, timesteps, cond, batch)
         tgt = self.noise.target(latents, noise, timesteps)
@@ -332,6 +344,16 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     @classmethod
+    def lora_targets(cls, target_modules: Sequence[str] | None) -> list[str]:
+        """``model.lora.target_modules`` resolved: the family's default when unset, a named preset
+        (``[attention+ffn]``) expanded, else the module names as given."""
+        if not target_modules:
+            return list(cls.default_lora_targets)
+        if len(target_modules) == 1 and target_modules[0] in cls.lora_target_presets:
+            return list(cls.lora_target_presets[target_modules[0]])
+        return list(target_modules)
+
+    @classmethod
     def identity(cls, family: str, base_model: str, finetune: str, lora: dict | None) -> dict:
         """What a checkpoint must share with the run that resumes it: stored in every checkpoint and
         compared before any weight loads (callbacks.checkpoints.check_resumable)."""
@@ -342,7 +364,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
             out.update(
                 lora_rank=rank,
                 lora_alpha=float(lora.get("alpha") or rank),
-                lora_target_modules=sorted(lora.get("target_modules") or cls.default_lora_targets),
+                lora_target_modules=sorted(cls.lora_targets(lora.get("target_modules"))),
             )
         return out
 

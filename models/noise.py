@@ -70,8 +70,8 @@ class DDPMSchedule:
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Timesteps for a batch, drawn from ``generator``. (B,) long."""
+    def sample(self, n: int, generator: torch.Generator, shift: float | None = None) -> torch.Tensor:
+        """Timesteps for a batch, drawn from ``generator``. (B,) long. (``shift`` is a flow setting.)"""
         ts = obj.sample_timesteps(n, self.num_timesteps, generator, "uniform", self.min_t, self.max_t)
         return ts.to(self.alphas_cumprod.device)
 
@@ -126,9 +126,10 @@ class FlowSchedule:
         self.device = torch.device(device)
         return self
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, shift: float | None = None) -> torch.Tensor:
+        """``shift``: this batch's own (a resolution-dependent one), else the schedule's."""
         u = obj.sample_flow_sigmas(n, generator, self.scheme, self.logit_mean, self.logit_std, self.mode_scale)
-        sigmas = self.lo + (self.hi - self.lo) * obj.shift_sigmas(u, self.shift)
+        sigmas = self.lo + (self.hi - self.lo) * obj.shift_sigmas(u, self.shift if shift is None else shift)
         return (sigmas * self.num_timesteps).to(self.device)  # (B,) float timesteps
 
     def at_level(self, level: float, n: int) -> torch.Tensor:

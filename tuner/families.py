@@ -36,12 +36,24 @@ def family_class(family: str) -> type:
     return resolve(known[family])
 
 
-def write_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
-    """A tiny random ``family`` pipeline at ``path``, in the real on-disk layout (kept if already there)."""
+def tiny_names() -> dict[str, str]:
+    """What ``python -m tuner.tiny`` accepts: every family, and each family's declared tiny variants
+    (flux-dev, flux-schnell, ...), mapped to their family."""
+    names = {}
+    for family in families():
+        names[family] = family
+        names.update({variant: family for variant in family_class(family).tiny_variants})
+    return names
+
+
+def write_tiny(name: str, path: str | Path, seed: int = 0) -> Path:
+    """A tiny random pipeline of a family (or one of its variants) at ``path``, in the real on-disk layout
+    (kept if already there)."""
     from models.tiny import write_pipeline
 
+    family = tiny_names().get(name, name)
     cls = family_class(family)
-    return write_pipeline(lambda: cls.tiny_pipeline(family, seed), path)
+    return write_pipeline(lambda: cls.tiny_pipeline(name, seed), path)
 
 
 def check_family(cfg) -> None:

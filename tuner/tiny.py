@@ -10,10 +10,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuner.families import families
+    from tuner.families import tiny_names
 
     parser = argparse.ArgumentParser(prog="python -m tuner.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=[*families(), "images"], help="model family, or 'images'")
+    parser.add_argument("family", choices=[*tiny_names(), "images"], help="model family (or a variant of one), or 'images'")
     parser.add_argument("dir", help="output directory (left as it is if it already holds one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
