@@ -228,3 +228,17 @@ def test_each_family_yaml_shows_its_options_with_their_defaults(family):
     doc = yaml.safe_load((CONF / "model" / f"{family}.yaml").read_text())
     declared = {f.name: f.default for f in dataclasses.fields(family_class(family).Options)}
     assert (doc.get("options") or {}) == declared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_on_an_int8_denoiser(family, make_cfg, tmp_path):
+    from optimum.quanto import QLinear
+
+    from tuner.run import build_module, prepare
+
+    cfg = prepare(make_cfg(f"model={family}", "quantization=int8-quanto", output_dir=tmp_path / "m"))
+    module = build_module(cfg, with_optimizer=False)
+    wrapped = [m for m in module.denoiser.modules() if hasattr(m, "lora_A")]
+    assert wrapped and all(isinstance(m.base_layer, QLinear) for m in wrapped)  # quantised, then adapted
+    loss = train(make_cfg(f"model={family}", "quantization=int8-quanto", "max_train_steps=2", output_dir=tmp_path / "r"))
+    assert loss is not None and np.isfinite(loss)
