@@ -240,7 +240,7 @@ def _snippet(info: Mapping) -> list[str]:
     pipeline = info.get("pipeline") or "DiffusionPipeline"  # the family's own class, when known
     if _finetune(info) == "lora":
         load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)"]
-        load.append(f"pipe.load_lora_weights({repo!r})")
+        load.append((info.get("lora_load") or "pipe.load_lora_weights({path!r})").format(path=repo))
     else:
         load = [f"pipe = {pipeline}.from_pretrained({repo!r}, torch_dtype=torch.bfloat16)"]
     return [

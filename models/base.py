@@ -70,6 +70,10 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     lora_target_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: names ``python -m tuner.tiny`` also accepts for this family's tiny pipeline (e.g. flux-dev, flux-schnell)
     tiny_variants: ClassVar[tuple[str, ...]] = ()
+    #: extra keywords the family's pipeline needs to sample at any size (PixArt: no resolution binning)
+    sampling_kwargs: ClassVar[dict[str, Any]] = {}
+    #: how a user loads the exported LoRA (``{path}``: its folder), shown in the model card; see ``load_lora``
+    lora_load_snippet: ClassVar[str] = "pipe.load_lora_weights({path!r})"
 
     def __init__(
         self,
@@ -138,6 +142,12 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         """A tiny random pipeline of this family's real pipeline class (``python -m tuner.tiny``); ``name``
         is the family or one of its ``tiny_variants``."""
         raise NotImplementedError
+
+    @classmethod
+    def load_lora(cls, pipe, path) -> None:
+        """Load the LoRA this family exported (the folder ``path``) into ``pipe``: what
+        ``lora_load_snippet`` shows users. diffusers' pipeline loader by default."""
+        pipe.load_lora_weights(path)
 
     def flow_shift_for(self, latents: torch.Tensor) -> float | None:
         """A flow shift that depends on the batch (Flux dev's, on the image's sequence length); None: the
@@ -397,7 +407,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         """One validation image: the denoising loop under ``autocast`` (the run's precision), the VAE
         decode outside it, in the VAE's own dtype (SDXL's fp32 VAE must not decode in half precision)."""
         with autocast or nullcontext():
-            latents = pipe(prompt, output_type="latent", **kwargs).images
+            latents = pipe(prompt, output_type="latent", **{**self.sampling_kwargs, **kwargs}).images
         with torch.autocast(self.device.type, enabled=False):
             return self.decode_latents(pipe, latents)
 
