@@ -82,7 +82,13 @@ def setup_adapter(denoiser: torch.nn.Module, finetune: str, lora: dict, default_
             init_lora_weights="gaussian",
             target_modules=list(lora.get("target_modules") or default_targets),
         )
-        denoiser.add_adapter(config)
+        if hasattr(denoiser, "add_adapter"):
+            denoiser.add_adapter(config)
+        else:  # a denoiser without diffusers' PEFT mixin (PixArt's transformer): peft injects the same layers
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, denoiser, adapter_name="default")
+            denoiser.peft_config = {"default": config}
         cast_training_params(denoiser, dtype=torch.float32)  # only what trains is upcast
     elif finetune == "full":
         denoiser.requires_grad_(True)

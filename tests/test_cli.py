@@ -104,7 +104,8 @@ def test_tiny_writes_the_real_layout_and_loads(family, tmp_path):
         assert (root / sub).is_dir()
     pipe = DiffusionPipeline.from_pretrained(root)
     assert isinstance(pipe, cls.pipeline_class)
-    assert pipe.tokenizer.model_max_length == 77
+    if "CLIP" in type(pipe.tokenizer).__name__:
+        assert pipe.tokenizer.model_max_length == 77
     if cls.noise_schedule == "ddpm":
         assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     else:

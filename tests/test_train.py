@@ -45,9 +45,7 @@ def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, 
     assert loss is not None and np.isfinite(loss)
 
     state = load_file(out / "pytorch_lora_weights.safetensors")
-    # keyed by the denoiser for the pipeline's LoRA loader; a pipeline without one gets the denoiser's own adapter
-    prefix = f"{cls.denoiser_name}." if hasattr(cls.pipeline_class, "load_lora_weights") else ""
-    assert state and all(k.startswith(prefix) for k in state)
+    assert state and all(k.startswith(f"{cls.denoiser_name}.") for k in state)
     if cls.denoiser_name == "unet":  # diffusers' UNet key format, as the diffusers UNet scripts write it
         assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in state)
     else:  # peft's, as the transformer scripts write it
