@@ -8,7 +8,9 @@
    32 bits, so the LoRA rank here (128) makes every LoRA matrix large enough to be stored in 8 bits,
    as SDXL's are at rank 16.
 
-    python bench/memory.py [--levels int8-quanto,int4-quanto,...] [--skip-sdxl]
+3. The same weight figures for a Flux-shape transformer (real widths, fewer blocks): ``flux_int8_weight_ratio``.
+
+    python bench/memory.py [--levels int8-quanto,int4-quanto,...] [--skip-sdxl] [--skip-flux] [--flux-blocks 2,4]
 """
 
 from __future__ import annotations
@@ -45,25 +47,24 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def bench_weights(levels: list[str]) -> dict[str, int]:
-    from sdxl_shapes import sdxl_unet
-
+def bench_weights(levels: list[str], build, label: str) -> dict[str, int]:
+    """Weight bytes of ``build(torch.bfloat16)`` in bf16 and at each quantisation level."""
     from models.quantize import quantize_module
 
     sizes = {}
-    unet = sdxl_unet(torch.bfloat16)
-    sizes["bf16"] = tensor_bytes(unet)
+    model = build(torch.bfloat16)
+    sizes["bf16"] = tensor_bytes(model)
     print(
-        f"SDXL-shape UNet: {sum(p.numel() for p in unet.parameters()) / 1e9:.2f} B parameters, "
+        f"{label}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
         f"bf16 {sizes['bf16'] / 2**30:.2f} GiB, peak RSS {peak_rss_gib():.1f} GiB"
     )
-    del unet
+    del model
     gc.collect()
     for level in levels:
-        unet = quantize_module(sdxl_unet(torch.bfloat16), level)
-        sizes[level] = tensor_bytes(unet)
+        model = quantize_module(build(torch.bfloat16), level)
+        sizes[level] = tensor_bytes(model)
         print(f"  {level:12s} weights {sizes[level] / 2**30:.2f} GiB ({sizes[level] / sizes['bf16']:.3f} of bf16)")
-        del unet
+        del model
         gc.collect()
     return sizes
 
@@ -118,13 +119,24 @@ def main() -> None:
     parser.add_argument("--levels", default="int8-quanto,int4-quanto,int2-quanto,fp8-quanto")
     parser.add_argument("--optimizers", default="adamw,adamw8bit,lion,lion8bit,stableadamw,prodigy,adafactor")
     parser.add_argument("--skip-sdxl", action="store_true", help="skip the 2.6 B-parameter weight figures")
+    parser.add_argument("--skip-flux", action="store_true", help="skip the Flux-shape weight figures")
+    parser.add_argument("--flux-blocks", default="2,4", help="double,single blocks of the Flux-shape model (real: 19,38)")
     args = parser.parse_args()
     figures = {}
     if not args.skip_sdxl:
-        sizes = bench_weights(args.levels.split(","))
+        from sdxl_shapes import sdxl_unet
+
+        sizes = bench_weights(args.levels.split(","), sdxl_unet, "SDXL-shape UNet")
         figures.update({f"{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
         figures["bf16_weight_gib"] = sizes["bf16"] / 2**30
-        figures["peak_rss_gib"] = peak_rss_gib()
+    if not args.skip_flux:
+        from flux_shapes import flux_transformer
+
+        double, single = (int(n) for n in args.flux_blocks.split(","))
+        label = f"Flux-shape transformer ({double} double + {single} single blocks, real widths)"
+        sizes = bench_weights(args.levels.split(","), lambda d: flux_transformer(d, double, single), label)
+        figures.update({f"flux_{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
+    figures["peak_rss_gib"] = peak_rss_gib()
     states = bench_optimizers(args.optimizers.split(","))
     figures.update({f"{k}_state_ratio": v / states["adamw"] for k, v in states.items() if k != "adamw"})
     print(" ".join(f"{k}={v:.3f}" for k, v in figures.items()))
