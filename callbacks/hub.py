@@ -126,7 +126,8 @@ class HubUploadCallback(L.Callback):
         except Exception as exc:  # a card is nice to have; the weights still go up without one
             log.error("hub: could not write the model card: %s", _scrub(str(exc), self.__token))
         # The weights and their variants written beside them (the EMA's ``*_ema``).
-        patterns = ["README.md", "pytorch_lora_weights*.safetensors", "pipeline/*", "pipeline_ema/*"]
+        # transformer_lora*/: the peft adapter folder of families whose pipeline has no LoRA loader (PixArt-Sigma).
+        patterns = ["README.md", "pytorch_lora_weights*.safetensors", "pipeline/*", "pipeline_ema/*", "transformer_lora*/*"]
         if not any((self.output_dir / name).exists() for name in FINAL_WEIGHTS):
             log.warning("hub: no final weights in %s yet (%s); pushing the card only", self.output_dir, FINAL_WEIGHTS)
         folder = latest_validation_dir(self.output_dir)
