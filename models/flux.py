@@ -133,13 +133,7 @@ class FluxModule(DiffusionModule):
 
         torch.manual_seed(seed)
         schnell = name == "flux-schnell"
-        vae = diffusers.AutoencoderKL(
-            **{**tiny.VAE, "latent_channels": 16},
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny.vae16(shift_factor=0.1159, scaling_factor=0.3611)  # Flux's shift and scale
         transformer = diffusers.FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,  # 16 latent channels x a 2x2 patch

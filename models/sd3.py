@@ -83,14 +83,7 @@ class SD3Module(DiffusionModule):
         from models import tiny
 
         torch.manual_seed(seed)
-        # 16 latent channels with SD3's shift and scale; no quant convs, as in the real VAE.
-        vae = diffusers.AutoencoderKL(
-            **{**tiny.VAE, "latent_channels": 16},
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny.vae16(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's shift and scale
         transformer = diffusers.SD3Transformer2DModel(
             sample_size=8,
             patch_size=2,

@@ -30,6 +30,19 @@ VAE = dict(
 )
 
 
+def vae16(shift_factor: float, scaling_factor: float):
+    """A tiny 16-channel VAE with the given shift and scale and no quant convs, as SD3's and Flux's."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        **{**VAE, "latent_channels": 16},
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins that byte-level BPE (GPT-2, CLIP) uses for raw bytes.
 
