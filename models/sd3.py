@@ -65,6 +65,10 @@ class SD3Module(DiffusionModule):
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))  # (B, 77, D_t5)
         return {"prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
+    def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
+        # Validation encodes prompts as training did (the pipeline's default is 256 T5 tokens).
+        return super().sample_image(pipe, prompt, autocast, max_sequence_length=self.options.t5_max_length, **kwargs)
+
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype = self.denoiser_dtype
         return self.transformer(

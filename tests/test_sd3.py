@@ -91,3 +91,13 @@ def test_flow_settings_reach_the_noise_schedule(make_cfg, tmp_path):
     assert (noise.scheme, noise.weighting, noise.lo) == ("mode", "cosmap", 0.2)
     t = noise.sample(256, torch.Generator().manual_seed(0))
     assert float(t.min()) >= 200 and float(t.max()) <= 1000
+
+
+def test_validation_encodes_prompts_as_training_does(make_cfg, tmp_path):
+    module = _module(make_cfg, tmp_path, "model.options.t5_max_length=20")
+    lengths = []
+    module.text_encoder_3.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[-1]))
+    pipe = module.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    module.sample_image(pipe, "a red circle", num_inference_steps=1, width=64, height=64)
+    assert lengths and set(lengths) == {20}  # not the pipeline's default of 256
