@@ -123,6 +123,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
     from tuner.families import family_class
 
     model, data = cfg.model, cfg.data
+    family = family_class(model.family)
     datasets = []
     for name, result in getattr(datamodule, "results", {}).items():
         spec = datamodule.specs[name]
@@ -139,9 +140,9 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "family": model.family,
         "finetune": model.finetune,
         "base_model": model.pretrained_model_name_or_path,
-        "license": cfg.callbacks.hub.license or family_class(model.family).license,
-        "pipeline": family_class(model.family).pipeline_class.__name__,  # for the card's loading snippet
-        "lora_load": family_class(model.family).lora_load_snippet,
+        "license": cfg.callbacks.hub.license or family.license,
+        "pipeline": family.pipeline_class.__name__,  # for the card's loading snippet
+        "lora_load": family.lora_load_snippet,
         "instance_prompt": data.instance_prompt,
         "validation_prompts": validation_prompts,
         "epochs": cfg.num_train_epochs,
