@@ -77,6 +77,7 @@ class Validation(L.Callback):
         use_ema: str = "both",
         loss_batches: int = 4,
         loss_levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+        loss_timesteps: tuple[int, ...] | None = None,
     ):
         if use_ema not in USE_EMA:
             raise ValueError(f"callbacks.validation.use_ema={use_ema!r}; valid: {', '.join(USE_EMA)}")
@@ -86,6 +87,7 @@ class Validation(L.Callback):
         self.negative_prompt, self.guidance_scale = negative_prompt, guidance_scale
         self.num_inference_steps, self.width, self.height, self.seed = num_inference_steps, width, height, seed
         self.use_ema, self.loss_batches, self.loss_levels = use_ema, loss_batches, tuple(loss_levels)
+        self.loss_timesteps = tuple(loss_timesteps) if loss_timesteps else None  # the DDPM alias of the levels
         self._last_step = -1
         self.history: list[tuple[int, float]] = []  # (step, val/loss)
 
@@ -137,11 +139,17 @@ class Validation(L.Callback):
             for i, batch in enumerate(datamodule.fixed_batches(self.loss_batches)):
                 batch = trainer.strategy.batch_to_device(batch, pl_module.device)
                 generator = torch.Generator().manual_seed(self.seed + i)  # the same noise every time
-                for level in self.loss_levels:  # fractions of the noise schedule, for DDPM and flow alike
+                for level in self._levels(pl_module):  # fractions of the noise schedule, for DDPM and flow alike
                     total += float(pl_module.compute_loss(batch, generator, fixed_level=level))
                     n += 1
         restore()
         return total / n if n else None
+
+    def _levels(self, pl_module: L.LightningModule) -> tuple[float, ...]:
+        if self.loss_timesteps is None:
+            return self.loss_levels
+        n = pl_module.noise.num_timesteps  # the schedule's own count (1000 for SD, 1100 for Kolors)
+        return tuple(t / n for t in self.loss_timesteps)
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -70,6 +70,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     lora_target_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: names ``python -m tuner.tiny`` also accepts for this family's tiny pipeline (e.g. flux-dev, flux-schnell)
     tiny_variants: ClassVar[tuple[str, ...]] = ()
+    #: packages the family needs beyond the core install: module name -> the extra that installs it
+    requires: ClassVar[dict[str, str]] = {}
     #: extra keywords the family's pipeline needs to sample at any size (PixArt: no resolution binning)
     sampling_kwargs: ClassVar[dict[str, Any]] = {}
     #: how a user loads the exported LoRA (``{path}``: its folder), shown in the model card; see ``load_lora``

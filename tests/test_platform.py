@@ -129,3 +129,24 @@ def test_validation_decodes_outside_autocast_in_the_vaes_dtype(make_cfg, tmp_pat
     )
     assert image.size == (64, 64)
     assert seen == [(False, torch.float32)]  # SDXL's VAE is kept in fp32 and decodes in fp32
+
+
+def test_a_missing_family_package_is_a_one_line_config_error():
+    from tuner.config import ConfigError
+    from tuner.families import _check_requirements
+
+    family = type("Family", (), {"requires": {"no_such_module_for_tuner": "kolors"}})
+    with pytest.raises(ConfigError, match='model=kolors needs the no_such_module_for_tuner package: pip install -e ".\\[kolors\\]"'):
+        _check_requirements("kolors", family)
+    _check_requirements("sd15", type("Family", (), {"requires": {"torch": "core"}}))
+
+
+def test_validation_timestep_alias_uses_the_schedules_own_length(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.validation import Validation
+
+    val = Validation(str(tmp_path), loss_timesteps=(110, 550))
+    module = SimpleNamespace(noise=SimpleNamespace(num_timesteps=1100))  # Kolors' schedule
+    assert val._levels(module) == (0.1, 0.5)
+    assert Validation(str(tmp_path))._levels(module) == (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -72,6 +72,7 @@ def check_family(cfg) -> None:
         cls = family_class(model.family)
     except ValueError as err:
         raise ConfigError(f"model.family: {err}") from None
+    _check_requirements(model.family, cls)
     valid = [f.name for f in dataclasses.fields(cls.Options)]
     for key in model.options:
         if key not in valid:
@@ -114,9 +115,6 @@ def _check_schedule_keys(cfg, cls) -> None:
                 f"flow-matching settings, but {model.family} is a DDPM family (use uniform and none; min_snr_gamma "
                 "weights DDPM losses)"
             )
-        if val.loss_timesteps is not None:  # the alias, over SD's 1000 train timesteps
-            val.loss_levels = [t / 1000 for t in val.loss_timesteps]
-            val.loss_timesteps = None
 
 
 def _settle_text_encoders(cfg, cls) -> None:
@@ -138,3 +136,16 @@ def _settle_text_encoders(cfg, cls) -> None:
             raise ConfigError(
                 f"quantization.text_encoders.{name}: {cfg.model.family} has no such text encoder; valid: {', '.join(names)}"
             )
+
+
+def _check_requirements(family: str, cls) -> None:
+    """A package the family needs (its ``requires``: module -> the extra that installs it), checked before
+    anything loads: the libraries' own errors for a missing one can be baffling."""
+    import importlib.util
+
+    from tuner.config import ConfigError
+
+    for module, extra in cls.requires.items():
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"model={family} needs the {module} package: pip install -e \".[{extra}]\"")
+

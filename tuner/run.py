@@ -180,6 +180,7 @@ def validation_callback(cfg: DictConfig, output_dir: Path):
         use_ema=val.use_ema,
         loss_batches=val.loss_batches,
         loss_levels=tuple(val.loss_levels),
+        loss_timesteps=tuple(val.loss_timesteps) if val.loss_timesteps else None,
     )
 
 
