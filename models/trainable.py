@@ -42,7 +42,8 @@ def load_kwargs(cls: type, dtype: torch.dtype | None, common: dict, quantization
     ``torch_dtype``; tokenizers take neither. nf4 quantisation is applied while loading."""
     kwargs = dict(common)
     if dtype is not None:
-        kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
+        transformers_model = any(base.__module__.startswith("transformers.") for base in cls.__mro__)
+        kwargs["dtype" if transformers_model else "torch_dtype"] = dtype  # (Kolors' ChatGLM lives in diffusers)
     else:
         kwargs.pop("variant", None)  # tokenizers have no weight variants
     if quantization_config is not None:
