@@ -107,7 +107,9 @@ class KolorsModule(SDXLModule):
 def _tokenizer():
     """ChatGLM's tokenizer over a SentencePiece model trained here on a few sentences (byte fallback on,
     so any text encodes), written to a temporary file the tokenizer reads and later saves beside the model."""
+    import atexit
     import io
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -125,6 +127,8 @@ def _tokenizer():
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    path = Path(tempfile.mkdtemp(prefix="tuner-kolors-")) / "tokenizer.model"
+    folder = tempfile.mkdtemp(prefix="tuner-kolors-")
+    atexit.register(shutil.rmtree, folder, True)  # read again when the pipeline is saved, so kept until exit
+    path = Path(folder) / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return ChatGLMTokenizer(vocab_file=str(path))
