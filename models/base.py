@@ -95,6 +95,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         loss_weighting: str = "none",
         min_noise_level: float = 0.0,
         max_noise_level: float = 1.0,
+        expert: str | None = None,
+        expert_boundary: float = 0.35,
         min_timestep: int | None = None,
         max_timestep: int | None = None,
         noise_offset: float = 0.0,

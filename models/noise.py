@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 SCHEDULE_KINDS = ("ddpm", "flow")
 
 
+def noise_levels(hp: Any) -> tuple[float, float]:
+    """The trained range of noise levels: ``min_noise_level``..``max_noise_level``, narrowed to one
+    expert's side of ``expert_boundary`` when the run trains one (the seed's split schedule)."""
+    lo, hi = float(hp.min_noise_level), float(hp.max_noise_level)
+    expert = getattr(hp, "expert", None)
+    if expert == "low_noise":
+        hi = min(hi, hp.expert_boundary)
+    elif expert == "high_noise":
+        lo = max(lo, hp.expert_boundary)
+    return lo, hi
+
+
 class DDPMSchedule:
     """Discrete timesteps over ᾱ_t (Ho et al. 2020), with epsilon or v targets and min-SNR weighting."""
 
@@ -60,8 +72,9 @@ class DDPMSchedule:
     def _range(self, hp: Any) -> tuple[int, int]:
         """Integer bounds ``[min_t, max_t)``: the timestep aliases when set, else the levels."""
         n = self.num_timesteps
-        lo = hp.min_timestep if hp.min_timestep is not None else round(hp.min_noise_level * n)
-        hi = hp.max_timestep if hp.max_timestep is not None else round(hp.max_noise_level * n)
+        lo_level, hi_level = noise_levels(hp)
+        lo = hp.min_timestep if hp.min_timestep is not None else round(lo_level * n)
+        hi = hp.max_timestep if hp.max_timestep is not None else round(hi_level * n)
         if not 0 <= lo < hi <= n:
             raise ValueError(f"noise range [{lo}, {hi}) is outside the schedule's {n} timesteps")
         return lo, hi
@@ -119,7 +132,7 @@ class FlowSchedule:
         self.logit_mean, self.logit_std, self.mode_scale = hp.logit_mean, hp.logit_std, hp.mode_scale
         if hp.min_timestep is not None or hp.max_timestep is not None:
             raise ValueError("model.min_timestep/max_timestep are DDPM timesteps; use model.min_noise_level/max_noise_level")
-        self.lo, self.hi = float(hp.min_noise_level), float(hp.max_noise_level)
+        self.lo, self.hi = noise_levels(hp)
         self.device = torch.device("cpu")
 
     def to(self, device: torch.device) -> FlowSchedule:

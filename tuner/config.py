@@ -55,6 +55,11 @@ class TimestepSampling(Enum):
     mode = "mode"  # flow: mode-seeking density, heavier tails (mode_scale)
 
 
+class Expert(Enum):
+    high_noise = "high_noise"  # composition and large shapes: noise levels from expert_boundary up
+    low_noise = "low_noise"  # fine detail: noise levels below expert_boundary
+
+
 class LossWeighting(Enum):
     none = "none"
     sigma_sqrt = "sigma_sqrt"  # flow: sigma^-2
@@ -90,6 +95,9 @@ class ModelConfig:
     # The noise range trained on, as fractions of the schedule (DDPM: t / T; flow: sigma), for every family.
     min_noise_level: float = 0.0
     max_noise_level: float = 1.0
+    # The seed's mixture-of-experts split: this run trains one expert, on its part of the noise range only.
+    expert: Optional[Expert] = None
+    expert_boundary: float = 0.35  # the low-noise expert owns levels below it (SimpleTuner's refiner strength)
     min_timestep: Optional[int] = None  # DDPM alias of min_noise_level, in timesteps (0..999)
     max_timestep: Optional[int] = None  # DDPM alias of max_noise_level (exclusive)
     noise_offset: float = 0.0
@@ -382,6 +390,17 @@ def _check_noise_range(model: DictConfig) -> None:
             f"model.min_noise_level={lo}, model.max_noise_level={hi}; need 0 <= min_noise_level < max_noise_level <= 1 "
             "(fractions of the noise schedule)"
         )
+    if model.expert is not None:
+        if not 0 < model.expert_boundary < 1:
+            raise ConfigError(f"model.expert_boundary={model.expert_boundary}; valid: between 0 and 1 (e.g. 0.35)")
+        if model.min_timestep is not None or model.max_timestep is not None:
+            raise ConfigError("model.expert with model.min_timestep/max_timestep: give the range as noise levels only")
+        low = model.expert == Expert.low_noise
+        if (low and lo >= model.expert_boundary) or (not low and hi <= model.expert_boundary):
+            raise ConfigError(
+                f"model.expert={model.expert.name} at model.expert_boundary={model.expert_boundary} leaves no noise "
+                f"range inside model.min_noise_level={lo}..max_noise_level={hi}"
+            )
     t_lo, t_hi = model.min_timestep, model.max_timestep
     if (t_lo is not None and t_lo < 0) or (t_lo is not None and t_hi is not None and t_hi <= t_lo):
         raise ConfigError(

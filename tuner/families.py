@@ -84,6 +84,7 @@ def check_family(cfg) -> None:
         raise ConfigError(f"model.options: {err}".splitlines()[0]) from None
     model.options = OmegaConf.to_container(options)
     _check_schedule_keys(cfg, cls)
+    _expert_validation_levels(cfg)
     _settle_text_encoders(cfg, cls)
     steps = {"data": cfg.data.bucket_step}
     steps.update({f"data.datasets.{k}": v.get("bucket_step") for k, v in cfg.data.datasets.items()})
@@ -148,4 +149,17 @@ def _check_requirements(family: str, cls) -> None:
     for module, extra in cls.requires.items():
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"model={family} needs the {module} package: pip install -e \".[{extra}]\"")
+
+
+def _expert_validation_levels(cfg) -> None:
+    """An expert's validation loss is measured on its own part of the noise range: the levels outside it
+    are dropped (the middle of the range stands in when none is left)."""
+    from models.noise import noise_levels
+
+    if cfg.model.expert is None:
+        return
+    lo, hi = noise_levels(cfg.model)
+    val = cfg.callbacks.validation
+    kept = [level for level in val.loss_levels if lo <= level < hi]
+    val.loss_levels = kept or [(lo + hi) / 2]
 
