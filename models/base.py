@@ -368,10 +368,13 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         return list(target_modules)
 
     @classmethod
-    def identity(cls, family: str, base_model: str, finetune: str, lora: dict | None) -> dict:
+    def identity(
+        cls, family: str, base_model: str, finetune: str, lora: dict | None, expert: str | None = None
+    ) -> dict:
         """What a checkpoint must share with the run that resumes it: stored in every checkpoint and
         compared before any weight loads (callbacks.checkpoints.check_resumable)."""
         out: dict[str, Any] = {"family": family, "base_model": str(base_model), "finetune": str(finetune)}
+        out["expert"] = expert  # a split-schedule expert resumes as the same expert
         if finetune == "lora":
             lora = dict(lora or {})
             rank = int(lora.get("rank") or 16)
@@ -384,7 +387,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
 
     def run_identity(self) -> dict:
         hp = self.hparams
-        return self.identity(hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora)
+        return self.identity(hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.expert)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen VAE, text encoders and (under LoRA) the base denoiser stay out of .ckpt files.

@@ -187,6 +187,7 @@ def test_resuming_another_familys_checkpoint_says_what_differs_before_loading(ma
         (["model.lora.rank=8"], "lora_rank: checkpoint 4, this run 8"),
         (["model.lora.target_modules=[to_q,to_v,proj_in]"], "lora_target_modules: checkpoint"),
         (["model.finetune=full"], "finetune: checkpoint 'lora', this run 'full'"),
+        (["model.expert=low_noise"], "expert: checkpoint None, this run 'low_noise'"),
     ):
         cfg = prepare(make_cfg(*overrides, "resume_from_checkpoint=latest", output_dir=out))
         with pytest.raises(CheckpointError, match="trained with another model setup") as err:

@@ -405,7 +405,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if ckpt_path is not None:
         model = cfg.model
         identity = get_class(model._target_).identity(
-            model.family, model.pretrained_model_name_or_path, model.finetune, model.lora
+            model.family, model.pretrained_model_name_or_path, model.finetune, model.lora, model.expert
         )
         check_resumable(ckpt_path, identity)
     return ckpt_path
