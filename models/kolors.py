@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import KolorsPipeline
 
-from models.sdxl import SDXLModule
+from models.sdxl import SDXLModule, tiny_unet
 
 _SENTENCES = [
     "a red circle on white",
@@ -65,19 +65,8 @@ class KolorsModule(SDXLModule):
 
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKL(**tiny.VAE)
-        unet = diffusers.UNet2DConditionModel(
-            **tiny.UNET,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            encoder_hid_dim_type="text_proj",  # ChatGLM's width (32 here, 4096 real) -> cross-attention's
-            encoder_hid_dim=32,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,  # pooled 32 + six time ids of 8
-        )
+        # SDXL's, with ChatGLM's width (32 here, 4096 real) projected to cross-attention's by the UNet.
+        unet = tiny_unet(cross_attention_dim=32, encoder_hid_dim_type="text_proj", encoder_hid_dim=32)
         tokenizer = _tokenizer()
         config = ChatGLMConfig(
             num_layers=2,

@@ -61,19 +61,7 @@ class SDXLModule(DiffusionModule):
 
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKL(**tiny.VAE)
-        # Pooled text embeds (32) + six time ids of 8 each, as SDXL's add_embedding expects.
-        unet = diffusers.UNet2DConditionModel(
-            **tiny.UNET,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80,
-        )
+        unet = tiny_unet()
         return cls.pipeline_class(
             vae=vae,
             text_encoder=CLIPTextModel(tiny.clip_text_config()),
@@ -83,3 +71,26 @@ class SDXLModule(DiffusionModule):
             unet=unet,
             scheduler=diffusers.EulerDiscreteScheduler(**tiny.SCHEDULER, timestep_spacing="leading"),
         )
+
+
+def tiny_unet(**overrides):
+    """SDXL's tiny UNet: micro-conditioning with pooled text embeds (32) + six time ids of 8 each, as SDXL's
+    add_embedding expects. ``overrides`` adapt it to a family built on SDXL (Kolors)."""
+    import diffusers
+
+    from models import tiny
+
+    config = dict(
+        **tiny.UNET,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+    )
+    return diffusers.UNet2DConditionModel(**{**config, **overrides})
+
