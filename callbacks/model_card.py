@@ -282,6 +282,8 @@ def _body(info: Mapping, images: list[Path], output_dir: Path) -> list[str]:
         lines += _table(["Prompt", "Image"], rows)
     else:
         lines.append(MISSING)
+    if info.get("license_note"):
+        lines += ["", "## Licence", "", str(info["license_note"])]
     lines += ["", "## Training settings", "", *_settings(info), "", "## Datasets", "", *_datasets(info)]
     lines += ["", "## Inference", "", *_snippet(info), ""]
     return lines

@@ -105,7 +105,7 @@ class BucketedImageDataset(Dataset):
         sample = self.samples[index]
         if self.latent_keys is not None:
             entry = self.latents.load(self.latent_keys[index])
-            out = {"moments": entry["moments"], "crop_top_left": tuple(entry["crop_top_left"].tolist())}
+            out = {"encoded": entry["encoded"], "crop_top_left": tuple(entry["crop_top_left"].tolist())}
             rng = random.Random(f"{self.seed}:{epoch}:{index}")  # cached crops are never random ones
         else:
             pixels, crop, rng = self.pixels(index, epoch)
@@ -146,8 +146,8 @@ def collate(items: list[dict]) -> dict[str, Any]:
         "target_size": torch.tensor([it["target_size"] for it in items]),  # (B, 2) as (h, w)
         "is_regularisation": torch.tensor([it["is_regularisation"] for it in items]),  # (B,) bool
     }
-    if "moments" in items[0]:
-        batch["moments"] = torch.stack([it["moments"] for it in items])  # (B, 2C, h, w), one bucket
+    if "encoded" in items[0]:
+        batch["encoded"] = torch.stack([it["encoded"] for it in items])  # (B, 2C, h, w), one bucket
     else:
         batch["pixels"] = torch.stack([it["pixels"] for it in items])  # (B, 3, H, W), one bucket
     if "cond" in items[0]:
@@ -305,12 +305,12 @@ class DiffusionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.scan()
 
-    def attach_encoders(self, image_moments, encode_prompts, identity: dict, offload) -> None:
+    def attach_encoders(self, encode_pixels, encode_prompts, identity: dict, offload) -> None:
         """The model's encoders, for the latent and text-embedding caches (``DiffusionModule.data_encoders``).
 
         The caches are filled when the first train dataloader is built, by which time Lightning has moved
-        the model to its device."""
-        self._encoders = {"image_moments": image_moments, "encode_prompts": encode_prompts, "offload": offload}
+        the model to its device. ``encode_pixels`` is None for a pixel-space family: no image cache."""
+        self._encoders = {"encode_pixels": encode_pixels, "encode_prompts": encode_prompts, "offload": offload}
         self._identity = identity
 
     def _build_dataset(self, rank: int, world: int) -> BucketedImageDataset:
@@ -322,9 +322,12 @@ class DiffusionDataModule(L.LightningDataModule):
         root = Path(self.cache_dir)
         latent_keys = embeds = None
         random_crops = any(s.crop and s.crop_style == "random" for s in samples)
-        if self.cache_latents and random_crops:
+        pixel_space = self._encoders["encode_pixels"] is None
+        if self.cache_latents and pixel_space:
+            log.info("latent cache off: the model trains in pixel space (text embeddings are still cached)")
+        elif self.cache_latents and random_crops:
             log.info("latent cache off: a dataset crops at random, so each use needs a fresh crop")
-        if self.cache_latents and not random_crops:
+        if self.cache_latents and not random_crops and not pixel_space:
             latents = TensorCache(root / "latents")
             latent_keys = [
                 cache_key(
@@ -356,7 +359,7 @@ class DiffusionDataModule(L.LightningDataModule):
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i in todo:
             by_bucket.setdefault(plain.samples[i].bucket, []).append(i)
-        encode = self._encoders["image_moments"]
+        encode = self._encoders["encode_pixels"]
         for indices in by_bucket.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk, pixels, crops, kept = indices[start : start + self.batch_size], [], [], []
@@ -373,9 +376,9 @@ class DiffusionDataModule(L.LightningDataModule):
                     kept.append(i)
                 if not kept:
                     continue
-                moments = encode(torch.stack(pixels)).float().cpu()  # (b, 2C, h, w)
-                for i, m, crop in zip(kept, moments, crops, strict=True):
-                    latents.save(keys[i], {"moments": m, "crop_top_left": torch.tensor(crop)})
+                encoded = encode(torch.stack(pixels)).float().cpu()  # (b, 2C, h, w)
+                for i, e, crop in zip(kept, encoded, crops, strict=True):
+                    latents.save(keys[i], {"encoded": e, "crop_top_left": torch.tensor(crop)})
         if todo:
             log.info("latent cache: encoded %d images on this process", len(todo))
 

@@ -62,6 +62,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     latent_space: ClassVar[bool] = True
     pixel_multiple: ClassVar[int] = 8
     license: ClassVar[str] = "other"
+    #: what the model card says of the licence beyond its name (a gated base model: how to get access)
+    license_note: ClassVar[str] = ""
     components: ClassVar[dict[str, str]] = {}
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     vae_in_fp32: ClassVar[bool] = False  # keep the VAE in fp32 under mixed precision (SDXL's overflows in fp16)
@@ -147,6 +149,17 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         is the family or one of its ``tiny_variants``."""
         raise NotImplementedError
 
+    def image_conditioning(self, clean: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Conditioning derived from the clean training image, added to the prompt's (IF stage II: its
+        noised low-res version); every random draw from ``generator``. None by default."""
+        return {}
+
+    @classmethod
+    def sampling_inputs(cls, height: int, width: int) -> dict[str, Any]:
+        """Keywords the family's pipeline needs to produce a ``height`` x ``width`` image beyond the prompt
+        (``sampling_kwargs``; a super-resolution stage adds the image it upscales)."""
+        return dict(cls.sampling_kwargs)
+
     @classmethod
     def load_lora(cls, pipe, path) -> None:
         """Load the LoRA this family exported (the folder ``path``) into ``pipe``: what
@@ -199,7 +212,12 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
             # UNet LoRAs are saved in diffusers' own key format (lora.down/up), as the diffusers UNet
             # scripts write them; transformer LoRAs stay in peft's format, which their loaders expect
             # (converting would rename only the layers the UNet mapping knows, and those would not load).
-            layers = convert_state_dict_to_diffusers(layers)
+            # The mapping knows attention's to_q/k/v/out: a UNet LoRA on other layers too (IF's added
+            # key/value projections) stays whole in peft's format, which the loader also reads; a file
+            # half in each format would not load.
+            converted = convert_state_dict_to_diffusers(layers)
+            if not any(".lora_A." in k or ".lora_B." in k for k in converted):
+                layers = converted
         return {
             f"{name}_lora_layers": layers,
             # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
@@ -266,8 +284,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         self.noise.to(self.device)
         p_drop = hp.caption_dropout_probability if fixed_level is None else 0.0
         with torch.no_grad():
-            moments = batch["moments"] if "moments" in batch else self.image_moments(batch["pixels"])
-            latents = self.latents_from_moments(moments, generator).float()
+            encoded = batch["encoded"] if "encoded" in batch else self.encode_pixels(batch["pixels"])
+            latents = self.model_inputs(encoded, generator).float()
             dropped = obj.dropout_mask(len(batch["captions"]), p_drop, generator)
             if "cond" in batch:  # text embeddings from the cache
                 cond = self.drop_cond(batch["cond"], dropped)
@@ -280,6 +298,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         else:
             timesteps = self.noise.at_level(fixed_level, n)
         noisy = self.noise.noisy(latents, obj.perturb_noise(noise, hp.input_perturbation, generator), timesteps)
+        with torch.no_grad():
+            cond = {**cond, **self.image_conditioning(latents, generator)}
         pred = self.denoise(noisy, timesteps, cond, batch)
         tgt = self.noise.target(latents, noise, timesteps)
         return obj.weighted_mse(pred, tgt, self.loss_weights(batch, timesteps))

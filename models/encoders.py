@@ -1,5 +1,5 @@
-"""The frozen encoders' side of a family module: VAE posteriors for the latent cache, prompt conditioning
-for the text-embedding cache, caption dropout on cached conditioning, and moving the encoders off the
+"""The frozen encoders' side of a family module: the image encoding the latent cache stores (a VAE
+posterior; nothing for a pixel-space family), prompt conditioning for the text-embedding cache, caption dropout on cached conditioning, and moving the encoders off the
 accelerator once the caches hold what they would compute. Mixed into ``DiffusionModule``."""
 
 from __future__ import annotations
@@ -15,29 +15,35 @@ import torch
 
 class EncodersMixin:
     @torch.no_grad()
-    def image_moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1], (B, 3, H, W) -> the VAE posterior's mean and log-variance (B, 2C, H/8, W/8).
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> their deterministic encoding, what the image cache stores:
+        the VAE posterior's mean and log-variance (B, 2C, H/8, W/8). A pixel-space family trains on the
+        pixels themselves, so they pass through (and it has no image cache: ``data_encoders``).
 
-        This is the deterministic half of encoding, so it is what the latent cache stores; the sample is
-        drawn per step (``latents_from_moments``) exactly as without a cache.
+        The posterior sample is drawn per step (``model_inputs``) exactly as without a cache.
         """
+        if not self.latent_space:
+            return pixels.to(self.device)
         # Lightning's autocast covers the whole step; a VAE kept in fp32 must also compute in fp32.
         keep_fp32 = torch.autocast(self.device.type, enabled=False) if self.vae_in_fp32 else nullcontext()
         with keep_fp32:
             return self.vae.encode(pixels.to(self.vae.device, self.vae_dtype)).latent_dist.parameters
 
-    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A posterior sample, shifted and scaled into the denoiser's latent space. (B, C, H/8, W/8)."""
+    def model_inputs(self, encoded: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the denoiser trains on, from ``encode_pixels``'s output: a posterior sample shifted and
+        scaled into the latent space (B, C, H/8, W/8), or the pixels of a pixel-space family."""
+        if not self.latent_space:
+            return encoded.to(self.device)
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        latents = DiagonalGaussianDistribution(moments.to(self.device)).sample(generator=generator)
+        latents = DiagonalGaussianDistribution(encoded.to(self.device)).sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
-        return self.latents_from_moments(self.image_moments(pixels), generator)
+        """Pixels in [-1, 1], (B, 3, H, W) -> what the denoiser trains on (scaled latents or pixels)."""
+        return self.model_inputs(self.encode_pixels(pixels), generator)
 
     @torch.no_grad()
     def unconditional(self) -> dict[str, torch.Tensor]:
@@ -79,11 +85,13 @@ class EncodersMixin:
         base = f"{hp.pretrained_model_name_or_path}@{hp.revision}:{hp.variant}:{type(self).__name__}"
         text_parts = [n for n, _ in self.named_children() if n.startswith("text_encoder")]
         text_parts += [n for n in vars(self) if n.startswith("tokenizer")]
-        vae_id = f"{base}:vae:{self.vae_dtype}:{self._weights_fingerprint(['vae'])}"
+        # ("encoded": entries are stored under that key; older caches' entries are not matched)
+        vae_id = f"{base}:vae:encoded:{self.vae_dtype}:{self._weights_fingerprint(['vae'])}"
         levels = ",".join(f"{k}={v}" for k, v in sorted(self.text_encoder_levels().items()))
         text_id = f"{base}:text:{self.text_dtype}:{levels}:{self.options}:{self._weights_fingerprint(sorted(text_parts))}"
         return {
-            "image_moments": self.image_moments,
+            # a pixel-space family has nothing worth caching of its images: they are read each step
+            "encode_pixels": self.encode_pixels if self.latent_space else None,
             "encode_prompts": self.encode_prompts,
             "identity": {"vae": vae_id, "text": text_id},
             "offload": self.offload_encoders,

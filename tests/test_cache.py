@@ -59,7 +59,7 @@ def test_damaged_entries_are_recomputed(make_cfg, tmp_path):
     victim.write_bytes(victim.read_bytes()[:40])  # a write cut short
     train(make_cfg(*base, output_dir=tmp_path / "b"))
     again = load_file(victim)
-    assert torch.allclose(again["moments"], good["moments"], atol=1e-5)  # re-encoded alone: same up to batching
+    assert torch.allclose(again["encoded"], good["encoded"], atol=1e-5)  # re-encoded alone: same up to batching
 
 
 def test_random_crops_are_never_cached(make_cfg, tmp_path):
@@ -83,7 +83,7 @@ def test_encoders_are_offloaded_once_cached(make_cfg, tmp_path):
     dm.scan()
     batch = next(iter(dm.train_dataloader()))
     assert offloads == [{"vae": True, "text": True}]
-    assert "moments" in batch and "pixels" not in batch and set(batch["cond"]) == {"encoder_hidden_states"}
+    assert "encoded" in batch and "pixels" not in batch and set(batch["cond"]) == {"encoder_hidden_states"}
     assert module._uncond is not None  # the empty prompt was encoded before the text encoder left
     loss = module.compute_loss(batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)

@@ -141,6 +141,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "finetune": model.finetune,
         "base_model": model.pretrained_model_name_or_path,
         "license": cfg.callbacks.hub.license or family.license,
+        "license_note": family.license_note,
         "pipeline": family.pipeline_class.__name__,  # for the card's loading snippet
         "lora_load": family.lora_load_snippet,
         "instance_prompt": data.instance_prompt,
