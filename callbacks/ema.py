@@ -71,6 +71,8 @@ class EMA(L.Callback):
         self.last_step = step
         decay = self.current_decay(step)
         live = self._live(pl_module)
+        if hasattr(pl_module, "parameters_to_average"):  # a two-expert run: the experts that trained (a shadow each)
+            live = {k: live[k] for k in pl_module.parameters_to_average(list(live))}
         shadows = [self.shadow[k] for k in live]
         values = [p.detach().to(s.device, torch.float32) for p, s in zip(live.values(), shadows, strict=True)]
         torch._foreach_lerp_(shadows, values, 1.0 - decay)  # shadow += (1 - decay) * (value - shadow)

@@ -238,7 +238,9 @@ def _snippet(info: Mapping) -> list[str]:
     repo = info.get("repo_id") or "."
     prompt = info.get("instance_prompt") or "a photo"
     pipeline = info.get("pipeline") or "DiffusionPipeline"  # the family's own class, when known
-    if _finetune(info) == "lora":
+    if _finetune(info) == "lora" and info.get("experts"):
+        load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)", *_experts(info, repo)]
+    elif _finetune(info) == "lora":
         load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)"]
         load.append((info.get("lora_load") or "pipe.load_lora_weights({path!r})").format(path=repo))
     else:
@@ -253,6 +255,30 @@ def _snippet(info: Mapping) -> list[str]:
         f"image = pipe({prompt!r}).images[0]",
         'image.save("output.png")',
         "```",
+    ]
+
+
+def _experts(info: Mapping, repo: str) -> list[str]:
+    """Loading a two-expert run's LoRAs, one adapter each, and switching between them by the timestep the
+    pipeline passes its denoiser (what tuner's validation does)."""
+    experts = info["experts"]
+    if (info.get("lora_load") or "pipe.load_lora_weights({path!r})") != "pipe.load_lora_weights({path!r})":
+        return ["# one LoRA per expert: pytorch_lora_weights_high_noise / _low_noise; load each as this family's LoRA"]
+    scale = experts.get("timestep_scale")
+    unit = repr(scale) if scale else "pipe.scheduler.config.num_train_timesteps"
+    lines = [
+        f'pipe.load_lora_weights({repo!r}, weight_name="pytorch_lora_weights_{name}.safetensors", adapter_name="{name}")'
+        for name in ("high_noise", "low_noise")
+    ]
+    return [
+        *lines,
+        f"boundary = {experts['boundary']} * {unit}  # the experts' split, in the denoiser's timesteps",
+        "",
+        "def pick_expert(module, args, kwargs):  # each step's timestep decides which expert denoises it",
+        '    t = torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None))',
+        '    pipe.set_adapters("low_noise" if float(t.flatten()[0]) < boundary else "high_noise")',
+        "",
+        f"pipe.{experts.get('denoiser') or 'unet'}.register_forward_pre_hook(pick_expert, with_kwargs=True)",
     ]
 
 

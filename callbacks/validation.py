@@ -160,26 +160,28 @@ class Validation(L.Callback):
         folder = self.output_dir / "validation" / f"step_{trainer.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         restore = pl_module.encoders_on_device()
+        experts = pl_module.sampling_context() if hasattr(pl_module, "sampling_context") else nullcontext()
         try:
-            pipe = pl_module.pipeline()
-            pipe.set_progress_bar_config(disable=True)
-            produced: list[tuple[str, Image.Image]] = []
-            for suffix, context in variants:
-                with context:
-                    for name, prompt in self.prompts.items():
-                        image = pl_module.sample_image(
-                            pipe,
-                            prompt,
-                            autocast=trainer.precision_plugin.forward_context(),
-                            negative_prompt=self.negative_prompt or None,
-                            num_inference_steps=self.num_inference_steps,
-                            guidance_scale=self.guidance_scale,
-                            width=self.width,
-                            height=self.height,
-                            generator=torch.Generator("cpu").manual_seed(self.seed),
-                        )
-                        image.save(folder / f"{name}{suffix}.png")
-                        produced.append((f"{name}{suffix}", image))
+            with experts:  # a two-expert run: each timestep sampled by its own expert
+                pipe = pl_module.pipeline()
+                pipe.set_progress_bar_config(disable=True)
+                produced: list[tuple[str, Image.Image]] = []
+                for suffix, context in variants:
+                    with context:
+                        for name, prompt in self.prompts.items():
+                            image = pl_module.sample_image(
+                                pipe,
+                                prompt,
+                                autocast=trainer.precision_plugin.forward_context(),
+                                negative_prompt=self.negative_prompt or None,
+                                num_inference_steps=self.num_inference_steps,
+                                guidance_scale=self.guidance_scale,
+                                width=self.width,
+                                height=self.height,
+                                generator=torch.Generator("cpu").manual_seed(self.seed),
+                            )
+                            image.save(folder / f"{name}{suffix}.png")
+                            produced.append((f"{name}{suffix}", image))
         finally:
             restore()
         grid([img for _, img in produced], columns=len(self.prompts)).save(folder / "grid.png")

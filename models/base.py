@@ -37,6 +37,7 @@ from models import noise as noise_schedules
 from models import objectives as obj
 from models import trainable
 from models.encoders import EncodersMixin
+from models.experts import EXPERTS, Experts
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     sampling_kwargs: ClassVar[dict[str, Any]] = {}
     #: how a user loads the exported LoRA (``{path}``: its folder), shown in the model card; see ``load_lora``
     lora_load_snippet: ClassVar[str] = "pipe.load_lora_weights({path!r})"
+    #: what one level of noise is in the timestep the pipeline passes the denoiser; None: the schedule's
+    #: number of train timesteps (Flux's pipeline passes sigma itself: 1.0)
+    denoiser_timestep_scale: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -99,6 +103,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         max_noise_level: float = 1.0,
         expert: str | None = None,
         expert_boundary: float = 0.35,
+        experts: str | None = None,
+        expert_partner: str | None = None,
         min_timestep: int | None = None,
         max_timestep: int | None = None,
         noise_offset: float = 0.0,
@@ -201,13 +207,19 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         """Components to leave out when the full pipeline is written from the base checkpoint."""
         return {name: None for name in self.components if not self.wanted(name)}
 
-    def lora_layers(self) -> dict[str, Any]:
-        """``save_lora_weights`` keywords: the denoiser's LoRA in diffusers format, under its own name."""
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(adapter name, file-name tag) of each LoRA this run trains: one, or one per split-schedule expert."""
+        if self.hparams.experts == "two_lora":
+            return [(name, f"_{name}") for name in EXPERTS]
+        return [("default", "")]
+
+    def lora_layers(self, adapter: str = "default") -> dict[str, Any]:
+        """``save_lora_weights`` keywords: one adapter of the denoiser, in diffusers format, under its own name."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         name = self.denoiser_name
-        layers = get_peft_model_state_dict(self.denoiser)
+        layers = get_peft_model_state_dict(self.denoiser, adapter_name=adapter)
         if name == "unet":
             # UNet LoRAs are saved in diffusers' own key format (lora.down/up), as the diffusers UNet
             # scripts write them; transformer LoRAs stay in peft's format, which their loaders expect
@@ -222,7 +234,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
             f"{name}_lora_layers": layers,
             # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
             # trained strength (without it diffusers assumes alpha = rank).
-            f"{name}_lora_adapter_metadata": self.denoiser.peft_config["default"].to_dict(),
+            f"{name}_lora_adapter_metadata": self.denoiser.peft_config[adapter].to_dict(),
         }
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -255,7 +267,10 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         self.denoiser_dtype = plan[self.denoiser_name]
         trainable.quantize_frozen(self, {self.denoiser_name: hp.base_model_precision, **self.text_encoder_levels()})
         lora = {**dict(hp.lora or {}), "target_modules": self.lora_targets((hp.lora or {}).get("target_modules"))}
-        trainable.setup_adapter(self.denoiser, hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing)
+        adapters = EXPERTS if hp.experts == "two_lora" else ("default",)
+        trainable.setup_adapter(self.denoiser, hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, adapters)
+        # split-schedule experts sharing this denoiser (models/experts.py); None for a plain run
+        self.experts = Experts(self) if hp.experts or hp.expert_partner else None
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info("%s: %s trainable parameters (%s)", type(self).__name__, f"{n_train:,}", hp.finetune)
 
@@ -269,6 +284,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.noise.to(self.device)
+        if self.experts is not None:
+            self.experts.to(self.device)
 
     # ---- training -------------------------------------------------------------------------------
     def _step_generator(self, batch_idx: int) -> torch.Generator:
@@ -282,6 +299,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         fraction of the schedule; validation) every sample is noised to that level and no caption drops."""
         hp = self.hparams
         self.noise.to(self.device)
+        # a two-expert run samples inside the step's expert's range (its adapter on); else the run's range
+        schedule = self.noise if self.experts is None else self.experts.schedule_for(fixed_level)
         p_drop = hp.caption_dropout_probability if fixed_level is None else 0.0
         with torch.no_grad():
             encoded = batch["encoded"] if "encoded" in batch else self.encode_pixels(batch["pixels"])
@@ -294,7 +313,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         noise = obj.offset_noise(obj.randn(latents.shape, generator, latents), hp.noise_offset, generator)
         n = latents.shape[0]
         if fixed_level is None:
-            timesteps = self.noise.sample(n, generator, self.flow_shift_for(latents))
+            timesteps = schedule.sample(n, generator, self.flow_shift_for(latents))
         else:
             timesteps = self.noise.at_level(fixed_level, n)
         noisy = self.noise.noisy(latents, obj.perturb_noise(noise, hp.input_perturbation, generator), timesteps)
@@ -319,6 +338,8 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
             log.debug(
                 "rank %d epoch %d batch %d: %s", self.global_rank, self.current_epoch, batch_idx, batch["captions"]
             )
+        if self.experts is not None:
+            self.experts.begin_step(batch_idx)
         loss = self.compute_loss(batch, self._step_generator(batch_idx))
         self.log(
             "train/loss",
@@ -407,7 +428,20 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
 
     def run_identity(self) -> dict:
         hp = self.hparams
-        return self.identity(hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.expert)
+        return self.identity(hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.experts or hp.expert)
+
+    # ---- split-schedule experts (models/experts.py) -------------------------------------------------
+    def denoiser_level(self, timestep: torch.Tensor) -> float:
+        """The noise level (0..1) of a timestep as the pipeline passes it to the denoiser."""
+        return float(timestep.flatten()[0]) / (self.denoiser_timestep_scale or self.noise.num_timesteps)
+
+    def sampling_context(self):
+        """Around validation sampling: each denoiser call served by the expert owning its level."""
+        return self.experts.sampling() if self.experts is not None else nullcontext()
+
+    def parameters_to_average(self, names: list[str]) -> list[str]:
+        """Of the trainable parameters, those the EMA updates now: a two-expert run's trained experts'."""
+        return names if self.experts is None else self.experts.updated_parameters(names)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen VAE, text encoders and (under LoRA) the base denoiser stay out of .ckpt files.

@@ -15,11 +15,14 @@ def save_weights(module: Any, directory: str | Path, full_pipeline: bool = True,
     directory.mkdir(parents=True, exist_ok=True)
     hp = module.hparams
     if hp.finetune == "lora":
-        name = f"pytorch_lora_weights{suffix}.safetensors"
-        module.pipeline_class.save_lora_weights(
-            directory, **module.lora_layers(), weight_name=name, safe_serialization=True
-        )
-        return respect_umask(directory / name)
+        paths = []
+        for adapter, tag in module.lora_adapters():  # one file per split-schedule expert in a two-expert run
+            name = f"pytorch_lora_weights{tag}{suffix}.safetensors"
+            module.pipeline_class.save_lora_weights(
+                directory, **module.lora_layers(adapter), weight_name=name, safe_serialization=True
+            )
+            paths.append(respect_umask(directory / name))
+        return paths[0]
     if full_pipeline:
         # The frozen parts are written from the base checkpoint at its own precision, not from the
         # copies loaded for training; only the trained denoiser comes from memory.

@@ -65,6 +65,7 @@ def dynamic_mu(seq_len: int, config: dict) -> float:
 class FluxModule(DiffusionModule):
     pipeline_class = FluxPipeline
     denoiser_name = "transformer"
+    denoiser_timestep_scale = 1.0  # FluxPipeline passes sigma itself
     noise_schedule = "flow"
     pixel_multiple = 16  # the VAE's 8x, then 2x2 packing
     license = "other"  # dev: the FLUX.1 [dev] non-commercial licence; the flux-schnell preset sets apache-2.0

@@ -102,19 +102,23 @@ class PixArtSigmaModule(DiffusionModule):
         from models.export import respect_umask
 
         directory = Path(directory)
-        folder = directory / f"transformer_lora{suffix}"
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.transformer.peft_config["default"]
-        state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
-        config.save_pretrained(str(folder))
-        # peft's own layout: keys under the PeftModel wrapper's path, or PeftModel.from_pretrained loads nothing
-        peft_keys = {f"base_model.model.{k}": v for k, v in state.items()}
-        save_file(peft_keys, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        path = directory / WEIGHT_NAME.format(suffix=suffix)
-        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config.to_dict(), default=list, sort_keys=True)}
-        save_file({f"transformer.{k}": v for k, v in state.items()}, str(path), metadata=metadata)
-        respect_umask(folder)
-        return respect_umask(path)
+        paths = []
+        for adapter, tag in self.lora_adapters():  # one per split-schedule expert in a two-expert run
+            folder = directory / f"transformer_lora{tag}{suffix}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = self.transformer.peft_config[adapter]
+            state = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
+            state = {k: v.detach().contiguous() for k, v in state.items()}
+            config.save_pretrained(str(folder))
+            # peft's own layout: keys under the PeftModel wrapper's path, or PeftModel.from_pretrained loads nothing
+            peft_keys = {f"base_model.model.{k}": v for k, v in state.items()}
+            save_file(peft_keys, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+            path = directory / WEIGHT_NAME.format(suffix=f"{tag}{suffix}")
+            settings = json.dumps(config.to_dict(), default=list, sort_keys=True)
+            save_file({f"transformer.{k}": v for k, v in state.items()}, str(path), metadata={"format": "pt", "lora_adapter_metadata": settings})
+            respect_umask(folder)
+            paths.append(respect_umask(path))
+        return paths[0]
 
     @classmethod
     def tiny_pipeline(cls, name: str, seed: int = 0):

@@ -69,8 +69,11 @@ def quantize_frozen(module: Any, levels: dict[str, str]) -> None:
             quantize_module(part, level)
 
 
-def setup_adapter(denoiser: torch.nn.Module, finetune: str, lora: dict, default_targets, checkpointing: bool) -> None:
-    """LoRA through peft (only the adapter trains, upcast to fp32) or the whole denoiser."""
+def setup_adapter(
+    denoiser: torch.nn.Module, finetune: str, lora: dict, default_targets, checkpointing: bool, names=("default",)
+) -> None:
+    """LoRA through peft (only the adapters train, upcast to fp32) or the whole denoiser. ``names``: the
+    adapters, one per split-schedule expert when a run trains two."""
     if finetune == "lora":
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
@@ -83,13 +86,18 @@ def setup_adapter(denoiser: torch.nn.Module, finetune: str, lora: dict, default_
             init_lora_weights="gaussian",
             target_modules=list(lora.get("target_modules") or default_targets),
         )
-        if hasattr(denoiser, "add_adapter"):
-            denoiser.add_adapter(config)
-        else:  # a denoiser without diffusers' PEFT mixin (PixArt's transformer): peft injects the same layers
-            from peft import inject_adapter_in_model
+        for name in names:
+            if hasattr(denoiser, "add_adapter"):
+                denoiser.add_adapter(config, adapter_name=name)
+            else:  # a denoiser without diffusers' PEFT mixin (PixArt's transformer): peft injects the same layers
+                from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(config, denoiser, adapter_name="default")
-            denoiser.peft_config = {"default": config}
+                inject_adapter_in_model(config, denoiser, adapter_name=name)
+                denoiser.peft_config = {**getattr(denoiser, "peft_config", {}), name: config}
+        if len(names) > 1:  # adding an adapter freezes the others; every one trains
+            for param_name, p in denoiser.named_parameters():
+                if any(f".{name}." in param_name for name in names):
+                    p.requires_grad_(True)
         cast_training_params(denoiser, dtype=torch.float32)  # only what trains is upcast
     elif finetune == "full":
         denoiser.requires_grad_(True)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -60,6 +61,10 @@ class Expert(Enum):
     low_noise = "low_noise"  # fine detail: noise levels below expert_boundary
 
 
+class Experts(Enum):
+    two_lora = "two_lora"  # both split-schedule experts in one run: two LoRA adapters on the one base
+
+
 class LossWeighting(Enum):
     none = "none"
     sigma_sqrt = "sigma_sqrt"  # flow: sigma^-2
@@ -98,6 +103,8 @@ class ModelConfig:
     # The seed's mixture-of-experts split: this run trains one expert, on its part of the noise range only.
     expert: Optional[Expert] = None
     expert_boundary: float = 0.35  # the low-noise expert owns levels below it (SimpleTuner's refiner strength)
+    experts: Optional[Experts] = None  # two_lora: train both experts in this run, one LoRA adapter each
+    expert_partner: Optional[str] = None  # the other expert's weights (LoRA file/folder, pipeline/): chained validation
     min_timestep: Optional[int] = None  # DDPM alias of min_noise_level, in timesteps (0..999)
     max_timestep: Optional[int] = None  # DDPM alias of max_noise_level (exclusive)
     noise_offset: float = 0.0
@@ -390,6 +397,32 @@ def _check_noise_range(model: DictConfig) -> None:
             f"model.min_noise_level={lo}, model.max_noise_level={hi}; need 0 <= min_noise_level < max_noise_level <= 1 "
             "(fractions of the noise schedule)"
         )
+    if model.experts is not None:
+        if model.expert is not None or model.expert_partner is not None:
+            raise ConfigError(
+                "model.experts=two_lora trains both experts; unset model.expert and model.expert_partner (they are "
+                "for a run that trains one expert)"
+            )
+        if model.finetune != Finetune.lora:
+            raise ConfigError("model.experts=two_lora trains a LoRA adapter per expert; it needs model.finetune=lora")
+        if model.min_timestep is not None or model.max_timestep is not None:
+            raise ConfigError("model.experts with model.min_timestep/max_timestep: give the range as noise levels only")
+        if not lo < model.expert_boundary < hi:
+            raise ConfigError(
+                f"model.expert_boundary={model.expert_boundary}; valid: inside the trained noise range "
+                f"model.min_noise_level={lo}..max_noise_level={hi}, so that each expert has a part of it"
+            )
+    if model.expert_partner is not None:
+        if model.expert is None:
+            raise ConfigError(
+                "model.expert_partner names the other expert's weights for a run that trains one expert: set "
+                "model.expert=low_noise|high_noise too"
+            )
+        if not Path(model.expert_partner).exists():
+            raise ConfigError(
+                f"model.expert_partner={model.expert_partner}: no such file or folder (give the other expert's LoRA "
+                "file, its run's output folder, or its pipeline/ folder)"
+            )
     if model.expert is not None:
         if not 0 < model.expert_boundary < 1:
             raise ConfigError(f"model.expert_boundary={model.expert_boundary}; valid: between 0 and 1 (e.g. 0.35)")

@@ -144,6 +144,14 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "license_note": family.license_note,
         "pipeline": family.pipeline_class.__name__,  # for the card's loading snippet
         "lora_load": family.lora_load_snippet,
+        # a two-expert run: one LoRA per expert, and how to sample with both (the card's snippet)
+        "experts": {
+            "boundary": model.expert_boundary,
+            "timestep_scale": family.denoiser_timestep_scale,
+            "denoiser": family.denoiser_name,
+        }
+        if model.experts
+        else None,
         "instance_prompt": data.instance_prompt,
         "validation_prompts": validation_prompts,
         "epochs": cfg.num_train_epochs,
@@ -248,8 +256,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
 
         callbacks.append(StepProgressBar())
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit))
+    trainer_cfg = cfg.trainer
+    if cfg.model.experts and str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")).endswith("DDPStrategy"):
+        # a two-expert step leaves the other expert's adapter unused (on every rank alike): DDP must expect that
+        trainer_cfg = OmegaConf.merge(cfg.trainer, {"strategy": {"find_unused_parameters": True}})
     return instantiate(
-        cfg.trainer,
+        trainer_cfg,
         max_steps=steps,
         max_epochs=epochs,
         precision=PRECISION[cfg.mixed_precision],
@@ -406,7 +418,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if ckpt_path is not None:
         model = cfg.model
         identity = get_class(model._target_).identity(
-            model.family, model.pretrained_model_name_or_path, model.finetune, model.lora, model.expert
+            model.family, model.pretrained_model_name_or_path, model.finetune, model.lora, model.experts or model.expert
         )
         check_resumable(ckpt_path, identity)
     return ckpt_path
