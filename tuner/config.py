@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -397,32 +396,6 @@ def _check_noise_range(model: DictConfig) -> None:
             f"model.min_noise_level={lo}, model.max_noise_level={hi}; need 0 <= min_noise_level < max_noise_level <= 1 "
             "(fractions of the noise schedule)"
         )
-    if model.experts is not None:
-        if model.expert is not None or model.expert_partner is not None:
-            raise ConfigError(
-                "model.experts=two_lora trains both experts; unset model.expert and model.expert_partner (they are "
-                "for a run that trains one expert)"
-            )
-        if model.finetune != Finetune.lora:
-            raise ConfigError("model.experts=two_lora trains a LoRA adapter per expert; it needs model.finetune=lora")
-        if model.min_timestep is not None or model.max_timestep is not None:
-            raise ConfigError("model.experts with model.min_timestep/max_timestep: give the range as noise levels only")
-        if not lo < model.expert_boundary < hi:
-            raise ConfigError(
-                f"model.expert_boundary={model.expert_boundary}; valid: inside the trained noise range "
-                f"model.min_noise_level={lo}..max_noise_level={hi}, so that each expert has a part of it"
-            )
-    if model.expert_partner is not None:
-        if model.expert is None:
-            raise ConfigError(
-                "model.expert_partner names the other expert's weights for a run that trains one expert: set "
-                "model.expert=low_noise|high_noise too"
-            )
-        if not Path(model.expert_partner).exists():
-            raise ConfigError(
-                f"model.expert_partner={model.expert_partner}: no such file or folder (give the other expert's LoRA "
-                "file, its run's output folder, or its pipeline/ folder)"
-            )
     if model.expert is not None:
         if not 0 < model.expert_boundary < 1:
             raise ConfigError(f"model.expert_boundary={model.expert_boundary}; valid: between 0 and 1 (e.g. 0.35)")

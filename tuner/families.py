@@ -84,6 +84,7 @@ def check_family(cfg) -> None:
         raise ConfigError(f"model.options: {err}".splitlines()[0]) from None
     model.options = OmegaConf.to_container(options)
     _check_schedule_keys(cfg, cls)
+    _check_two_experts(model)
     _expert_validation_levels(cfg)
     _settle_text_encoders(cfg, cls)
     steps = {"data": cfg.data.bucket_step}
@@ -149,6 +150,41 @@ def _check_requirements(family: str, cls) -> None:
     for module, extra in cls.requires.items():
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"model={family} needs the {module} package: pip install -e \".[{extra}]\"")
+
+
+def _check_two_experts(model) -> None:
+    """``model.experts=two_lora`` and ``model.expert_partner``, against the rest of the model keys."""
+    from pathlib import Path
+
+    from tuner.config import ConfigError
+
+    lo, hi = model.min_noise_level, model.max_noise_level
+    if model.experts is not None:
+        if model.expert is not None or model.expert_partner is not None:
+            raise ConfigError(
+                "model.experts=two_lora trains both experts; unset model.expert and model.expert_partner (they are "
+                "for a run that trains one expert)"
+            )
+        if model.finetune != "lora":
+            raise ConfigError("model.experts=two_lora trains a LoRA adapter per expert; it needs model.finetune=lora")
+        if model.min_timestep is not None or model.max_timestep is not None:
+            raise ConfigError("model.experts with model.min_timestep/max_timestep: give the range as noise levels only")
+        if not lo < model.expert_boundary < hi:
+            raise ConfigError(
+                f"model.expert_boundary={model.expert_boundary}; valid: inside the trained noise range "
+                f"model.min_noise_level={lo}..max_noise_level={hi}, so that each expert has a part of it"
+            )
+    if model.expert_partner is not None:
+        if model.expert is None:
+            raise ConfigError(
+                "model.expert_partner names the other expert's weights for a run that trains one expert: set "
+                "model.expert=low_noise|high_noise too"
+            )
+        if not Path(model.expert_partner).exists():
+            raise ConfigError(
+                f"model.expert_partner={model.expert_partner}: no such file or folder (give the other expert's LoRA "
+                "file, its run's output folder, or its pipeline/ folder)"
+            )
 
 
 def _expert_validation_levels(cfg) -> None:
