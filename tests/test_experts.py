@@ -213,3 +213,30 @@ def test_impossible_two_expert_settings_fail_before_loading(overrides, message, 
     with pytest.raises(ConfigError) as err:
         prepare(make_cfg(*overrides, "model.pretrained_model_name_or_path=/nonexistent"))
     assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_lora_under_ddp_trains_the_same_expert_on_both_ranks(demo_dir, tmp_path):
+    """Two CPU processes: every step both ranks train the same expert (the other's adapter is unused on
+    both, which DDP is told to expect), so the run completes and writes one file per expert."""
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp"
+    result = run_cli(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "model=sdxl",
+        "model.experts=two_lora",
+        f"output_dir={out}",
+        f"demo_assets_dir={demo_dir}",
+        "max_train_steps=4",
+        "checkpointing_steps=4",
+        "callbacks.validation.enabled=false",
+        "trainer.enable_progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for expert in ("high_noise", "low_noise"):
+        assert load_file(out / f"pytorch_lora_weights_{expert}.safetensors")
