@@ -89,6 +89,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         family: str,
         finetune: str = "lora",
         lora: dict | None = None,
+        lycoris: dict | None = None,
         gradient_checkpointing: bool = False,
         revision: str | None = None,
         variant: str | None = None,

@@ -36,6 +36,12 @@ from tuner.optim_schemas import (
 class Finetune(Enum):
     lora = "lora"
     full = "full"
+    lycoris = "lycoris"  # LoKr / LoHa through the lycoris-lora library (model.lycoris.*), as SimpleTuner offers
+
+
+class LycorisAlgo(Enum):
+    lokr = "lokr"  # Kronecker product (factor)
+    loha = "loha"  # Hadamard product of two low-rank pairs
 
 
 class MixedPrecision(Enum):
@@ -79,6 +85,18 @@ class LoraConfig:
 
 
 @dataclass
+class LycorisConfig:
+    """``model.lycoris``: the adapter when ``model.finetune=lycoris`` (SimpleTuner's lycoris_config.json keys:
+    algo, linear_dim -> rank, linear_alpha -> alpha, factor)."""
+
+    algo: LycorisAlgo = LycorisAlgo.lokr
+    rank: int = 10000  # LoKr: a rank this large means full-rank factors (SimpleTuner's linear_dim default)
+    alpha: float = 1.0
+    factor: int = 16  # LoKr's Kronecker factor; -1: the library picks
+    dropout: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     _target_: str = MISSING
     _convert_: str = "all"
@@ -88,6 +106,7 @@ class ModelConfig:
     variant: Optional[str] = None
     finetune: Finetune = Finetune.lora
     lora: LoraConfig = field(default_factory=LoraConfig)
+    lycoris: LycorisConfig = field(default_factory=LycorisConfig)
     gradient_checkpointing: bool = False
     prediction_type: Optional[PredictionType] = None  # DDPM; None: from the checkpoint's scheduler config
     timestep_sampling: TimestepSampling = TimestepSampling.uniform
@@ -210,6 +229,8 @@ class CallbacksConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     hub: HubConfig = field(default_factory=HubConfig)
+    # any other Lightning callback, by name: +callbacks.extra.NAME._target_=dotted.Class (+ its arguments)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -365,6 +386,25 @@ def _check_callbacks(callbacks: DictConfig) -> None:
     val = callbacks.validation
     if val.prompt_library and not os.path.isfile(val.prompt_library):
         raise ConfigError(f"callbacks.validation.prompt_library={val.prompt_library!r} is not a file")
+    for name, spec in callbacks.extra.items():
+        _check_extra_callback(f"callbacks.extra.{name}", spec)
+
+
+def _check_extra_callback(key: str, spec: Any) -> None:
+    """A user's own callback: a ``_target_`` that imports and is a Lightning callback (checked, not built)."""
+    from hydra.utils import get_class
+
+    target = spec.get("_target_") if isinstance(spec, DictConfig) else None
+    if not target:
+        raise ConfigError(f"{key} needs a _target_: the dotted path of a Lightning callback class")
+    try:
+        cls = get_class(target)
+    except Exception as err:  # noqa: BLE001 - Hydra wraps import failures of every kind
+        raise ConfigError(f"{key}._target_={target}: cannot import it ({str(err).splitlines()[0]})") from None
+    import lightning as L
+
+    if not (isinstance(cls, type) and issubclass(cls, L.Callback)):
+        raise ConfigError(f"{key}._target_={target} is not a Lightning callback (lightning.pytorch.Callback)")
 
 
 def _check_quantization(cfg: DictConfig) -> None:

@@ -238,6 +238,9 @@ def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> l
                 close_timeout=hook.exit_timeout,
             )
         )
+    for name, spec in cfg.callbacks.extra.items():  # the user's own, checked before load (tuner/config.py)
+        log.info("callback %s: %s", name, spec._target_)
+        out.append(instantiate(spec))
     return out
 
 
