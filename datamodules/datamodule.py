@@ -287,6 +287,7 @@ class DiffusionDataModule(L.LightningDataModule):
                     "caption": s.caption,
                     "dataset": s.dataset,
                     **({"captions": list(s.captions)} if len(s.captions) > 1 else {}),
+                    **({"format": s.note} if s.note else {}),
                 }
                 for s in usable
             ],

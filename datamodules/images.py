@@ -12,19 +12,39 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+
+
+def _heif_opener() -> bool:
+    """Phones' HEIC photos decode when pillow-heif is installed (the ``heic`` extra); not otherwise."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+HEIF_READABLE = _heif_opener()
+# GIF (its first frame), BMP, TIFF (its first page) and AVIF decode with Pillow itself.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif"}) | (
+    HEIF_EXTENSIONS if HEIF_READABLE else frozenset()
+)
 # Image formats people do drop into datasets that are not decoded here: listed, so that they show up in
 # the report as skipped ("unsupported format") instead of vanishing.
-UNSUPPORTED_IMAGES = frozenset(
-    {".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw"}
+UNSUPPORTED_IMAGES = frozenset({".jxl", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw"}) | (
+    frozenset() if HEIF_READABLE else HEIF_EXTENSIONS
 )
+COMMON_FORMATS = ("JPEG", "PNG", "WEBP")  # the report notes the format of any other, and the frame used
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 CROP_STYLES = ("center", "random", "corner")
 _TAIL = 64 * 1024  # how much of a file's end the truncation check reads
 
 
-def probe(fp: BinaryIO) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after EXIF orientation, read from the header only.
+def probe(fp: BinaryIO) -> tuple[int, int, str]:
+    """(width, height, note) as displayed, i.e. after EXIF orientation, read from the header only. The
+    note names a format other than JPEG/PNG/WebP and, for an animation or a multi-page file, the frame used
+    (the first): "GIF, first of 12 frames"; it is empty for the common formats.
 
     Raises ``Image.DecompressionBombError`` above twice PIL's ``MAX_IMAGE_PIXELS`` (where PIL itself
     refuses; once is only its warning level, and 100 MP photographs are real), before any decoding.
@@ -41,9 +61,18 @@ def probe(fp: BinaryIO) -> tuple[int, int]:
         # probe reads EXIF only where the header already holds it (JPEG, WebP, a PNG's early eXIf).
         has_exif = img.format != "PNG" or "exif" in img.info
         orientation = img.getexif().get(0x0112, 1) if has_exif else 1
+        note = _format_note(img)
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
-    return width, height
+    return width, height, note
+
+
+def _format_note(img: Image.Image) -> str:
+    if img.format in COMMON_FORMATS:
+        return ""
+    frames = getattr(img, "n_frames", 1)
+    unit = "pages" if img.format == "TIFF" else "frames"
+    return f"{img.format}, first of {frames} {unit}" if frames > 1 else str(img.format)
 
 
 def truncation(fp: BinaryIO) -> str | None:
@@ -86,6 +115,7 @@ def load_rgb(fp: BinaryIO, cover: tuple[int, int] | None = None) -> Image.Image:
     several times faster than decoding every pixel only to throw most away.
     """
     with Image.open(fp) as img:
+        img.seek(0)  # an animation's or a multi-page file's first frame
         if cover is not None and img.format == "JPEG":
             bw, bh = cover
             if img.getexif().get(0x0112, 1) in _TRANSPOSED_ORIENTATIONS:

@@ -21,13 +21,13 @@ from PIL import Image
 
 from datamodules.buckets import bucket_for
 from datamodules.captions import caption_for
-from datamodules.images import UNSUPPORTED_IMAGES, probe, truncation
+from datamodules.images import HEIF_EXTENSIONS, UNSUPPORTED_IMAGES, probe, truncation
 from datamodules.sources import Item, Source
 
 log = logging.getLogger(__name__)
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, UnicodeError)
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: entries carry the format note
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Sample:
     crop: bool = True
     regularisation: bool = False  # prior-preservation data, weighted by model.prior_loss_weight
     scale_to: tuple[int, int] | None = None  # a large image's size before its crop (detail crops)
+    note: str = ""  # a format other than JPEG/PNG/WebP, and the frame used: "GIF, first of 12 frames"
 
     @property
     def caption(self) -> str:
@@ -81,7 +82,7 @@ class ScanResult:
     probed: int  # images actually read this time (not served from the probe cache)
 
 
-def probe_item(source: Source, item: Item) -> tuple[tuple[int, int] | str, bool]:
+def probe_item(source: Source, item: Item) -> tuple[tuple[int, int, str] | str, bool]:
     """((width, height) after EXIF orientation, or why the image is unusable; whether to remember it).
 
     Verdicts on the bytes (empty, truncated, not an image, a bomb) are remembered with the item's
@@ -91,6 +92,8 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int] | str, bool]
     if item.size == 0:
         return "empty file", True
     suffix = PurePosixPath(item.key).suffix.lower()
+    if suffix in HEIF_EXTENSIONS and suffix in UNSUPPORTED_IMAGES:
+        return f"unsupported format ({suffix}) without pillow-heif: pip install -e \".[heic]\", or convert it", True
     if suffix in UNSUPPORTED_IMAGES:
         return f"unsupported format ({suffix}); convert it to PNG, JPEG or WebP", True
     try:
@@ -110,7 +113,7 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int] | str, bool]
 
 
 class ProbeCache:
-    """``{item key: [version, width, height, reason]}`` in ``<cache_dir>/scan/<source hash>.json``."""
+    """``{item key: [version, width, height, reason, note]}`` in ``<cache_dir>/scan/<source hash>.json``."""
 
     def __init__(self, cache_dir: str | None, source: Source):
         self.path = None
@@ -125,21 +128,22 @@ class ProbeCache:
             except (OSError, ValueError, KeyError):
                 self.entries = {}  # missing or damaged: probe everything again
 
-    def get(self, item: Item) -> tuple[int, int] | str | None:
+    def get(self, item: Item) -> tuple[int, int, str] | str | None:
         hit = self.entries.get(item.key)
         if not hit or hit[0] != item.version:
             return None
-        return hit[3] if hit[3] else (hit[1], hit[2])
+        return hit[3] if hit[3] else (hit[1], hit[2], hit[4])
 
-    def save(self, source: Source, results: dict[str, tuple[Item, tuple[int, int] | str, bool]]) -> None:
+    def save(self, source: Source, results: dict[str, tuple[Item, tuple[int, int, str] | str, bool]]) -> None:
         """Remember the verdicts marked to keep (not passing failures to fetch the bytes)."""
         if self.path is None:
             return
         entries = {
             key: [
                 item.version,
-                *(result if isinstance(result, tuple) else (0, 0)),
+                *(result[:2] if isinstance(result, tuple) else (0, 0)),
                 None if isinstance(result, tuple) else result,
+                result[2] if isinstance(result, tuple) else "",
             ]
             for key, (item, result, keep) in results.items()
             if keep
@@ -167,7 +171,7 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
         if isinstance(result, str):
             skipped.append({"path": item.location, "reason": result})
             continue
-        width, height = result
+        width, height, note = result
         if min(width, height) < spec["minimum_image_size"]:
             reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
             skipped.append({"path": item.location, "reason": reason})
@@ -188,7 +192,7 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
             skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
             continue
         fallbacks += fell_back
-        usable.append(_sample(name, spec, item, width, height, captions))
+        usable.append(_sample(name, spec, item, width, height, captions, note))
     return ScanResult(usable, skipped, fallbacks, probed)
 
 
@@ -196,7 +200,7 @@ def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_si
     """Every item's probe result (recalled from the probe cache, or probed now), and the caption
     sidecars of the usable ones when asked; with the number probed now."""
     cache = ProbeCache(cache_dir, source)
-    results: dict[str, tuple[Item, tuple[int, int] | str, bool]] = {}
+    results: dict[str, tuple[Item, tuple[int, int, str] | str, bool]] = {}
     todo = []
     for item in items:
         hit = cache.get(item)
@@ -217,7 +221,7 @@ def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_si
     return results, sidecars, len(todo)
 
 
-def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions) -> Sample:
+def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions, note: str = "") -> Sample:
     bucket = bucket_for(
         width,
         height,
@@ -238,4 +242,5 @@ def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions
         spec["crop"],
         spec["is_regularisation_data"],
         downsample_size(width, height, spec),
+        note,
     )

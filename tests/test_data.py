@@ -122,7 +122,7 @@ def test_exif_orientation_swaps_size_and_pixels(tmp_path):
     exif[0x0112] = 6  # display rotated 90° clockwise: the red half ends up on top
     img.save(path, exif=exif, quality=95)
     with open(path, "rb") as f:
-        assert probe(f) == (30, 60)
+        assert probe(f) == (30, 60, "")
     with open(path, "rb") as f:
         shown = load_rgb(f)
     assert shown.size == (30, 60)
@@ -350,10 +350,57 @@ def test_symlinked_folders_are_followed_and_unsupported_formats_reported(tmp_pat
     (data / "more").symlink_to(real, target_is_directory=True)
     (data / "loop").symlink_to(data, target_is_directory=True)  # a cycle is walked once
     Image.new("RGB", (64, 64)).save(data / "here.png")
-    (data / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (data / "layers.psd").write_bytes(b"8BPS\0\1")
     (data / "notes.md").write_text("ignored")
     report = tmp_path / "r.json"
     dm = DiffusionDataModule(path=str(data), resolution=64, report_path=str(report))
     assert sorted(s.item.key for s in dm.scan()) == ["here.png", "more/linked.png"]
     skipped = json.loads(report.read_text())["skipped"]
-    assert [Path(s["path"]).name for s in skipped] == ["phone.heic"] and "unsupported format" in skipped[0]["reason"]
+    assert [Path(s["path"]).name for s in skipped] == ["layers.psd"] and "unsupported format" in skipped[0]["reason"]
+
+
+def test_gif_bmp_tiff_avif_and_heic_are_read_and_the_report_says_how(tmp_path):
+    """The formats users have: GIF (its first frame), BMP, TIFF, AVIF, and HEIC with pillow-heif (the heic
+    extra, part of .[all]). The report names any format other than JPEG/PNG/WebP and the frame used."""
+    data = tmp_path / "data"
+    data.mkdir()
+    red, green = Image.new("RGB", (64, 48), (250, 0, 0)), Image.new("RGB", (64, 48), (0, 250, 0))
+    red.save(data / "animated.gif", save_all=True, append_images=[green, Image.new("RGB", (64, 48), (0, 0, 250))])
+    green.save(data / "plain.bmp")
+    red.save(data / "pages.tiff", save_all=True, append_images=[green])
+    green.save(data / "photo.avif")
+    red.save(data / "phone.heic", format="HEIF")
+    red.save(data / "usual.png")
+    report = tmp_path / "report.json"
+    dm = DiffusionDataModule(path=str(data), resolution=64, bucket_step=16, report_path=str(report))
+    assert len(dm.scan()) == 6
+    formats = {Path(u["path"]).name: u.get("format") for u in json.loads(report.read_text())["usable"]}
+    assert formats == {
+        "animated.gif": "GIF, first of 3 frames",
+        "plain.bmp": "BMP",
+        "pages.tiff": "TIFF, first of 2 pages",
+        "photo.avif": "AVIF",
+        "phone.heic": "HEIF",
+        "usual.png": None,
+    }
+    for name, colour in [("animated.gif", 0), ("pages.tiff", 0), ("phone.heic", 0), ("photo.avif", 1), ("plain.bmp", 1)]:
+        with open(data / name, "rb") as f:
+            pixels = np.asarray(load_rgb(f), dtype=np.float32).mean(axis=(0, 1))
+        assert pixels.argmax() == colour and pixels.max() > 200, name  # the first frame, decoded
+
+
+def test_heic_without_pillow_heif_is_skipped_with_the_extra_named(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pillow_heif'] = None\n"  # as if the heic extra were not installed
+        "from datamodules.scan import probe_item\n"
+        "from datamodules.sources import FolderSource\n"
+        f"src = FolderSource({str(tmp_path)!r})\n"
+        "print([probe_item(src, it)[0] for it in src.items()])"
+    )
+    Image.new("RGB", (8, 8)).save(tmp_path / "phone.heic", format="HEIF")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "unsupported format (.heic) without pillow-heif" in out.stdout and ".[heic]" in out.stdout
