@@ -14,6 +14,9 @@ CONF = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from tuner.console import quiet_third_parties
+
+    quiet_third_parties()  # before the libraries load: their known noise stays out of the console
     from tuner.run import train, user_error
 
     try:

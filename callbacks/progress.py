@@ -13,6 +13,15 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
+    @property
+    def train_description(self) -> str:
+        return "steps"  # from the bar's first render (Lightning's would show a "Training" bar first)
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.unit = "step"
+        return bar
+
     def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
         super().on_train_start(trainer)
         bar = self.train_progress_bar

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from datamodules.spec import DATASET_KEYS, SOURCE_OPTIONS
 from datamodules.spec import defaults as spec_defaults
 
 log = logging.getLogger(__name__)
+PHASE = logging.getLogger("tuner.phase")  # one console line per phase (tuner/console.py)
 
 class EmptyDatasetError(ValueError):
     """No usable image in any dataset: raised before any model weights load."""
@@ -314,6 +316,16 @@ class DiffusionDataModule(L.LightningDataModule):
         self._encoders = {"encode_pixels": encode_pixels, "encode_prompts": encode_prompts, "offload": offload}
         self._identity = identity
 
+    def summary(self) -> str:
+        """One line for the console, after ``scan``: what is usable and what was skipped."""
+        results = self.results.values()
+        usable = sum(len(r.usable) for r in results)
+        skipped = sum(len(r.skipped) for r in results)
+        buckets = len({s.bucket for s in self.samples})
+        held = f" ({len(self.held_out)} held out for validation)" if self.held_out else ""
+        why = f", {skipped} skipped (reasons in {Path(self.report_path).name})" if skipped else ""
+        return f"{usable} images{held} in {buckets} buckets{why}"
+
     def _build_dataset(self, rank: int, world: int) -> BucketedImageDataset:
         """The dataset, with the caches filled first when encoders are attached and a cache_dir is set."""
         samples = self.scan()
@@ -328,6 +340,7 @@ class DiffusionDataModule(L.LightningDataModule):
             log.info("latent cache off: the model trains in pixel space (text embeddings are still cached)")
         elif self.cache_latents and random_crops:
             log.info("latent cache off: a dataset crops at random, so each use needs a fresh crop")
+        started, encoded_images, encoded_captions = time.monotonic(), 0, 0
         if self.cache_latents and not random_crops and not pixel_space:
             latents = TensorCache(root / "latents")
             latent_keys = [
@@ -336,12 +349,23 @@ class DiffusionDataModule(L.LightningDataModule):
                 )
                 for s in samples
             ]
-            self._fill_latents(plain, latents, latent_keys, rank, world)
+            encoded_images = self._fill_latents(plain, latents, latent_keys, rank, world)
         if self.cache_text_embeds:
             embeds = TensorCache(root / "text_embeds")
-            self._fill_embeds(embeds, sorted({c for s in samples for c in s.captions}), rank, world)
+            encoded_captions = self._fill_embeds(embeds, sorted({c for s in samples for c in s.captions}), rank, world)
         if self.trainer is not None:
             self.trainer.strategy.barrier("tuner.cache.filled")
+        if latent_keys is not None or embeds is not None:
+            kept = ("latents" if latent_keys is not None else "") + (" and " * bool(latent_keys is not None and embeds))
+            kept += "text embeddings" if embeds is not None else ""
+            PHASE.info(
+                "cache: %s in %s; encoded %d images and %d captions now, the rest reused (%.1f s)",
+                kept,
+                root,
+                encoded_images,
+                encoded_captions,
+                time.monotonic() - started,
+            )
         self._encoders["offload"](vae=latent_keys is not None, text=embeds is not None)
         return BucketedImageDataset(
             samples,
@@ -353,7 +377,7 @@ class DiffusionDataModule(L.LightningDataModule):
             embed_identity=self._identity["text"],
         )
 
-    def _fill_latents(self, plain, latents: TensorCache, keys: list[str], rank: int, world: int) -> None:
+    def _fill_latents(self, plain, latents: TensorCache, keys: list[str], rank: int, world: int) -> int:
         # Each process takes a fixed share of all entries and fills what is missing of it. (Sharing out
         # only the missing ones would race: a process that looks later sees another's fresh entries.)
         todo = [i for i in range(len(keys))[rank::world] if not latents.has(keys[i])]
@@ -382,8 +406,9 @@ class DiffusionDataModule(L.LightningDataModule):
                     latents.save(keys[i], {"encoded": e, "crop_top_left": torch.tensor(crop)})
         if todo:
             log.info("latent cache: encoded %d images on this process", len(todo))
+        return len(todo)
 
-    def _fill_embeds(self, embeds: TensorCache, captions: list[str], rank: int, world: int) -> None:
+    def _fill_embeds(self, embeds: TensorCache, captions: list[str], rank: int, world: int) -> int:
         identity = self._identity["text"]
         todo = [c for c in captions[rank::world] if not embeds.has(cache_key(c, identity))]
         encode = self._encoders["encode_prompts"]
@@ -395,6 +420,7 @@ class DiffusionDataModule(L.LightningDataModule):
                 embeds.save(cache_key(caption, identity), {k: v[row].float() for k, v in cond.items()})
         if todo:
             log.info("text-embedding cache: encoded %d captions on this process", len(todo))
+        return len(todo)
 
     def make_sampler(self, rank: int = 0, world_size: int = 1) -> BucketBatchSampler:
         samples = self.scan()

@@ -272,8 +272,14 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         trainable.setup_adapter(self.denoiser, hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, adapters)
         # split-schedule experts sharing this denoiser (models/experts.py); None for a plain run
         self.experts = Experts(self) if hp.experts or hp.expert_partner else None
-        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        log.info("%s: %s trainable parameters (%s)", type(self).__name__, f"{n_train:,}", hp.finetune)
+        self.n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info("%s: %s trainable parameters (%s)", type(self).__name__, f"{self.n_trainable:,}", hp.finetune)
+
+    def summary(self) -> str:
+        """One line for the console: what loaded and what trains."""
+        hp = self.hparams
+        what = f"{hp.finetune} ({hp.experts})" if hp.experts else hp.finetune
+        return f"{hp.family} from {hp.pretrained_model_name_or_path}, {what}, {self.n_trainable:,} trainable parameters"
 
     def train(self, mode: bool = True):
         # Lightning puts the whole module in train mode; frozen parts stay in eval (no dropout).

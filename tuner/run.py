@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tuner.config import ConfigError, check
+from tuner.console import phase
 
 log = logging.getLogger("tuner")
 
@@ -50,12 +52,17 @@ def setup_logging(output_dir: Path, rank_zero: bool) -> None:
     INFO always, and ``debug.log`` too at DEBUG."""
     import lightning  # noqa: F401  (it installs console handlers on import; they are replaced below)
 
+    from tuner.console import PHASE, ConsoleFormatter, ConsoleLevel
+
     level = os.environ.get("TUNER_LOG_LEVEL", "WARNING").upper()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    handlers[0].setLevel(level)
+    console = logging.StreamHandler()
+    console.setLevel(min(logging.getLevelName(level), logging.INFO))  # phase lines are INFO
+    console.addFilter(ConsoleLevel(logging.getLevelName(level)))
+    PHASE.disabled = not rank_zero  # one process reports the phases
+    handlers: list[logging.Handler] = [console]
     if rank_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         train_log = _FileHandler(output_dir / "train.log")
@@ -66,7 +73,7 @@ def setup_logging(output_dir: Path, rank_zero: bool) -> None:
     for handler in list(root.handlers):  # Hydra's console handler would print every line twice
         root.removeHandler(handler)
     for handler in handlers:
-        handler.setFormatter(fmt)
+        handler.setFormatter(ConsoleFormatter() if handler is console else fmt)
         handler.addFilter(_drop_adverts)
         root.addHandler(handler)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -372,16 +379,21 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
         ensure_demo_assets(cfg)
 
     datamodule = build_datamodule(cfg, output_dir)
-    datamodule.scan()  # an unusable dataset fails here, before any weights load
+    with phase("scan") as report:
+        datamodule.scan()  # an unusable dataset fails here, before any weights load
+        report["what"] = datamodule.summary()
     if rank_zero:
         write_config_dump(composed, output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
-    module = build_module(cfg)
+    with phase("load") as report:
+        module = build_module(cfg)
+        report["what"] = module.summary()
     datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir, datamodule)
+    started = time.monotonic()
     if not fit(trainer, module, datamodule, ckpt_path, output_dir):
         return None
-    return finish(trainer, module, output_dir)
+    return finish(trainer, module, output_dir, started)
 
 
 def build_datamodule(cfg: DictConfig, output_dir: Path):
@@ -449,7 +461,7 @@ def fit(trainer, module, datamodule, ckpt_path: str | None, output_dir: Path) ->
     return True
 
 
-def finish(trainer, module, output_dir: Path) -> float | None:
+def finish(trainer, module, output_dir: Path, started: float | None = None) -> float | None:
     """The final export when fit had nothing to do, the closing line, and the sweep metric."""
     from callbacks.checkpoints import FinalExport
 
@@ -460,7 +472,8 @@ def finish(trainer, module, output_dir: Path) -> float | None:
             if hasattr(callback, "push_final"):
                 callback.push_final()
     if trainer.is_global_zero:
-        print(f"tuner: trained to step {trainer.global_step}; weights: {export.weights}; outputs: {output_dir}")
+        took = f" in {time.monotonic() - started:.0f} s" if started else ""
+        print(f"tuner: trained to step {trainer.global_step}{took}; weights: {export.weights}; outputs: {output_dir}")
     # The sweep metric: the validation loss when validation ran (comparable across jobs), else the
     # final epoch-mean train loss.
     val_loss = next((c.last_loss for c in trainer.callbacks if getattr(c, "last_loss", None) is not None), None)

@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
 
         path = write_images(args.dir, seed=args.seed)
     else:
+        from tuner.console import quiet_third_parties
         from tuner.families import write_tiny
 
+        quiet_third_parties()
         path = write_tiny(args.family, args.dir, seed=args.seed)
     print(path)
     return 0

@@ -1,0 +1,64 @@
+"""The console of a newcomer's first run: one line per phase, the step bar, and no third-party noise."""
+
+import logging
+import re
+import warnings
+
+from conftest import run_cli
+
+NOISE = (
+    "kernels-community",  # bitsandbytes' CPU backend, imported by peft
+    "requires torchvision",  # transformers' image processors
+    "LeafSpec",  # Lightning on torch's pytree API
+    "Writing model shards",
+    "Loading weights",
+    "Loading pipeline components",
+    "Training:",  # Lightning's own bar before ours
+)
+
+
+def test_the_tiny_default_prints_phases_and_one_bar_and_no_known_noise(tmp_path):
+    # a fresh demo folder, so the tiny pipeline is written (and loaded) in this run
+    result = run_cli(
+        "train.py", f"demo_assets_dir={tmp_path / 'demo'}", f"output_dir={tmp_path / 'out'}", "max_train_steps=4"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = (result.stdout + result.stderr).replace("\r", "\n")
+    for noise in NOISE:
+        assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
+    lines = [line for line in console.splitlines() if line.strip()]
+    for name in ("scan", "load", "cache"):
+        assert any(re.fullmatch(rf"tuner: {name}: .+ \(\d+\.\d s\)", line) for line in lines), name
+    assert any(re.match(r"tuner: trained to step 4 in \d+ s; weights: ", line) for line in lines)
+    bars = {line.split(":")[0] for line in lines if "%|" in line or "it/s]" in line or "step/s]" in line}
+    assert bars == {"steps"}, bars  # the one step bar
+    # the full detail is in train.log
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "trainable parameters" in log and "latent cache: encoded" in log
+
+
+def test_the_filters_are_narrow():
+    """Only the known messages are dropped: other warnings of the same loggers and modules still show."""
+    from tuner.console import quiet_third_parties
+
+    quiet_third_parties()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    known = {
+        "transformers.utils.import_utils": "`X` requires torchvision (not installed); falling back",
+        "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    }
+    for name, message in known.items():
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)  # (transformers' loggers do not propagate to the root)
+        logger.warning(message)
+        logger.warning(f"a real problem in {name}")
+        logger.removeHandler(handler)
+    assert seen == [f"a real problem in {name}" for name in known]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_third_parties()
+        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning, "x.py", 1, module="lightning.pytorch.utilities._pytree")
+        warnings.warn_explicit("another lightning deprecation", DeprecationWarning, "x.py", 2, module="lightning.pytorch.trainer")
+    assert [str(w.message) for w in caught] == ["another lightning deprecation"]
