@@ -10,6 +10,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuner.console import quiet_third_parties
+
+    quiet_third_parties()  # before the families' libraries load
     from tuner.families import tiny_names
 
     parser = argparse.ArgumentParser(prog="python -m tuner.tiny", description=__doc__.splitlines()[0])
@@ -22,10 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
         path = write_images(args.dir, seed=args.seed)
     else:
-        from tuner.console import quiet_third_parties
         from tuner.families import write_tiny
 
-        quiet_third_parties()
         path = write_tiny(args.family, args.dir, seed=args.seed)
     print(path)
     return 0
