@@ -79,6 +79,9 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     sampling_kwargs: ClassVar[dict[str, Any]] = {}
     #: how a user loads the exported LoRA (``{path}``: its folder), shown in the model card; see ``load_lora``
     lora_load_snippet: ClassVar[str] = "pipe.load_lora_weights({path!r})"
+    #: family -> kohya's ss_base_model_version, for the families whose LoRA also goes out in kohya's format
+    #: (``export.lora_formats=[diffusers,kohya]``: A1111/Forge, ComfyUI, CivitAI); UNet families only
+    kohya_base_versions: ClassVar[dict[str, str]] = {}
     #: what one level of noise is in the timestep the pipeline passes the denoiser; None: the schedule's
     #: number of train timesteps (Flux's pipeline passes sigma itself: 1.0)
     denoiser_timestep_scale: ClassVar[float | None] = None

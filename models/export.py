@@ -22,6 +22,8 @@ def save_weights(module: Any, directory: str | Path, full_pipeline: bool = True,
                 directory, **module.lora_layers(adapter), weight_name=name, safe_serialization=True
             )
             paths.append(respect_umask(directory / name))
+            if "kohya" in getattr(module, "lora_formats", ()):
+                save_kohya(module, adapter, directory / f"{module.kohya_name}{tag}{suffix}.safetensors")
         return paths[0]
     if full_pipeline:
         # The frozen parts are written from the base checkpoint at its own precision, not from the
@@ -38,6 +40,58 @@ def save_weights(module: Any, directory: str | Path, full_pipeline: bool = True,
         return respect_umask(directory / f"pipeline{suffix}")
     module.denoiser.save_pretrained(directory / f"{module.denoiser_name}{suffix}", safe_serialization=True)
     return respect_umask(directory / f"{module.denoiser_name}{suffix}")
+
+
+def save_kohya(module: Any, adapter: str, path: Path) -> Path:
+    """One adapter in kohya's LoRA layout (``lora_unet_<module path>.lora_down/.lora_up/.alpha``), which
+    A1111/Forge, ComfyUI and CivitAI read, with the training settings as kohya's ``ss_*`` metadata. Keys
+    by diffusers' own converter; ``.alpha`` set to the trained alpha (the converter writes the rank)."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = module.denoiser.peft_config[adapter]
+    layers = get_peft_model_state_dict(module.denoiser, adapter_name=adapter)
+    state = convert_state_dict_to_kohya({f"unet.{k}": v.detach().contiguous() for k, v in layers.items()})
+    for key in state:
+        if key.endswith(".alpha"):
+            state[key] = torch.tensor(float(config.lora_alpha))
+    metadata = {**getattr(module, "kohya_metadata", {}), "ss_network_dim": str(config.r)}
+    metadata.update(ss_network_alpha=str(config.lora_alpha), ss_steps=str(module.global_step))
+    save_file(state, str(path), metadata=metadata)
+    return respect_umask(path)
+
+
+def kohya_metadata(cfg: Any, family_cls: type, images: int) -> dict[str, str]:
+    """kohya's ``ss_*`` training fields (strings) from the run's config, as A1111 and CivitAI show them."""
+    model, data = cfg.model, cfg.data
+    fields = {
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": family_cls.kohya_base_versions.get(model.family, model.family),
+        "ss_sd_model_name": model.pretrained_model_name_or_path,
+        "ss_v2": str(model.family == "sd2"),
+        "ss_learning_rate": cfg.optimizer.lr,
+        "ss_unet_lr": cfg.optimizer.lr,
+        "ss_text_encoder_lr": 0,
+        "ss_lr_scheduler": str(cfg.lr_scheduler._target_).rsplit(".", 1)[-1],
+        "ss_lr_warmup_steps": cfg.lr_scheduler.get("warmup_steps", 0),
+        "ss_optimizer": str(cfg.optimizer._target_),
+        "ss_max_train_steps": cfg.max_train_steps,
+        "ss_num_epochs": cfg.num_train_epochs,
+        "ss_batch_size_per_device": data.batch_size,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_seed": cfg.seed,
+        "ss_resolution": f"({data.resolution}, {data.resolution})",
+        "ss_num_train_images": images,
+        "ss_caption_dropout_rate": data.caption_dropout_probability,
+        "ss_noise_offset": model.noise_offset,
+        "ss_min_snr_gamma": model.min_snr_gamma,
+        "ss_network_dropout": model.lora.dropout,
+        "ss_training_comment": "trained with tuner",
+    }
+    return {k: str(v) for k, v in fields.items() if v is not None}
 
 
 def _umask() -> int:

@@ -29,6 +29,7 @@ _SENTENCES = [
 class KolorsModule(SDXLModule):
     pipeline_class = KolorsPipeline
     license = "other"  # the Kolors licence (research use; commercial use by registration)
+    kohya_base_versions = {"kolors": "kolors"}
     requires = {"sentencepiece": "kolors"}
     components = {
         "unet": "diffusers.UNet2DConditionModel",

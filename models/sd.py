@@ -32,6 +32,7 @@ class SDModule(DiffusionModule):
     denoiser_name = "unet"
     noise_schedule = "ddpm"
     license = "creativeml-openrail-m"
+    kohya_base_versions = {"sd15": "sd_v1", "sd2": "sd_v2"}
     components = {
         "unet": "diffusers.UNet2DConditionModel",
         "vae": "diffusers.AutoencoderKL",

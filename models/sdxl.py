@@ -21,6 +21,7 @@ class SDXLModule(DiffusionModule):
     denoiser_name = "unet"
     noise_schedule = "ddpm"
     license = "openrail++"
+    kohya_base_versions = {"sdxl": "sdxl_base_v1-0"}
     vae_in_fp32 = True  # the original SDXL VAE produces NaNs in fp16
     components = {
         "unet": "diffusers.UNet2DConditionModel",

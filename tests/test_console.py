@@ -59,6 +59,14 @@ def test_the_filters_are_narrow():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_third_parties()
-        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning, "x.py", 1, module="lightning.pytorch.utilities._pytree")
-        warnings.warn_explicit("another lightning deprecation", DeprecationWarning, "x.py", 2, module="lightning.pytorch.trainer")
+        warnings.warn_explicit(
+            "`isinstance(treespec, LeafSpec)` is deprecated",
+            DeprecationWarning,
+            "x.py",
+            1,
+            module="lightning.pytorch.utilities._pytree",
+        )
+        warnings.warn_explicit(
+            "another lightning deprecation", DeprecationWarning, "x.py", 2, module="lightning.pytorch.trainer"
+        )
     assert [str(w.message) for w in caught] == ["another lightning deprecation"]

@@ -18,7 +18,9 @@ def test_prompts_are_t5_with_the_pipelines_mask(make_cfg, tmp_path):
     module = _module(make_cfg, tmp_path, "deepfloyd_if")
     cond = module.encode_prompts(["a red circle on white"])
     assert cond["encoder_hidden_states"].shape == (1, 77, 32)
-    embeds, _ = module.pipeline().encode_prompt("a red circle on white", do_classifier_free_guidance=False, clean_caption=False)
+    embeds, _ = module.pipeline().encode_prompt(
+        "a red circle on white", do_classifier_free_guidance=False, clean_caption=False
+    )
     torch.testing.assert_close(embeds[0], cond["encoder_hidden_states"][0], rtol=1e-5, atol=1e-6)
 
 

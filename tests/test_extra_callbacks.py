@@ -34,4 +34,7 @@ def test_a_callback_that_is_not_one_fails_before_loading(tmp_path):
     assert result.returncode == 2
     assert "callbacks.extra.bad._target_=collections.OrderedDict is not a Lightning callback" in result.stderr
     result = run_cli("train.py", f"output_dir={tmp_path}", "+callbacks.extra.typo._target_=lightning.NoSuchCallback")
-    assert result.returncode == 2 and "callbacks.extra.typo._target_=lightning.NoSuchCallback: cannot import" in result.stderr
+    assert (
+        result.returncode == 2
+        and "callbacks.extra.typo._target_=lightning.NoSuchCallback: cannot import" in result.stderr
+    )

@@ -85,6 +85,7 @@ def check_family(cfg) -> None:
     model.options = OmegaConf.to_container(options)
     _check_schedule_keys(cfg, cls)
     _check_two_experts(model)
+    _check_lora_formats(cfg, cls)
     _expert_validation_levels(cfg)
     _settle_text_encoders(cfg, cls)
     steps = {"data": cfg.data.bucket_step}
@@ -150,6 +151,23 @@ def _check_requirements(family: str, cls) -> None:
     for module, extra in cls.requires.items():
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"model={family} needs the {module} package: pip install -e \".[{extra}]\"")
+
+
+def _check_lora_formats(cfg, cls) -> None:
+    from tuner.config import ConfigError
+
+    if "kohya" not in cfg.export.lora_formats:
+        return
+    if cfg.model.finetune != "lora":
+        raise ConfigError(
+            f"export.lora_formats=[kohya] is for LoRA runs (model.finetune={cfg.model.finetune}); a full fine-tune "
+            "becomes one A1111 file with python -m tuner.export single-file"
+        )
+    if cfg.model.family not in cls.kohya_base_versions:
+        raise ConfigError(
+            f"export.lora_formats=[kohya]: kohya's LoRA format is for the UNet families (sd15, sd2, sdxl, kolors); "
+            f"{cfg.model.family}'s diffusers-format LoRA is what ComfyUI reads"
+        )
 
 
 def _check_two_experts(model) -> None:

@@ -388,12 +388,24 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     with phase("load") as report:
         module = build_module(cfg)
         report["what"] = module.summary()
+    configure_export(module, cfg, datamodule, output_dir)
     datamodule.attach_encoders(**module.data_encoders())
     trainer = build_trainer(cfg, output_dir, datamodule)
     started = time.monotonic()
     if not fit(trainer, module, datamodule, ckpt_path, output_dir):
         return None
     return finish(trainer, module, output_dir, started)
+
+
+def configure_export(module, cfg: DictConfig, datamodule, output_dir: Path) -> None:
+    """The LoRA formats the run writes beside diffusers' (kohya's: its file name and ss_* metadata)."""
+    module.lora_formats = [str(f) for f in cfg.export.lora_formats]
+    if "kohya" in module.lora_formats:
+        from models.export import kohya_metadata
+
+        module.kohya_name = cfg.export.name or output_dir.name
+        images = len(datamodule.samples)
+        module.kohya_metadata = kohya_metadata(cfg, type(module), images)
 
 
 def build_datamodule(cfg: DictConfig, output_dir: Path):

@@ -1,0 +1,104 @@
+"""Typed schemas of the ``model`` group: the family-independent model keys, the adapter settings and their
+enums. Part of tuner/config.py's schema (it re-exports these); nothing here imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class Finetune(Enum):
+    lora = "lora"
+    full = "full"
+    lycoris = "lycoris"  # LoKr / LoHa through the lycoris-lora library (model.lycoris.*), as SimpleTuner offers
+
+
+class LycorisAlgo(Enum):
+    lokr = "lokr"  # Kronecker product (factor)
+    loha = "loha"  # Hadamard product of two low-rank pairs
+
+
+class PredictionType(Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
+class TimestepSampling(Enum):
+    uniform = "uniform"  # DDPM: uniform integer timesteps; flow: uniform sigmas
+    logit_normal = "logit_normal"  # flow: sigmoid of N(logit_mean, logit_std) (SD3's default)
+    mode = "mode"  # flow: mode-seeking density, heavier tails (mode_scale)
+
+
+class Expert(Enum):
+    high_noise = "high_noise"  # composition and large shapes: noise levels from expert_boundary up
+    low_noise = "low_noise"  # fine detail: noise levels below expert_boundary
+
+
+class Experts(Enum):
+    two_lora = "two_lora"  # both split-schedule experts in one run: two LoRA adapters on the one base
+
+
+class LossWeighting(Enum):
+    none = "none"
+    sigma_sqrt = "sigma_sqrt"  # flow: sigma^-2
+    cosmap = "cosmap"  # flow: 2 / (pi (1 - 2 sigma + 2 sigma^2))
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float | None = None  # None: equal to rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: the family's default
+
+
+@dataclass
+class LycorisConfig:
+    """``model.lycoris``: the adapter when ``model.finetune=lycoris`` (SimpleTuner's lycoris_config.json keys:
+    algo, linear_dim -> rank, linear_alpha -> alpha, factor)."""
+
+    algo: LycorisAlgo = LycorisAlgo.lokr
+    rank: int = 10000  # LoKr: a rank this large means full-rank factors (SimpleTuner's linear_dim default)
+    alpha: float = 1.0
+    factor: int = 16  # LoKr's Kronecker factor; -1: the library picks
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    _convert_: str = "all"
+    family: str = MISSING
+    pretrained_model_name_or_path: str = MISSING
+    revision: str | None = None
+    variant: str | None = None
+    finetune: Finetune = Finetune.lora
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lycoris: LycorisConfig = field(default_factory=LycorisConfig)
+    gradient_checkpointing: bool = False
+    prediction_type: PredictionType | None = None  # DDPM; None: from the checkpoint's scheduler config
+    timestep_sampling: TimestepSampling = TimestepSampling.uniform
+    logit_mean: float = 0.0  # flow, logit_normal
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # flow, mode
+    flow_shift: float | None = None  # flow: the SD3 shift; None: the checkpoint scheduler's `shift`
+    loss_weighting: LossWeighting = LossWeighting.none  # flow
+    # The noise range trained on, as fractions of the schedule (DDPM: t / T; flow: sigma), for every family.
+    min_noise_level: float = 0.0
+    max_noise_level: float = 1.0
+    # The seed's mixture-of-experts split: this run trains one expert, on its part of the noise range only.
+    expert: Expert | None = None
+    expert_boundary: float = 0.35  # the low-noise expert owns levels below it (SimpleTuner's refiner strength)
+    experts: Experts | None = None  # two_lora: train both experts in this run, one LoRA adapter each
+    expert_partner: str | None = None  # the other expert's weights (LoRA file/folder, pipeline/): chained validation
+    min_timestep: int | None = None  # DDPM alias of min_noise_level, in timesteps (0..999)
+    max_timestep: int | None = None  # DDPM alias of max_noise_level (exclusive)
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    min_snr_gamma: float | None = None
+    zero_terminal_snr: bool = False
+    prior_loss_weight: float = 1.0  # loss weight of regularisation (prior-preservation) images
+    options: dict[str, Any] = field(default_factory=dict)  # family-only knobs, checked against the family's Options
