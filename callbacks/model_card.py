@@ -200,6 +200,8 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
 def _settings(info: Mapping) -> list[str]:
     if _finetune(info) == "lora":
         lora = f"rank {_cell(info.get('lora_rank'))}, alpha {_cell(info.get('lora_alpha', info.get('lora_rank')))}"
+    elif _finetune(info) == "lycoris":
+        lora = "LyCORIS " + ", ".join(f"{k} {v}" for k, v in dict(info.get("lycoris") or {}).items())
     else:
         lora = "full"
     rows = [
@@ -240,7 +242,7 @@ def _snippet(info: Mapping) -> list[str]:
     pipeline = info.get("pipeline") or "DiffusionPipeline"  # the family's own class, when known
     if _finetune(info) == "lora" and info.get("experts"):
         load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)", *_experts(info, repo)]
-    elif _finetune(info) == "lora":
+    elif _finetune(info) in ("lora", "lycoris"):
         load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)"]
         load.append((info.get("lora_load") or "pipe.load_lora_weights({path!r})").format(path=repo))
     else:
@@ -283,7 +285,7 @@ def _experts(info: Mapping, repo: str) -> list[str]:
 
 
 def _body(info: Mapping, images: list[Path], output_dir: Path) -> list[str]:
-    kind = "LoRA" if _finetune(info) == "lora" else "Full fine-tune"
+    kind = {"lora": "LoRA", "lycoris": "LyCORIS"}.get(_finetune(info), "Full fine-tune")
     base = info.get("base_model")
     title = info.get("title") or info.get("repo_id") or f"{kind} for {base or 'a diffusion model'}"
     lines = [

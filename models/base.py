@@ -273,6 +273,9 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         lora = {**dict(hp.lora or {}), "target_modules": self.lora_targets((hp.lora or {}).get("target_modules"))}
         adapters = EXPERTS if hp.experts == "two_lora" else ("default",)
         trainable.setup_adapter(self.denoiser, hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, adapters)
+        if hp.finetune == "lycoris":  # LoKr/LoHa: its own module (its parameters train, checkpoint and average)
+            self.lycoris_prefix = prefix = trainable.lycoris_prefix(self.denoiser_name)
+            self.lycoris_net = trainable.lycoris_network(self.denoiser, dict(hp.lycoris or {}), lora["target_modules"], prefix)
         # split-schedule experts sharing this denoiser (models/experts.py); None for a plain run
         self.experts = Experts(self) if hp.experts or hp.expert_partner else None
         self.n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -288,7 +291,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
         # Lightning puts the whole module in train mode; frozen parts stay in eval (no dropout).
         super().train(mode)
         for name, module in self.named_children():
-            if name != self.denoiser_name:
+            if name not in (self.denoiser_name, "lycoris_net"):
                 module.eval()
         return self
 
@@ -420,12 +423,20 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
 
     @classmethod
     def identity(
-        cls, family: str, base_model: str, finetune: str, lora: dict | None, expert: str | None = None
+        cls,
+        family: str,
+        base_model: str,
+        finetune: str,
+        lora: dict | None,
+        expert: str | None = None,
+        lycoris: dict | None = None,
     ) -> dict:
         """What a checkpoint must share with the run that resumes it: stored in every checkpoint and
         compared before any weight loads (callbacks.checkpoints.check_resumable)."""
         out: dict[str, Any] = {"family": family, "base_model": str(base_model), "finetune": str(finetune)}
         out["expert"] = expert  # a split-schedule expert resumes as the same expert
+        if finetune == "lycoris":
+            out.update({f"lycoris_{k}": v for k, v in sorted(dict(lycoris or {}).items())})
         if finetune == "lora":
             lora = dict(lora or {})
             rank = int(lora.get("rank") or 16)
@@ -438,7 +449,9 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
 
     def run_identity(self) -> dict:
         hp = self.hparams
-        return self.identity(hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.experts or hp.expert)
+        return self.identity(
+            hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.experts or hp.expert, hp.lycoris
+        )
 
     # ---- split-schedule experts (models/experts.py) -------------------------------------------------
     def denoiser_level(self, timestep: torch.Tensor) -> float:

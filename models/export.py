@@ -14,6 +14,8 @@ def save_weights(module: Any, directory: str | Path, full_pipeline: bool = True,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hp = module.hparams
+    if hp.finetune == "lycoris":
+        return save_lycoris(module, directory / f"pytorch_lora_weights{suffix}.safetensors")
     if hp.finetune == "lora":
         paths = []
         for adapter, tag in module.lora_adapters():  # one file per split-schedule expert in a two-expert run
@@ -40,6 +42,27 @@ def save_weights(module: Any, directory: str | Path, full_pipeline: bool = True,
         return respect_umask(directory / f"pipeline{suffix}")
     module.denoiser.save_pretrained(directory / f"{module.denoiser_name}{suffix}", safe_serialization=True)
     return respect_umask(directory / f"{module.denoiser_name}{suffix}")
+
+
+def save_lycoris(module: Any, path: Path) -> Path:
+    """The LyCORIS network in the library's own file format (what its ``create_lycoris_from_weights``, A1111
+    and ComfyUI read), its settings in the metadata as kohya's fields name them."""
+    import json
+
+    import torch
+
+    settings = {k: v for k, v in dict(module.hparams.lycoris or {}).items()}
+    metadata = {
+        **getattr(module, "kohya_metadata", {}),
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(settings.get("rank")),
+        "ss_network_alpha": str(settings.get("alpha")),
+        "ss_network_args": json.dumps({"algo": settings.get("algo"), "factor": settings.get("factor")}),
+        "lycoris_prefix": module.lycoris_prefix,
+        "ss_steps": str(module.global_step),
+    }
+    module.lycoris_net.save_weights(str(path), torch.float32, metadata)
+    return respect_umask(path)
 
 
 def save_kohya(module: Any, adapter: str, path: Path) -> Path:

@@ -51,6 +51,49 @@ def load_kwargs(cls: type, dtype: torch.dtype | None, common: dict, quantization
     return kwargs
 
 
+def lycoris_prefix(denoiser_name: str) -> str:
+    """The key prefix of LyCORIS files: kohya's ``lora_unet`` for UNets (A1111/Forge and ComfyUI map it onto
+    the UNet), the library's own ``lycoris`` for transformers (ComfyUI's mapping, SimpleTuner's files)."""
+    return "lora_unet" if denoiser_name == "unet" else "lycoris"
+
+
+def lycoris_network(denoiser: torch.nn.Module, settings: dict, targets: list[str], prefix: str) -> torch.nn.Module:
+    """A LyCORIS network (``model.lycoris``: LoKr or LoHa) on the denoiser's target layers, through the
+    lycoris-lora library, applied (its modules wrap the targets' forward) and trainable in fp32."""
+    from lycoris import LycorisNetwork
+
+    # The library keeps its targeting as class state: set all of it, every time.
+    LycorisNetwork.apply_preset(
+        {
+            "target_module": [],
+            "target_name": [f"*.{t}" for t in targets] + list(targets),
+            "use_fnmatch": True,
+            "module_algo_map": {},
+            "name_algo_map": {},
+            "exclude_name": [],
+            "enable_conv": False,
+            "lora_prefix": prefix,
+        }
+    )
+    rank = int(settings.get("rank") or 10000)
+    network = LycorisNetwork(
+        denoiser,
+        multiplier=1.0,
+        lora_dim=rank,
+        conv_lora_dim=0,
+        alpha=float(settings.get("alpha") or 1.0),
+        dropout=float(settings.get("dropout") or 0.0),
+        network_module=str(settings.get("algo") or "lokr"),
+        factor=int(settings.get("factor") or -1),
+        warn_on_unmatched=True,
+    )
+    if not network.loras:
+        raise ValueError(f"model.finetune=lycoris: no layer of the denoiser matched the targets {targets}")
+    network.apply_to()
+    network.to(torch.float32).requires_grad_(True)
+    return network
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
     """Whether any weight of ``module`` is a quantised tensor (quanto or bitsandbytes)."""
     if getattr(module, "is_quantized", False) or getattr(module, "quantization_method", None):
@@ -101,7 +144,7 @@ def setup_adapter(
         cast_training_params(denoiser, dtype=torch.float32)  # only what trains is upcast
     elif finetune == "full":
         denoiser.requires_grad_(True)
-    else:
-        raise ValueError(f"model.finetune={finetune!r}; valid: lora, full")
+    elif finetune != "lycoris":  # LyCORIS: a network of its own beside the denoiser (lycoris_network)
+        raise ValueError(f"model.finetune={finetune!r}; valid: lora, full, lycoris")
     if checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -351,6 +351,11 @@ def _check_quantization(cfg: DictConfig) -> None:
                 f"quantization.{key}=nf4-bnb: nf4 applies to the denoiser (base_model_precision) only; quantise "
                 "text encoders with int8-quanto or int4-quanto"
             )
+    if cfg.model.finetune == Finetune.lycoris and quant.base_model_precision != "no_change":
+        raise ConfigError(
+            f"model.finetune=lycoris with quantization.base_model_precision={quant.base_model_precision}: LyCORIS "
+            "wraps plain layers only; train a LoRA on a quantised denoiser (model.finetune=lora) or use quantization=none"
+        )
     if cfg.model.finetune == Finetune.full and quant.base_model_precision != "no_change":
         raise ConfigError(
             f"model.finetune=full with quantization.base_model_precision={quant.base_model_precision}: "

@@ -154,8 +154,12 @@ def _check_requirements(family: str, cls) -> None:
 
 
 def _check_lora_formats(cfg, cls) -> None:
+    import importlib.util
+
     from tuner.config import ConfigError
 
+    if cfg.model.finetune == "lycoris" and importlib.util.find_spec("lycoris") is None:
+        raise ConfigError('model.finetune=lycoris needs the lycoris-lora package: pip install -e ".[lycoris]"')
     if "kohya" not in cfg.export.lora_formats:
         return
     if cfg.model.finetune != "lora":

@@ -125,6 +125,20 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
     return plain
 
 
+def lycoris_load_snippet(family) -> str:
+    """How a user applies the exported LyCORIS file, with the library's own loader (the card's snippet)."""
+    from models.trainable import lycoris_prefix
+
+    prefix = lycoris_prefix(family.denoiser_name)
+    return (
+        "from lycoris import LycorisNetwork, create_lycoris_from_weights\n"
+        f'LycorisNetwork.apply_preset({{{{"lora_prefix": "{prefix}"}}}})  # the file\'s key prefix\n'
+        f'lycoris, _ = create_lycoris_from_weights(1.0, {{path!r}} + "/pytorch_lora_weights.safetensors", '
+        f"pipe.{family.denoiser_name})\n"
+        "lycoris.merge_to()"
+    )
+
+
 def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -> dict:
     """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
     from tuner.families import family_class
@@ -150,7 +164,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "license": cfg.callbacks.hub.license or family.license,
         "license_note": family.license_note,
         "pipeline": family.pipeline_class.__name__,  # for the card's loading snippet
-        "lora_load": family.lora_load_snippet,
+        "lora_load": lycoris_load_snippet(family) if model.finetune == "lycoris" else family.lora_load_snippet,
         # a two-expert run: one LoRA per expert, and how to sample with both (the card's snippet)
         "experts": {
             "boundary": model.expert_boundary,
@@ -169,6 +183,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "mixed_precision": cfg.mixed_precision,
         "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1],
+        "lycoris": OmegaConf.to_container(model.lycoris) if model.finetune == "lycoris" else None,
         "lora_rank": model.lora.rank if model.finetune == "lora" else None,
         "lora_alpha": (model.lora.alpha or model.lora.rank) if model.finetune == "lora" else None,
         "quantization": dict(cfg.quantization),
@@ -445,7 +460,12 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if ckpt_path is not None:
         model = cfg.model
         identity = get_class(model._target_).identity(
-            model.family, model.pretrained_model_name_or_path, model.finetune, model.lora, model.experts or model.expert
+            model.family,
+            model.pretrained_model_name_or_path,
+            model.finetune,
+            model.lora,
+            model.experts or model.expert,
+            OmegaConf.to_container(model.lycoris),
         )
         check_resumable(ckpt_path, identity)
     return ckpt_path
