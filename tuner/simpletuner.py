@@ -1,0 +1,496 @@
+"""A SimpleTuner config (config.json, and its multidatabackend.json) as a tuner experiment.
+
+``convert`` reads the SimpleTuner keys (with or without their leading ``--``) and returns an ``Imported``:
+the Hydra group choices (on top of the family's preset, so that keys the SimpleTuner config leaves out take
+the preset's known-good values), the values, every key it could not carry over with the reason, the
+secrets it left out with where they go instead, and the approximations to check. The CLI,
+``python -m tuner.import simpletuner`` (tuner/import.py), writes it as a ``# @package _global_`` experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuner.simpletuner_tables import (  # the name tables: SimpleTuner's keys and values -> tuner's
+    _OPTIMIZERS,
+    _SECRET_KEY,
+    _SECRET_VALUE,
+    FAMILIES,
+    FLAVOURS,
+    GENERIC,
+    LOGGERS,
+    NEAR_OPTIMIZERS,
+    NEAREST_LEVEL,
+    OPTIMIZERS,
+    PRESETS,
+    REASONS,
+    SCHEDULERS,
+    SCHEMAS,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class SimpleTunerError(ValueError):
+    """A SimpleTuner config that cannot become an experiment at all (no family, unreadable file)."""
+
+
+@dataclass
+class Imported:
+    """The experiment: group choices, values, and the report of what did not carry over."""
+
+    sources: list[str]
+    defaults: dict[str, str] = field(default_factory=dict)  # group -> option
+    values: dict[str, Any] = field(default_factory=dict)
+    unmapped: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+    secrets: list[tuple[str, str]] = field(default_factory=list)  # (key, where it goes instead)
+    notes: list[str] = field(default_factory=list)  # approximations and things to check
+
+    def set(self, path: str, value: Any) -> None:
+        node = self.values
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    def get(self, path: str) -> Any:
+        node: Any = self.values
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    def skip(self, key: str, reason: str, value: Any = "?") -> None:
+        if value is None or value is False or value == "" or str(value).lower() in ("false", "0", "none"):
+            reason = f"off in SimpleTuner, nothing to carry over ({reason})"
+        self.unmapped.append((key, reason))
+
+
+# ---- values -------------------------------------------------------------------------------------------------
+def _bool(value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no", "none", ""):
+        raise ValueError(f"{value!r} is not true or false")
+    return text in ("true", "1", "yes")
+
+
+def _int(value: Any) -> int:
+    if not float(value).is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(float(value))
+
+
+def _size(value: Any) -> float | int:
+    """A resolution-like number: pixel sizes as ints, megapixels (below 16) as floats."""
+    return int(float(value)) if float(value).is_integer() and float(value) >= 16 else float(value)
+
+
+def _floats(value: Any) -> list[float]:
+    return [float(v) for v in value]
+
+
+def _side(value: Any) -> int:
+    sides = {side.strip() for side in str(value).split("x")}
+    if len(sides) != 1 or "," in str(value) or _size(min(sides)) < 16:
+        raise ValueError("tuner validates at one square side in pixels")
+    return _int(min(sides))
+
+
+def _put(res: Imported, key: str, path: str, convert: Callable, value: Any) -> None:
+    try:
+        res.set(path, convert(value))
+    except (TypeError, ValueError) as err:
+        res.skip(key, f"cannot use {value!r}: {err}")
+
+
+def _locate(value: Any, dirs: list[Path]) -> str | None:
+    """An existing file or folder, absolute or relative to one of ``dirs``, as an absolute path."""
+    found = [base / str(value) for base in dirs if (base / str(value)).exists()]
+    return str(found[0].resolve()) if found else None
+
+
+def _file(res: Imported, key: str, value: Any, dirs: list[Path]) -> str:
+    """A path from the config, made absolute when it is found here (SimpleTuner's are relative to its root)."""
+    found = _locate(value, dirs)
+    if not found:
+        res.notes.append(f"{key}={value!r} is not found here: kept as written")
+    return found or str(value)
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SimpleTunerError(f"cannot read the {what} {path}: {err}") from None
+
+
+ALIASES = {"is_regularization_data": "is_regularisation_data", "hub_model_id": "hub_model_name"}
+ALIASES.update(min_snr_gamma="snr_gamma")
+
+
+def _strip(config: dict) -> dict:
+    """``{"--model_family": ...}`` -> ``{"model_family": ...}``, one name for each aliased key."""
+    keys = (str(k).lstrip("-") for k in config)
+    return {ALIASES.get(k, k): v for k, v in zip(keys, config.values(), strict=True)}
+
+
+def _take_secrets(entry: dict, res: Imported, where: str) -> None:
+    for key in list(entry):
+        value = entry[key]
+        if _SECRET_KEY.search(key.lower()) or (isinstance(value, str) and _SECRET_VALUE.search(value)):
+            entry.pop(key)
+            res.secrets.append((f"{where}{key}", _secret_home(key, value)))
+
+
+def _secret_home(key: str, value: Any) -> str:
+    key = key.lower()
+    if key.startswith("aws_"):
+        return f"set {key.upper()} in the environment (or use an AWS profile)"
+    if "webhook" in key or (isinstance(value, str) and _SECRET_VALUE.search(value)):
+        return 'write {"webhook_url": ...} to a webhook JSON file and set callbacks.webhook.config=FILE'
+    if "wandb" in key:
+        return "set WANDB_API_KEY in the environment, or run `wandb login`"
+    if "hub" in key or "hf" in key.split("_") or "hugging" in key:
+        return "set HF_TOKEN in the environment, or run `hf auth login`"
+    return "keep it in the environment or a file outside the config; tuner never reads secrets from its config"
+
+
+# ---- model --------------------------------------------------------------------------------------------------
+def _family_and_preset(st_family: str, path: str, flavour: str, model_type: str) -> tuple[str, str]:
+    text = f"{path} {flavour} {model_type}".lower()
+    if st_family == "flux":
+        return "flux", "flux-schnell" if "schnell" in text else "flux-dev"
+    if st_family == "sd3":
+        large = ("3.5" in path or "3_5" in path) if path else flavour.lower() in ("medium", "large")
+        return "sd3", "sd35" if large else "sd3"
+    if st_family == "deepfloyd":
+        stage_2 = "if-ii" in text or "stage2" in text or flavour.lower().startswith("ii-")
+        return ("deepfloyd_if_sr", "deepfloyd-if-sr") if stage_2 else ("deepfloyd_if", "deepfloyd-if")
+    family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
+    return family, PRESETS[family]
+
+
+def _model(args: dict, res: Imported, dirs: list[Path]) -> type:
+    st_family = str(args.pop("model_family", "") or "").lower()
+    if st_family not in FAMILIES:
+        given = f"model_family={st_family!r}" if st_family else "model_family is not set"
+        raise SimpleTunerError(f"{given}; tuner trains: {', '.join(FAMILIES)}")
+    path = args.pop("pretrained_model_name_or_path", None)
+    flavour = str(args.pop("model_flavour", "") or "")
+    model_type = str(args.pop("model_type", "") or "").lower()
+    family, preset = _family_and_preset(st_family, str(path or ""), flavour, model_type)
+    res.defaults.update(preset=preset, model=family)
+    path = path or FLAVOURS.get((st_family, flavour.lower()))
+    if path:
+        res.set("model.pretrained_model_name_or_path", _locate(path, dirs[:1]) or str(path))
+    elif flavour:
+        res.notes.append(f"model_flavour={flavour}: the {preset} preset's base model is kept")
+    finetune = _finetune(model_type, str(args.pop("lora_type", "") or "").lower(), res)
+    if finetune:
+        res.set("model.finetune", finetune)
+    if finetune == "lycoris":
+        _lycoris(args.pop("lycoris_config", None), res, dirs)
+    from tuner.families import family_class
+
+    return family_class(family)
+
+
+def _finetune(model_type: str, lora_type: str, res: Imported) -> str | None:
+    if "lycoris" in (lora_type, model_type):
+        return "lycoris"
+    if lora_type not in ("", "standard"):
+        res.skip("lora_type", f"{lora_type!r}: tuner's adapters are standard LoRA and lycoris")
+    if "lora" in model_type:
+        return "lora"
+    if model_type in ("full", "deepfloyd-full", "deepfloyd-stage2"):
+        return "full"
+    if model_type:
+        res.skip("model_type", f"{model_type!r}: tuner's are lora, lycoris and full")
+    else:
+        res.notes.append("model_type is not set: the preset's model.finetune is kept")
+    return None
+
+
+LYCORIS = {"algo": ("algo", str), "linear_dim": ("rank", _int), "linear_alpha": ("alpha", float)}
+LYCORIS.update(factor=("factor", _int), dropout=("dropout", float))
+
+
+def _lycoris(path: Any, res: Imported, dirs: list[Path]) -> None:
+    found = _locate(path, dirs) if path else None
+    if not found:
+        res.notes.append(f"lycoris_config {path!r} not found: model.lycoris keeps tuner's defaults (lokr, factor 16)")
+        return
+    res.sources.append(found)
+    for key, value in _load_json(Path(found), "lycoris config").items():
+        if key == "algo" and value not in ("lokr", "loha"):
+            res.skip("lycoris_config.algo", f"{value!r}: tuner's are lokr and loha")
+        elif key in LYCORIS:
+            _put(res, f"lycoris_config.{key}", f"model.lycoris.{LYCORIS[key][0]}", LYCORIS[key][1], value)
+        elif key != "multiplier" or str(value) not in ("1", "1.0"):  # 1.0: the strength tuner trains at
+            why = "the adapter targets the family's LoRA modules" if key == "apply_preset" else GENERIC
+            res.skip(f"lycoris_config.{key}", why)
+
+
+# ---- run, optimiser, schedule -------------------------------------------------------------------------------
+_SAME = {"output_dir": str, "max_train_steps": _int, "num_train_epochs": _int, "checkpointing_steps": _int}
+_SAME.update(checkpoints_total_limit=_int, gradient_accumulation_steps=_int, max_grad_norm=float)
+RUN = {key: (key, convert) for key, convert in _SAME.items()}
+RUN |= {  # SimpleTuner key -> (tuner key, converter)
+    "revision": ("model.revision", str),
+    "variant": ("model.variant", str),
+    "lora_rank": ("model.lora.rank", _int),
+    "lora_alpha": ("model.lora.alpha", float),
+    "lora_dropout": ("model.lora.dropout", float),
+    "gradient_checkpointing": ("model.gradient_checkpointing", _bool),
+    "noise_offset": ("model.noise_offset", float),
+    "input_perturbation": ("model.input_perturbation", float),
+    "prior_loss_weight": ("model.prior_loss_weight", float),
+    "train_batch_size": ("data.batch_size", _int),
+    "caption_dropout_probability": ("data.caption_dropout_probability", float),
+    "aspect_bucket_alignment": ("data.bucket_step", _int),
+    "learning_rate": ("optimizer.lr", float),
+    "lr_warmup_steps": ("lr_scheduler.warmup_steps", _int),
+    "use_ema": ("callbacks.ema.enabled", _bool),
+    "ema_decay": ("callbacks.ema.decay", float),
+    "ema_update_interval": ("callbacks.ema.update_every_n_steps", _int),
+    "validation_steps": ("callbacks.validation.every_n_steps", _int),
+    "validation_guidance": ("callbacks.validation.guidance_scale", float),
+    "validation_num_inference_steps": ("callbacks.validation.num_inference_steps", _int),
+    "validation_seed": ("callbacks.validation.seed", _int),
+    "validation_negative_prompt": ("callbacks.validation.negative_prompt", str),
+    "push_to_hub": ("callbacks.hub.push_to_hub", _bool),
+    "hub_model_name": ("callbacks.hub.model_name", str),
+    "push_checkpoints_to_hub": ("callbacks.hub.push_checkpoints", _bool),
+}
+
+
+def _run(args: dict, res: Imported) -> None:
+    for key in [k for k in RUN if args.get(k) is not None]:
+        _put(res, key, RUN[key][0], RUN[key][1], args.pop(key))
+    if (res.get("num_train_epochs") or 0) > 0 and "max_train_steps" not in res.values:
+        res.set("max_train_steps", None)  # the preset's step count would clash with the epochs
+    seed = args.pop("seed", None)
+    if seed is not None and str(seed).strip().startswith("-"):
+        res.skip("seed", "a random seed per run: tuner always seeds (an exact resume needs it); set one")
+    elif seed is not None:
+        _put(res, "seed", "seed", _int, seed)
+    precision = str(args.pop("mixed_precision", "") or "")
+    if precision in ("no", "fp16", "bf16"):
+        res.set("mixed_precision", precision)
+    elif precision:
+        res.skip("mixed_precision", f"{precision!r}: tuner's are no, fp16 and bf16 (fp8: quantise the base model)")
+    resume = args.pop("resume_from_checkpoint", None)
+    if str(resume) == "latest":
+        res.set("resume_from_checkpoint", "latest")
+    elif resume:
+        res.skip("resume_from_checkpoint", "a SimpleTuner checkpoint cannot resume a tuner run; start fresh")
+    if _bool(args.pop("refiner_training", False)):  # SimpleTuner's refiner is the low-noise expert
+        invert = _bool(args.pop("refiner_training_invert_schedule", False))
+        res.set("model.expert", "high_noise" if invert else "low_noise")
+        if args.get("refiner_training_strength") is not None:
+            strength = args.pop("refiner_training_strength")
+            _put(res, "refiner_training_strength", "model.expert_boundary", float, strength)
+
+
+def _preset_choice(preset: str, group: str) -> str:
+    """The option ``preset`` picks for ``group`` (train.yaml's otherwise)."""
+    for conf in (CONF / "preset" / f"{preset}.yaml", CONF / "train.yaml"):
+        for entry in (yaml.safe_load(conf.read_text()) or {}).get("defaults", []):
+            for key, option in entry.items() if isinstance(entry, dict) else ():
+                if key.split()[-1].strip("/") == group:
+                    return str(option)
+    raise SimpleTunerError(f"no {group} option found in the {preset} preset or train.yaml")
+
+
+def _optimizer(args: dict, res: Imported) -> None:
+    from tuner import optim_schemas
+
+    name = args.pop("optimizer", None)
+    if name is not None and str(name).lower() not in OPTIMIZERS:
+        res.skip("optimizer", f"{name!r}: tuner's are {', '.join(_OPTIMIZERS)}; the preset's is kept")
+    elif name is not None:
+        res.defaults["optimizer"] = group = OPTIMIZERS[str(name).lower()]
+        if str(name).lower() in NEAR_OPTIMIZERS:
+            res.notes.append(f"optimizer={name} -> optimizer={group}: the same update rule, another implementation")
+    group = res.defaults.get("optimizer") or _preset_choice(res.defaults["preset"], "optimizer")
+    schema = getattr(optim_schemas, SCHEMAS[group])
+    fields = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+    betas = [args.pop(k, None) for k in ("adam_beta1", "adam_beta2")]
+    settings = {"weight_decay": args.pop("adam_weight_decay", None), "eps": args.pop("adam_epsilon", None)}
+    if any(b is not None for b in betas):  # the one not given: the optimizer's default
+        default = getattr(schema(), "betas", [0.9, 0.999])  # (an optimizer without betas reports them below)
+        settings["betas"] = [float(b if b is not None else d) for b, d in zip(betas, default, strict=True)]
+    for key, value in settings.items():
+        if value is not None and key in fields:
+            res.set(f"optimizer.{key}", value)
+        elif value is not None:
+            st_key = {"weight_decay": "adam_weight_decay", "eps": "adam_epsilon"}.get(key, "adam_beta1/2")
+            res.skip(st_key, f"optimizer={group} has no {key}; its keys: {', '.join(fields)}")
+
+
+def _scheduler(args: dict, res: Imported) -> None:
+    name = args.pop("lr_scheduler", None)
+    if name is not None and str(name) in SCHEDULERS:
+        res.defaults["lr_scheduler"] = str(name)
+        if name == "sine":
+            res.notes.append("lr_scheduler=sine is tuner's own sine (models/lr_schedules.py): compare its shape")
+    elif name is not None:
+        res.skip("lr_scheduler", f"{name!r}: tuner's are {', '.join(SCHEDULERS)}; the preset's is kept")
+    group = res.defaults.get("lr_scheduler") or _preset_choice(res.defaults["preset"], "lr_scheduler")
+    takes = {
+        "cosine": ["lr_num_cycles"],
+        "cosine_with_restarts": ["lr_num_cycles"],
+        "polynomial": ["lr_power", "lr_end"],
+    }
+    for key, tuner_key in (("lr_num_cycles", "num_cycles"), ("lr_power", "power"), ("lr_end", "lr_end")):
+        if key in args and key in takes.get(group, []):
+            _put(res, key, f"lr_scheduler.{tuner_key}", float, args.pop(key))
+        elif key in args:
+            res.skip(key, f"lr_scheduler={group} does not take it", args.pop(key))
+
+
+# ---- quantisation, validation, loggers, webhook -------------------------------------------------------------
+def _quantization(args: dict, res: Imported, cls: type) -> None:
+    from tuner.config import QUANTIZATION_LEVELS as LEVELS
+
+    def valid(key: str, level: str, encoder: bool) -> bool:
+        if level in LEVELS and not (encoder and level == "nf4-bnb"):
+            return True
+        near = f"; the nearest is {NEAREST_LEVEL[level]}" if level in NEAREST_LEVEL else ""
+        res.skip(key, f"{level!r}: tuner's levels are {', '.join(LEVELS)} (nf4-bnb: base model only){near}")
+        return False
+
+    base = args.pop("base_model_precision", None)
+    if base is not None and valid("base_model_precision", str(base), False):
+        res.defaults["quantization"] = "none" if str(base) == "no_change" else str(base)
+    for key in sorted(k for k in args if re.fullmatch(r"text_encoder_\d+_precision", k)):
+        level, number = str(args.pop(key)), int(key.split("_")[2])
+        name = "text_encoder" if number == 1 else f"text_encoder_{number}"  # diffusers' component names
+        if name not in cls.text_encoder_names():
+            res.skip(key, f"{res.defaults['model']} has no {name}", None if level == "no_change" else level)
+        elif valid(key, level, True):
+            res.set(f"quantization.text_encoders.{name}", level)
+
+
+def _validation(args: dict, res: Imported, dirs: list[Path]) -> None:
+    prompt, library = args.pop("validation_prompt", None), args.pop("user_prompt_library", None)
+    if prompt:
+        res.set("callbacks.validation.prompts", [str(prompt)])
+    if library:
+        res.set("callbacks.validation.prompt_library", _file(res, "user_prompt_library", library, dirs))
+    if prompt or library:
+        res.set("callbacks.validation.enabled", True)
+    if args.get("validation_resolution"):
+        _put(res, "validation_resolution", "callbacks.validation.resolution", _side, args.pop("validation_resolution"))
+    modes = {"none": "live", "ema_only": "ema", "comparison": "both"}
+    mode = args.pop("ema_validation", None)
+    if mode is not None and str(mode) in modes:
+        res.set("callbacks.validation.use_ema", modes[str(mode)])
+    elif mode is not None:
+        res.skip("ema_validation", f"{mode!r}: tuner's are {', '.join(modes)}")
+    if args.get("ema_device") is not None:
+        res.set("callbacks.ema.on_cpu", str(args.pop("ema_device")) == "cpu")
+
+
+def _logger(args: dict, res: Imported) -> None:
+    report = str(args.pop("report_to", "") or "").lower()
+    if report in LOGGERS:
+        res.defaults["logger"] = report
+    elif report:
+        res.skip("report_to", f"{report!r}: tuner logs to {', '.join(LOGGERS)} (and csv, its default)")
+    for key, name in (("tracker_project_name", "project"), ("tracker_run_name", "name")):
+        if key in args and report == "wandb":
+            res.set(f"logger.{name}", str(args.pop(key)))
+        elif key in args:
+            res.skip(key, "only report_to=wandb takes a project and run name", args.pop(key))
+
+
+def _webhook(args: dict, res: Imported, dirs: list[Path]) -> None:
+    value = args.pop("webhook_config", None)
+    if isinstance(value, str) and value.strip() and not value.lstrip().startswith(("{", "[")):
+        res.set("callbacks.webhook.config", _file(res, "webhook_config", value, dirs))
+    elif value:
+        res.secrets.append(
+            ("webhook_config", "inline webhook settings (with their URL): " + _secret_home("webhook", ""))
+        )
+
+
+# ---- the family's objective ---------------------------------------------------------------------------------
+OBJECTIVE = {  # key -> (tuner key, converter, what it needs: a noise schedule, or a field of model.options)
+    "flow_schedule_shift": ("model.flow_shift", float, "flow"),
+    "flow_sigmoid_scale": ("model.logit_std", float, "flow"),  # sigmoid(scale * N(0, 1)) is logit-normal(0, scale)
+    "snr_gamma": ("model.min_snr_gamma", float, "ddpm"),
+    "prediction_type": ("model.prediction_type", str, "ddpm"),
+    "rescale_betas_zero_snr": ("model.zero_terminal_snr", _bool, "ddpm"),
+    "flux_guidance_value": ("model.options.guidance", float, "guidance"),
+    "tokenizer_max_length": ("model.options.t5_max_length", _int, "t5_max_length"),
+}
+
+
+def _objective(args: dict, res: Imported, cls: type) -> None:
+    family, schedule = res.defaults["model"], cls.noise_schedule
+    options = [f.name for f in dataclasses.fields(cls.Options)]
+    for key, (path, convert, needs) in [(k, v) for k, v in OBJECTIVE.items() if k in args]:
+        value = args.pop(key)
+        if needs in ("flow", "ddpm") and needs != schedule:
+            res.skip(key, f"{family} trains with {schedule} noise; {key} is for {needs} families", value)
+        elif needs not in ("flow", "ddpm") and needs not in options:
+            res.skip(key, f"{family} has no model.options.{needs}", value)
+        elif key == "prediction_type" and value not in ("epsilon", "v_prediction"):
+            res.skip(key, f"{value!r}: tuner's are epsilon and v_prediction")
+        else:
+            _put(res, key, path, convert, value)
+    if res.get("model.logit_std") is not None:
+        res.set("model.timestep_sampling", "logit_normal")
+    if schedule == "flow" and _bool(args.pop("flow_use_uniform_schedule", False)):
+        res.set("model.timestep_sampling", "uniform")
+    if args.get("flux_guidance_mode") in (None, "constant"):
+        args.pop("flux_guidance_mode", None)  # tuner trains at the one guidance value too
+    target = args.pop("flux_lora_target", None)
+    if target in ("all", "all+ffs") and "attention+ffn" in cls.lora_target_presets:
+        if target == "all+ffs":  # attention and feed-forward layers
+            res.set("model.lora.target_modules", ["attention+ffn"])
+    elif target is not None:
+        why = (
+            "tuner's are the family's default (attention), [attention+ffn], [all] or names (model.lora.target_modules)"
+        )
+        res.skip("flux_lora_target", f"{target!r}: {why}")
+
+
+# ---- the whole config ---------------------------------------------------------------------------------------
+def convert(config: str | Path, backend: str | Path | None = None) -> Imported:
+    """A SimpleTuner config.json (and its multidatabackend.json) as a tuner experiment."""
+    from tuner.simpletuner_data import data_section  # (it builds on this module's helpers)
+
+    config = Path(config)
+    args = _load_json(config, "SimpleTuner config")
+    if not isinstance(args, dict):
+        raise SimpleTunerError(f"{config}: a SimpleTuner config is a JSON object of options")
+    args, res = _strip(args), Imported(sources=[str(config)])
+    dirs = [Path.cwd(), config.parent.resolve(), config.parent.resolve().parent]  # SimpleTuner runs from its root
+    _take_secrets(args, res, "")
+    cls = _model(args, res, dirs)
+    try:
+        _run(args, res)
+        _optimizer(args, res)
+        _scheduler(args, res)
+        _quantization(args, res, cls)
+        _validation(args, res, dirs)
+        _logger(args, res)
+        _webhook(args, res, dirs)
+        _objective(args, res, cls)
+        data_section(args, res, dirs, str(backend) if backend else None)
+    except SimpleTunerError:
+        raise
+    except (TypeError, ValueError) as err:  # a value the tables' converters do not see, e.g. a flag that is no flag
+        raise SimpleTunerError(f"{config}: a value cannot be read: {err}") from None
+    for key, value in args.items():
+        res.skip(key, REASONS.get(key, GENERIC), value)
+    return res

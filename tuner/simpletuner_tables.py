@@ -1,0 +1,61 @@
+"""The name tables of the SimpleTuner import (tuner/simpletuner.py): SimpleTuner's families, flavours,
+optimisers, schedulers and quantisation levels as tuner names them, how secrets are recognised, and why the
+keys tuner has no equivalent for are left out."""
+
+from __future__ import annotations
+
+import re
+
+# SimpleTuner's model_family -> tuner's model group (flux, sd3, deepfloyd and legacy also pick a variant)
+FAMILIES = {"sd1x": "sd15", "legacy": "sd15", "sd2x": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+FAMILIES.update(pixart_sigma="pixart_sigma", kolors="kolors", deepfloyd="deepfloyd_if")
+PRESETS = {"sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl", "pixart_sigma": "pixart-sigma", "kolors": "kolors"}
+# the base model a SimpleTuner model_flavour stands for, when no pretrained_model_name_or_path is given
+FLAVOURS = {("flux", "dev"): "black-forest-labs/FLUX.1-dev", ("flux", "schnell"): "black-forest-labs/FLUX.1-schnell"}
+FLAVOURS.update({("sd3", size): f"stabilityai/stable-diffusion-3.5-{size}" for size in ("medium", "large")})
+_OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
+    "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
+    "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
+    "lion": "lion optimi-lion~ bnb-lion",
+    "lion8bit": "lion8bit bnb-lion8bit bnb-lion8bit-paged~",
+    "stableadamw": "stableadamw optimi-stableadamw",
+    "prodigy": "prodigy",
+    "adafactor": "adafactor",
+}
+OPTIMIZERS = {name.rstrip("~"): group for group, names in _OPTIMIZERS.items() for name in names.split()}
+NEAR_OPTIMIZERS = {name.rstrip("~") for names in _OPTIMIZERS.values() for name in names.split() if name.endswith("~")}
+SCHEMAS = {"adamw": "AdamWConfig", "adamw8bit": "Adam8bitConfig", "lion": "LionConfig", "lion8bit": "LionConfig"}
+SCHEMAS.update(stableadamw="StableAdamWConfig", prodigy="ProdigyConfig", adafactor="AdafactorConfig")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial", "linear", "sine")
+LOGGERS = ("wandb", "tensorboard", "none")
+NEAREST_LEVEL = {"int8-torchao": "int8-quanto", "fp8-torchao": "fp8-quanto", "fp8uz-quanto": "fp8-quanto"}
+
+_SECRET_KEY = re.compile(r"(?:^|_)(token|secret|password|passwd|api_key|access_key|credentials?|webhook_url)(?:_|$)")
+_SECRET_VALUE = re.compile(r"discord(?:app)?\.com/api/webhooks|hooks\.slack\.com", re.IGNORECASE)
+# Why a key has no tuner equivalent, for keys SimpleTuner configs commonly carry: reason <- keys
+_REASONS = {
+    "the VAE loads from the base model's vae/ folder": "pretrained_vae_model_name_or_path vae_dtype",
+    "tuner trains the denoiser only": "train_text_encoder",
+    "tuner's LoRA is plain peft LoRA (no DoRA, default initialisation)": "use_dora lora_init_type",
+    "model.noise_offset applies to every step": "noise_offset_probability",
+    "validation renders one image per prompt": "num_validation_images",
+    "SimpleTuner's built-in prompt library is not shipped: give prompts or a prompt_library": "validation_prompt_library",
+    "validation samples as the family's pipeline does": "validation_guidance_rescale validation_guidance_real "
+    "validation_noise_scheduler validation_torch_compile t5_padding",
+    "logs go under output_dir": "logging_dir",
+    "attention is PyTorch's scaled_dot_product_attention": "attention_mechanism enable_xformers_memory_efficient_attention",
+    "optimizer.lr is used as given": "lr_scale lr_scale_sqrt",
+    "tuner shifts as the checkpoint's scheduler does (Flux.1 dev: by image size, like auto-shift); model.flow_shift "
+    "sets a fixed shift": "flow_schedule_auto_shift",
+    "flow noise levels: model.timestep_sampling (logit_normal, mode, uniform)": "flow_use_beta_schedule",
+    "used only with refiner_training": "refiner_training_strength refiner_training_invert_schedule",
+    "used only with lora_type=lycoris": "lycoris_config",
+    "tuner never deletes data: unusable images are skipped and listed in dataset_report.json": "delete_unwanted_images "
+    "delete_problematic_images",
+    "tuner's caches are keyed on content and reused; a re-scan reads only changed files": "vae_cache_clear_each_epoch "
+    "vae_cache_ondemand skip_file_discovery preserve_data_backend_cache",
+    "tuner quantises where the model loads": "quantize_via",
+    "bucket edges align to data.bucket_step": "aspect_bucket_rounding",
+}
+REASONS = {key: why for why, keys in _REASONS.items() for key in keys.split()}
+GENERIC = "tuner has no equivalent setting"
