@@ -133,6 +133,8 @@ class StepCheckpoint(Checkpoint):
         self.images_seen: int | None = 0  # counted as batches are drawn, so a batch-size change is honest
         self._stop_requested = False  # SIGTERM / Ctrl-C seen; the run stops at the next optimiser step
         self._step_seen = 0
+        self.preempted_by: int | None = None  # the cluster's preemption signal, when that stopped the run
+        self.requeue_handler = None  # the handler that signal had before (submitit's requeue)
 
     def state_dict(self) -> dict:
         return {"images_seen": self.images_seen}
@@ -154,9 +156,11 @@ class StepCheckpoint(Checkpoint):
 
     # ---- preemption and Ctrl-C -----------------------------------------------------------------
     def _catch_signals(self, trainer: L.Trainer) -> None:
-        """SIGTERM (cluster preemption) and a first Ctrl-C both ask the run to stop after the current
-        optimiser step; ``on_exception`` then writes the checkpoint. A second Ctrl-C interrupts at once.
-        (Registered here, after Lightning has installed its own handlers at fit start.)"""
+        """SIGTERM, a first Ctrl-C and the cluster's preemption warning (tuner/cluster.py) ask the run to
+        stop after the current optimiser step; ``on_exception`` then writes the checkpoint. A second Ctrl-C
+        interrupts at once. (Registered here, after Lightning has installed its own handlers at fit start.)"""
+        from tuner.cluster import PREEMPT_SIGNAL
+
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -164,9 +168,13 @@ class StepCheckpoint(Checkpoint):
             if signum == signal.SIGINT and self._stop_requested:
                 raise KeyboardInterrupt
             log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
+            if signum == PREEMPT_SIGNAL:
+                self.preempted_by = signum
             self._stop_requested = True
 
-        self._previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT, PREEMPT_SIGNAL)
+        self._previous_handlers = {s: signal.signal(s, handler) for s in dict.fromkeys(signals)}
+        self.requeue_handler = self._previous_handlers.get(PREEMPT_SIGNAL)
 
     def _stop_now(self, trainer: L.Trainer) -> bool:
         """Whether a requested stop takes effect now: only once an optimiser step is complete, and on

@@ -85,6 +85,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: Any = "auto"
+    plugins: Any = None  # e.g. Lightning's SLURMEnvironment (trainer=slurm)
     log_every_n_steps: int = 1
     enable_progress_bar: bool = True
     enable_model_summary: bool = False

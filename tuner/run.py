@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tuner.cluster import is_submitit_launcher
 from tuner.config import ConfigError, check
 from tuner.console import phase
 
@@ -105,10 +106,13 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
     if missing:
         raise ConfigError(f"missing required config values: {', '.join(missing)}")
     check(cfg, require_steps=require_steps)
-    if _is_multirun() and _is_distributed(cfg):
+    if _is_multirun() and _is_distributed(cfg) and not is_submitit_launcher():
         # Lightning starts DDP workers by re-running this command line, sweep flags and all, so each
         # worker would start the whole sweep again.
-        raise ConfigError("a multirun sweep (-m) cannot use a multi-process trainer; run each job on its own")
+        raise ConfigError(
+            "a multirun sweep (-m) cannot use a multi-process trainer with Hydra's basic launcher; run each job on "
+            "its own, or submit the sweep to SLURM with hydra/launcher=slurm trainer=slurm (each job its own tasks)"
+        )
     with open_dict(cfg):
         cfg.output_dir = str(Path(job_output_dir(cfg)).absolute())
     if str(cfg.optimizer._target_).endswith("Prodigy") and cfg.optimizer.lr != 1.0:
@@ -453,9 +457,11 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     from hydra.utils import get_class
 
     from callbacks.checkpoints import check_resumable, resolve_checkpoint
+    from tuner.cluster import auto_resume
 
-    ckpt_path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir / "checkpoints")
-    if cfg.resume_from_checkpoint == "latest" and ckpt_path is None:
+    spec = auto_resume(cfg.resume_from_checkpoint)  # a cluster job carries on where it stopped
+    ckpt_path = resolve_checkpoint(spec, output_dir / "checkpoints")
+    if spec == "latest" and ckpt_path is None and cfg.resume_from_checkpoint == "latest":
         log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from scratch", output_dir)
     if ckpt_path is not None:
         model = cfg.model
@@ -468,12 +474,15 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
             OmegaConf.to_container(model.lycoris),
         )
         check_resumable(ckpt_path, identity)
+        log.info("resuming from %s", ckpt_path)
     return ckpt_path
 
 
 def fit(trainer, module, datamodule, ckpt_path: str | None, output_dir: Path) -> bool:
     """``trainer.fit``; False when SIGTERM or Ctrl-C stopped it (its checkpoint is written)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from callbacks.checkpoints import StepCheckpoint
 
     with warnings.catch_warnings():
         # The data module restores the sampler's position itself (DiffusionDataModule.state_dict).
@@ -483,12 +492,18 @@ def fit(trainer, module, datamodule, ckpt_path: str | None, output_dir: Path) ->
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:
-            # SIGTERM or Ctrl-C: the step finished and its checkpoint is written; a clean exit.
+            # SIGTERM, Ctrl-C or a cluster's preemption warning: the step finished and its checkpoint is
+            # written; a clean exit, or a requeue of the cluster job (tuner/cluster.py).
             if trainer.is_global_zero:
                 print(
                     f"tuner: stopped at step {trainer.global_step}; checkpoint in {output_dir / 'checkpoints'}; "
                     "continue with resume_from_checkpoint=latest"
                 )
+            checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
+            if checkpoints.preempted_by is not None:
+                from tuner.cluster import requeue
+
+                requeue(checkpoints.preempted_by, checkpoints.requeue_handler)
             return False
     return True
 
