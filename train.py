@@ -14,8 +14,9 @@ CONF = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from tuner.console import quiet_third_parties
+    from tuner.console import keep_unused_packages_out, quiet_third_parties
 
+    keep_unused_packages_out(cfg)  # bitsandbytes only when the run uses it
     quiet_third_parties()  # before the libraries load: their known noise stays out of the console
     from tuner.run import train, user_error
 

@@ -70,3 +70,25 @@ def test_the_filters_are_narrow():
             "another lightning deprecation", DeprecationWarning, "x.py", 2, module="lightning.pytorch.trainer"
         )
     assert [str(w.message) for w in caught] == ["another lightning deprecation"]
+
+
+def test_bitsandbytes_is_imported_only_by_runs_that_use_it(demo_dir, tmp_path):
+    """peft imports bitsandbytes whenever it is installed (a second of start-up); train.py keeps it out of
+    runs that use neither an 8-bit optimiser nor nf4, and lets it in for those that do."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for optimizer, expected in (("adamw", False), ("adamw8bit", True)):
+        argv = ["train.py", f"optimizer={optimizer}", f"demo_assets_dir={demo_dir}", f"output_dir={tmp_path / optimizer}"]
+        argv += ["max_train_steps=1", "callbacks.validation.enabled=false", "trainer.enable_progress_bar=false"]
+        code = (
+            "import runpy, sys\n"
+            f"sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "finally:\n    print('bitsandbytes loaded:', 'bitsandbytes.nn' in sys.modules)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"bitsandbytes loaded: {expected}" in result.stdout, optimizer

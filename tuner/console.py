@@ -58,6 +58,23 @@ def quiet_third_parties() -> None:
     huggingface_hub.utils.enable_progress_bars()  # transformers' switch turned the download bars off too
 
 
+def keep_unused_packages_out(cfg) -> None:
+    """peft imports bitsandbytes whenever it is installed: about a second of every start-up, and its
+    notices. A run that uses it (an 8-bit optimiser, nf4) imports it as usual; for any other run the import
+    is blocked, so peft carries on as it does without bitsandbytes. Undone for a later job of a sweep that
+    needs it. Only the CLIs call this (train.py); a library user's imports are left alone."""
+    import sys
+
+    levels = [cfg.quantization.get("base_model_precision"), cfg.quantization.get("text_encoder_precision")]
+    levels += list((cfg.quantization.get("text_encoders") or {}).values())
+    uses = "bitsandbytes" in str(cfg.optimizer.get("_target_", "")) or "nf4-bnb" in levels
+    if uses:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+    else:
+        sys.modules.setdefault("bitsandbytes", None)
+
+
 @contextmanager
 def phase(name: str) -> Iterator[dict]:
     """Time a phase and report it in one line: set ``what`` in the yielded dict to say what it did."""
