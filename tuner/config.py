@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -427,6 +428,27 @@ def suggest(key: str, valid: list[str]) -> str:
     return f"{hint} Valid keys: {', '.join(sorted(valid))}."
 
 
+def _schema_knows(override: str, config_dir: str) -> bool:
+    """Whether an override surely names a key that exists, by the typed schema alone: a group choice, a
+    ``+``/``~`` edit (Hydra checks those itself), or a path of dataclass fields. Keys under untyped parts
+    (optimizer, lr_scheduler, model.options, ...) are not known this way."""
+    import dataclasses
+    import typing
+
+    key = override.split("=", 1)[0]
+    if key.startswith(("+", "~", "hydra")) or (Path(config_dir) / key.split("@")[0]).is_dir():
+        return True
+    node: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return False
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+    return True
+
+
 def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "train") -> str | None:
     """For a single run whose overrides name a key that no schema has, a message that names the key
     and lists the valid keys at that level (Hydra's own error names only the key). None otherwise."""
@@ -434,6 +456,8 @@ def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+    if all(_schema_knows(o, config_dir) for o in overrides):
+        return None  # nothing to look up: no second compose on the way to the first step
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         try:
             compose(config_name, overrides=overrides)
