@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.ema import EMA
+from callbacks.ema import EMA, gathered_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,18 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.isdigit() and (p / CKPT_NAME).is_file()]
+    # checkpoint.ckpt is a file, or a folder under a sharded strategy (trainer=fsdp; readable() says which)
+    found = [p for p in root.iterdir() if p.name.isdigit() and (p / CKPT_NAME).exists()]
     return sorted(found, key=lambda p: int(p.name))
 
 
 def readable(path: Path) -> bool:
-    """Whether a ``.ckpt`` (a zip archive, as torch.save writes it) is whole: its index at the end opens."""
+    """Whether a ``.ckpt`` (a zip archive, as torch.save writes it) is whole: its index at the end opens. A
+    sharded checkpoint is a folder (PyTorch's distributed checkpoint: a file per rank, then the index
+    ``.metadata``, written last) with Lightning's ``meta.pt`` (everything but the tensors) beside them."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / ".metadata").is_file() and readable(path / "meta.pt")
     try:
         with zipfile.ZipFile(path) as archive:
             return bool(archive.namelist())
@@ -238,12 +244,15 @@ class StepCheckpoint(Checkpoint):
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("tuner.checkpoint.mkdir")
         try:
-            trainer.save_checkpoint(tmp / CKPT_NAME, weights_only=False)  # every rank calls it; rank 0 writes
+            # every rank calls it; rank 0 writes (under a sharded strategy each rank writes its shard)
+            trainer.save_checkpoint(tmp / CKPT_NAME, weights_only=False)
+            with gathered_weights(trainer, pl_module):  # every rank: a sharded run gathers what trains
+                if trainer.is_global_zero:
+                    pl_module.save_weights(tmp, full_pipeline=False)
+            for callback in trainer.callbacks:
+                if isinstance(callback, EMA) and callback.shadow is not None:  # the EMA weights beside them
+                    callback.export(pl_module, tmp, full_pipeline=False)  # every rank; rank 0 writes
             if trainer.is_global_zero:
-                pl_module.save_weights(tmp, full_pipeline=False)
-                for callback in trainer.callbacks:
-                    if isinstance(callback, EMA) and callback.shadow is not None:  # the EMA weights beside them
-                        callback.export(pl_module, tmp, full_pipeline=False)
                 tracker = self.tracker_state(trainer, pl_module)
                 (tmp / "tracker_state.json").write_text(json.dumps(tracker, indent=1))
         except Exception as err:
@@ -321,8 +330,8 @@ def _size(n: int) -> str:
 
 
 class FinalExport(L.Callback):
-    """At the end of training (rank 0): the weights in diffusers format and the model card, before the
-    Hub callback pushes them. ``done`` stays false when fit had nothing to do (an early end on resume),
+    """At the end of training: the weights in diffusers format and the model card (rank 0 writes; every rank
+    takes part, as a sharded denoiser is gathered for it), before the Hub callback pushes them. ``done`` stays false when fit had nothing to do (an early end on resume),
     so the caller exports then."""
 
     def __init__(self, output_dir: str | os.PathLike, card_info: dict | None = None):
@@ -334,11 +343,13 @@ class FinalExport(L.Callback):
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from callbacks.model_card import write_model_card
 
+        with gathered_weights(trainer, pl_module):  # FSDP: whole weights on rank 0 (tuner/scale.py)
+            if trainer.is_global_zero:
+                self.weights = pl_module.save_weights(self.output_dir)
+        for callback in trainer.callbacks:
+            if isinstance(callback, EMA) and callback.shadow is not None:
+                callback.export(pl_module, self.output_dir)  # every rank; rank 0 writes
         if trainer.is_global_zero:
-            self.weights = pl_module.save_weights(self.output_dir)
-            for callback in trainer.callbacks:
-                if isinstance(callback, EMA) and callback.shadow is not None:
-                    callback.export(pl_module, self.output_dir)
             write_model_card(self.output_dir, {**self.card_info, "steps": trainer.global_step})
         self.done = True
 

@@ -9,7 +9,8 @@ A family (models/sd.py, models/sdxl.py, models/sd3.py, ...) is one class that **
 - ``latent_space``, ``pixel_multiple`` (what image edges must divide by), ``license``;
 - ``components``: every module and tokenizer it loads, by subfolder name and class; text encoders are
   those named ``text_encoder*``;
-- ``default_lora_targets`` and ``Options``, a dataclass of family-only knobs (``model.options.<key>``).
+- ``default_lora_targets`` and ``Options``, a dataclass of family-only knobs (``model.options.<key>``);
+- ``fsdp_blocks``: the denoiser's block class names that ``trainer=fsdp`` shards by (tuner/scale.py).
 
 and implements the **hooks** that differ: ``encode_prompts``, ``denoise`` and ``tiny_pipeline``, plus
 any of ``load_components``, ``pipeline_components``, ``lora_layers`` and ``sample_image`` whose
@@ -67,6 +68,7 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     license_note: ClassVar[str] = ""
     components: ClassVar[dict[str, str]] = {}
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    fsdp_blocks: ClassVar[tuple[str, ...]] = ()  # denoiser block classes (diffusers names) trainer=fsdp shards by
     vae_in_fp32: ClassVar[bool] = False  # keep the VAE in fp32 under mixed precision (SDXL's overflows in fp16)
     Options: ClassVar[type] = NoOptions
     #: named target sets for ``model.lora.target_modules=[<name>]`` (e.g. attention, attention+ffn, all)

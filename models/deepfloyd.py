@@ -70,6 +70,7 @@ class DeepFloydIFModule(DiffusionModule):
     }
     # IF's attention projects the text through added key/value layers beside the image's own
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+    fsdp_blocks = ("ResnetBlock2D", "Attention")  # trainer=fsdp shards IF's UNet by these (no Transformer2DModel)
     sampling_kwargs = {"clean_caption": False}  # training captions are not cleaned either (needs bs4, ftfy)
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ class FluxModule(DiffusionModule):
     }
     # Attention of both the double-stream and the single-stream blocks.
     default_lora_targets = _ATTENTION
+    fsdp_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # trainer=fsdp shards by these
     lora_target_presets = {"attention": _ATTENTION, "attention+ffn": _ATTENTION + _FFN, "all": _ATTENTION + _FFN + _NORMS}
     tiny_variants = ("flux-dev", "flux-schnell")
 

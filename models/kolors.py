@@ -37,6 +37,7 @@ class KolorsModule(SDXLModule):
         "text_encoder": "diffusers.pipelines.kolors.ChatGLMModel",
         "tokenizer": "diffusers.pipelines.kolors.ChatGLMTokenizer",
     }
+    fsdp_blocks = ("BasicTransformerBlock", "ResnetBlock2D")  # SDXL's UNet: trainer=fsdp shards by these
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(

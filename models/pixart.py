@@ -43,6 +43,7 @@ class PixArtSigmaModule(DiffusionModule):
         "tokenizer": "transformers.T5TokenizerFast",
     }
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # self- and cross-attention alike
+    fsdp_blocks = ("BasicTransformerBlock",)  # trainer=fsdp shards the DiT by its blocks
     sampling_kwargs = {"use_resolution_binning": False}  # binning refuses sizes it has no table for
     # The LoRA also goes out as a peft adapter folder, which peft loads onto the pipeline's transformer.
     lora_load_snippet = (

@@ -39,6 +39,7 @@ class SDModule(DiffusionModule):
         "text_encoder": "transformers.CLIPTextModel",
         "tokenizer": "transformers.CLIPTokenizer",
     }
+    fsdp_blocks = ("BasicTransformerBlock", "ResnetBlock2D")  # trainer=fsdp shards the UNet by these
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         ids = tokenize(self.tokenizer, captions, self.device)

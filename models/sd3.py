@@ -45,6 +45,7 @@ class SD3Module(DiffusionModule):
     default_lora_targets = (
         "to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
     )  # fmt: skip
+    fsdp_blocks = ("JointTransformerBlock",)  # trainer=fsdp shards the MMDiT by its joint blocks
 
     def wanted(self, name: str) -> bool:
         return self.options.use_t5 or not name.endswith("_3")

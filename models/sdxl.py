@@ -31,6 +31,7 @@ class SDXLModule(DiffusionModule):
         "tokenizer": "transformers.CLIPTokenizer",
         "tokenizer_2": "transformers.CLIPTokenizer",
     }
+    fsdp_blocks = ("BasicTransformerBlock", "ResnetBlock2D")  # trainer=fsdp shards the UNet by these
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         hidden = []

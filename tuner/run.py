@@ -126,155 +126,19 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
     from tuner.families import check_family
 
     check_family(plain)
+    from tuner.scale import check_sharding
+
+    check_sharding(plain)  # FSDP / DeepSpeed: what they cannot do, refused before load
     return plain
 
 
-def lycoris_load_snippet(family) -> str:
-    """How a user applies the exported LyCORIS file, with the library's own loader (the card's snippet)."""
-    from models.trainable import lycoris_prefix
-
-    prefix = lycoris_prefix(family.denoiser_name)
-    return (
-        "from lycoris import LycorisNetwork, create_lycoris_from_weights\n"
-        f'LycorisNetwork.apply_preset({{{{"lora_prefix": "{prefix}"}}}})  # the file\'s key prefix\n'
-        f'lycoris, _ = create_lycoris_from_weights(1.0, {{path!r}} + "/pytorch_lora_weights.safetensors", '
-        f"pipe.{family.denoiser_name})\n"
-        "lycoris.merge_to()"
-    )
-
-
-def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -> dict:
-    """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
-    from tuner.families import family_class
-
-    model, data = cfg.model, cfg.data
-    family = family_class(model.family)
-    datasets = []
-    for name, result in getattr(datamodule, "results", {}).items():
-        spec = datamodule.specs[name]
-        datasets.append(
-            {
-                "name": name,
-                "images": len(result.usable),
-                "buckets": len({s.bucket for s in result.usable}),
-                "resolution": f"{spec['resolution']} ({spec['resolution_type']})",
-                "repeats": spec["repeats"],
-            }
-        )
-    return {
-        "family": model.family,
-        "finetune": model.finetune,
-        "base_model": model.pretrained_model_name_or_path,
-        "license": cfg.callbacks.hub.license or family.license,
-        "license_note": family.license_note,
-        "pipeline": family.pipeline_class.__name__,  # for the card's loading snippet
-        "lora_load": lycoris_load_snippet(family) if model.finetune == "lycoris" else family.lora_load_snippet,
-        # a two-expert run: one LoRA per expert, and how to sample with both (the card's snippet)
-        "experts": {
-            "boundary": model.expert_boundary,
-            "timestep_scale": family.denoiser_timestep_scale,
-            "denoiser": family.denoiser_name,
-        }
-        if model.experts
-        else None,
-        "instance_prompt": data.instance_prompt,
-        "validation_prompts": validation_prompts,
-        "epochs": cfg.num_train_epochs,
-        "learning_rate": cfg.optimizer.lr,
-        "lr_scheduler": str(cfg.lr_scheduler._target_).rsplit(".", 1)[-1],
-        "warmup_steps": cfg.lr_scheduler.warmup_steps,
-        "batch_size": data.batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "mixed_precision": cfg.mixed_precision,
-        "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1],
-        "lycoris": OmegaConf.to_container(model.lycoris) if model.finetune == "lycoris" else None,
-        "lora_rank": model.lora.rank if model.finetune == "lora" else None,
-        "lora_alpha": (model.lora.alpha or model.lora.rank) if model.finetune == "lora" else None,
-        "quantization": dict(cfg.quantization),
-        "caption_dropout_probability": data.caption_dropout_probability,
-        "datasets": datasets,
-    }
-
-
-def validation_callback(cfg: DictConfig, output_dir: Path):
-    from callbacks.validation import Validation
-
-    val = cfg.callbacks.validation
-    side = int(val.resolution or (cfg.data.resolution if cfg.data.resolution >= 16 else 1024))
-    return Validation(
-        str(output_dir),
-        every_n_steps=val.every_n_steps,
-        prompts=list(val.prompts),
-        prompt_library=val.prompt_library,
-        negative_prompt=val.negative_prompt,
-        guidance_scale=val.guidance_scale,
-        num_inference_steps=val.num_inference_steps,
-        width=side,
-        height=side,
-        seed=val.seed,
-        use_ema=val.use_ema,
-        loss_batches=val.loss_batches,
-        loss_levels=tuple(val.loss_levels),
-        loss_timesteps=tuple(val.loss_timesteps) if val.loss_timesteps else None,
-    )
-
-
-def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> list:
-    """EMA, validation, the final export + model card, Hub upload and the webhook, as configured."""
-    from callbacks.checkpoints import FinalExport
-
-    out = []
-    ema = cfg.callbacks.ema
-    if ema.enabled:
-        from callbacks.ema import EMA
-
-        out.append(EMA(ema.decay, ema.warmup, ema.update_every_n_steps, ema.on_cpu))
-    prompts: dict[str, str] = {}
-    if cfg.callbacks.validation.enabled:
-        validation = validation_callback(cfg, output_dir)
-        prompts = dict(validation.prompts)
-        if ema.enabled and validation.use_ema != "live":  # the EMA's images are named <shortname>_ema
-            prompts.update({f"{k}_ema": f"{v} (EMA weights)" for k, v in validation.prompts.items()})
-        out.append(validation)
-    info = card_info(cfg, datamodule, prompts)
-    out.append(FinalExport(output_dir, info))  # before the Hub callback, which pushes what it writes
-    hub = cfg.callbacks.hub
-    if hub.push_to_hub:
-        from callbacks.hub import HubUploadCallback
-
-        out.append(
-            HubUploadCallback(
-                output_dir, hub.model_name, hub.push_checkpoints, hub.private, hub.endpoint, card_info=info
-            )
-        )
-    hook = cfg.callbacks.webhook
-    if hook.config:
-        from callbacks.webhook import WebhookCallback
-
-        summary = {
-            k: info[k] for k in ("family", "finetune", "base_model", "learning_rate", "batch_size", "mixed_precision")
-        }
-        summary.update(max_train_steps=cfg.max_train_steps, images=sum(d["images"] for d in info["datasets"]))
-        out.append(
-            WebhookCallback(
-                hook.config,
-                hook.status_every_n_steps,
-                run_summary=summary,
-                default_prefix=output_dir.name,
-                close_timeout=hook.exit_timeout,
-            )
-        )
-    for name, spec in cfg.callbacks.extra.items():  # the user's own, checked before load (tuner/config.py)
-        log.info("callback %s: %s", name, spec._target_)
-        out.append(instantiate(spec))
-    return out
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
+def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None, module=None):
     from callbacks.checkpoints import StepCheckpoint
 
     steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
     epochs = cfg.num_train_epochs if steps < 0 else -1
+    from tuner.lifecycle import lifecycle_callbacks
+
     callbacks = lifecycle_callbacks(cfg, output_dir, datamodule)
     if cfg.logger:
         from lightning.pytorch.callbacks import LearningRateMonitor
@@ -289,8 +153,15 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None):
     if cfg.model.experts and str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")).endswith("DDPStrategy"):
         # a two-expert step leaves the other expert's adapter unused (on every rank alike): DDP must expect that
         trainer_cfg = OmegaConf.merge(cfg.trainer, {"strategy": {"find_unused_parameters": True}})
+    extra = {}
+    if module is not None:
+        from tuner.scale import fsdp_strategy, is_fsdp
+
+        if is_fsdp(cfg):  # sharding follows the family's declared blocks
+            extra["strategy"] = fsdp_strategy(cfg, module)
     return instantiate(
         trainer_cfg,
+        **extra,
         max_steps=steps,
         max_epochs=epochs,
         precision=PRECISION[cfg.mixed_precision],
@@ -407,24 +278,15 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     with phase("load") as report:
         module = build_module(cfg)
         report["what"] = module.summary()
+    from tuner.lifecycle import configure_export
+
     configure_export(module, cfg, datamodule, output_dir)
     datamodule.attach_encoders(**module.data_encoders())
-    trainer = build_trainer(cfg, output_dir, datamodule)
+    trainer = build_trainer(cfg, output_dir, datamodule, module)
     started = time.monotonic()
     if not fit(trainer, module, datamodule, ckpt_path, output_dir):
         return None
     return finish(trainer, module, output_dir, started)
-
-
-def configure_export(module, cfg: DictConfig, datamodule, output_dir: Path) -> None:
-    """The LoRA formats the run writes beside diffusers' (kohya's: its file name and ss_* metadata)."""
-    module.lora_formats = [str(f) for f in cfg.export.lora_formats]
-    if "kohya" in module.lora_formats:
-        from models.export import kohya_metadata
-
-        module.kohya_name = cfg.export.name or output_dir.name
-        images = len(datamodule.samples)
-        module.kohya_metadata = kohya_metadata(cfg, type(module), images)
 
 
 def build_datamodule(cfg: DictConfig, output_dir: Path):
