@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import IFPipeline, IFSuperResolutionPipeline
 
 from models import objectives as obj
-from models.base import DiffusionModule
+from models.base import DiffusionModule, lazy_class
 
 T5_MAX_LENGTH = 77  # IF's T5 was trained on 77 tokens
 
@@ -51,7 +50,7 @@ def to_pil(images: torch.Tensor):
 
 
 class DeepFloydIFModule(DiffusionModule):
-    pipeline_class = IFPipeline
+    pipeline_class = lazy_class("diffusers.IFPipeline")
     denoiser_name = "unet"
     noise_schedule = "ddpm"
     latent_space = False
@@ -168,7 +167,7 @@ class DeepFloydIFModule(DiffusionModule):
         from models import tiny
 
         torch.manual_seed(seed)
-        return IFPipeline(
+        return cls.pipeline_class(
             unet=cls.tiny_unet(),
             scheduler=cls.tiny_scheduler(),
             text_encoder=T5EncoderModel(tiny.t5_config(32)),
@@ -181,7 +180,7 @@ class DeepFloydIFModule(DiffusionModule):
 
 
 class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
-    pipeline_class = IFSuperResolutionPipeline
+    pipeline_class = lazy_class("diffusers.IFSuperResolutionPipeline")
     pixel_multiple = 16  # edges divide by the upscale factor and by the UNet's downsamplings
     Options = IFSuperResolutionOptions
 
@@ -241,6 +240,8 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
     def _stage_1_pipeline(self):
         """Stage I, loaded once and sharing this run's T5 (both stages use the same encoder)."""
         if getattr(self, "_stage_1", None) is None:
+            from diffusers import IFPipeline
+
             pipe = IFPipeline.from_pretrained(
                 self.options.stage_1,
                 text_encoder=self.text_encoder,
@@ -272,7 +273,7 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
         torch.manual_seed(seed)
         # the noised low-res image rides on channels; its noise level is a timestep-embedded class label
         unet = cls.tiny_unet(in_channels=6, class_embed_type="timestep")
-        return IFSuperResolutionPipeline(
+        return cls.pipeline_class(
             unet=unet,
             scheduler=cls.tiny_scheduler(sample_max_value=1.0),
             image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),

@@ -18,9 +18,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from diffusers import FluxPipeline
 
-from models.base import DiffusionModule
+from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -63,7 +62,7 @@ def dynamic_mu(seq_len: int, config: dict) -> float:
 
 
 class FluxModule(DiffusionModule):
-    pipeline_class = FluxPipeline
+    pipeline_class = lazy_class("diffusers.FluxPipeline")
     denoiser_name = "transformer"
     denoiser_timestep_scale = 1.0  # FluxPipeline passes sigma itself
     noise_schedule = "flow"

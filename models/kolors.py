@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import KolorsPipeline
 
+from models.base import lazy_class
 from models.sdxl import SDXLModule, tiny_unet
 
 _SENTENCES = [
@@ -27,7 +27,7 @@ _SENTENCES = [
 
 
 class KolorsModule(SDXLModule):
-    pipeline_class = KolorsPipeline
+    pipeline_class = lazy_class("diffusers.KolorsPipeline")
     license = "other"  # the Kolors licence (research use; commercial use by registration)
     kohya_base_versions = {"kolors": "kolors"}
     requires = {"sentencepiece": "kolors"}

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import PixArtSigmaPipeline
 
-from models.base import DiffusionModule
+from models.base import DiffusionModule, lazy_class
 
 WEIGHT_NAME = "pytorch_lora_weights{suffix}.safetensors"
 
@@ -30,7 +29,7 @@ class PixArtOptions:
 
 
 class PixArtSigmaModule(DiffusionModule):
-    pipeline_class = PixArtSigmaPipeline
+    pipeline_class = lazy_class("diffusers.PixArtSigmaPipeline")
     denoiser_name = "transformer"
     noise_schedule = "ddpm"
     pixel_multiple = 16  # the VAE's 8x, then 2x2 patches

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 
-from models.base import DiffusionModule
+from models.base import DiffusionModule, lazy_class
 
 
 def tokenize(tokenizer, captions: Sequence[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
@@ -28,7 +27,7 @@ def tokenize(tokenizer, captions: Sequence[str], device: torch.device, max_lengt
 
 
 class SDModule(DiffusionModule):
-    pipeline_class = StableDiffusionPipeline
+    pipeline_class = lazy_class("diffusers.StableDiffusionPipeline")
     denoiser_name = "unet"
     noise_schedule = "ddpm"
     license = "creativeml-openrail-m"

@@ -12,9 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
-from models.base import DiffusionModule
+from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
 
 
@@ -25,7 +24,7 @@ class SD3Options:
 
 
 class SD3Module(DiffusionModule):
-    pipeline_class = StableDiffusion3Pipeline
+    pipeline_class = lazy_class("diffusers.StableDiffusion3Pipeline")
     denoiser_name = "transformer"
     noise_schedule = "flow"
     pixel_multiple = 16  # the VAE's 8x, then 2x2 patches

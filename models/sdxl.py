@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 
-from models.base import DiffusionModule
+from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
 
 
 class SDXLModule(DiffusionModule):
-    pipeline_class = StableDiffusionXLPipeline
+    pipeline_class = lazy_class("diffusers.StableDiffusionXLPipeline")
     denoiser_name = "unet"
     noise_schedule = "ddpm"
     license = "openrail++"

@@ -51,6 +51,8 @@ def write_tiny(name: str, path: str | Path, seed: int = 0) -> Path:
     (kept if already there)."""
     from models.tiny import write_pipeline
 
+    if (Path(path) / "model_index.json").exists():
+        return Path(path)  # already there: no need to import every family to name it
     family = tiny_names().get(name, name)
     cls = family_class(family)
     return write_pipeline(lambda: cls.tiny_pipeline(name, seed), path)

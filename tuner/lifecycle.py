@@ -28,6 +28,7 @@ def lycoris_load_snippet(family) -> str:
 
 def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -> dict:
     """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
+    from models.base import pipeline_name
     from tuner.families import family_class
 
     model, data = cfg.model, cfg.data
@@ -50,7 +51,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "base_model": model.pretrained_model_name_or_path,
         "license": cfg.callbacks.hub.license or family.license,
         "license_note": family.license_note,
-        "pipeline": family.pipeline_class.__name__,  # for the card's loading snippet
+        "pipeline": pipeline_name(family),  # for the card's loading snippet
         "lora_load": lycoris_load_snippet(family) if model.finetune == "lycoris" else family.lora_load_snippet,
         # a two-expert run: one LoRA per expert, and how to sample with both (the card's snippet)
         "experts": {

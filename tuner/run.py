@@ -202,8 +202,11 @@ def ensure_demo_assets(cfg: DictConfig) -> None:
     from tuner.families import write_tiny
 
     root = Path(cfg.demo_assets_dir)
-    write_tiny(cfg.model.family, root / cfg.model.family)
-    write_images(root / "images")
+    # only what this run uses (a run of the tiny preset on its own model or data writes neither)
+    if Path(cfg.model.pretrained_model_name_or_path) == root / cfg.model.family:
+        write_tiny(cfg.model.family, root / cfg.model.family)
+    if cfg.data.path and Path(cfg.data.path) == root / "images":
+        write_images(root / "images")
 
 
 def user_error(err: BaseException) -> BaseException | None:
