@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from models import objectives as obj
 from models.base import DiffusionModule, lazy_class
+from models.encoders import t5_with_mask
 
 T5_MAX_LENGTH = 77  # IF's T5 was trained on 77 tokens
 
@@ -73,16 +74,8 @@ class DeepFloydIFModule(DiffusionModule):
     sampling_kwargs = {"clean_caption": False}  # training captions are not cleaned either (needs bs4, ftfy)
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.options.t5_max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        mask = tokens.attention_mask.to(self.device)
-        return {"encoder_hidden_states": self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]}
+        hidden, _ = t5_with_mask(self.tokenizer, self.text_encoder, captions, self.options.t5_max_length, self.device)
+        return {"encoder_hidden_states": hidden}
 
     def unet_input(self, noisy: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's input and class labels: the noisy image alone for stage I."""
@@ -162,21 +155,24 @@ class DeepFloydIFModule(DiffusionModule):
 
     @classmethod
     def tiny_pipeline(cls, name: str, seed: int = 0):
+        torch.manual_seed(seed)
+        return cls.pipeline_class(unet=cls.tiny_unet(), scheduler=cls.tiny_scheduler(), **cls.tiny_text_and_extras())
+
+    @staticmethod
+    def tiny_text_and_extras() -> dict[str, Any]:
+        """Both stages' tiny T5 and tokenizer, and the safety checker, feature extractor and watermarker left out."""
         from transformers import T5EncoderModel
 
         from models import tiny
 
-        torch.manual_seed(seed)
-        return cls.pipeline_class(
-            unet=cls.tiny_unet(),
-            scheduler=cls.tiny_scheduler(),
-            text_encoder=T5EncoderModel(tiny.t5_config(32)),
-            tokenizer=tiny.t5_tokenizer(model_max_length=T5_MAX_LENGTH),
-            safety_checker=None,
-            feature_extractor=None,
-            watermarker=None,
-            requires_safety_checker=False,
-        )
+        return {
+            "text_encoder": T5EncoderModel(tiny.t5_config(32)),
+            "tokenizer": tiny.t5_tokenizer(model_max_length=T5_MAX_LENGTH),
+            "safety_checker": None,
+            "feature_extractor": None,
+            "watermarker": None,
+            "requires_safety_checker": False,
+        }
 
 
 class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
@@ -189,7 +185,9 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
 
         out = super().load_components(path, common)
         # the schedule that noises the low-res input (its level is the UNet's class label)
-        out["image_noising_scheduler"] = DDPMScheduler.from_pretrained(path, subfolder="image_noising_scheduler", **common)
+        out["image_noising_scheduler"] = DDPMScheduler.from_pretrained(
+            path, subfolder="image_noising_scheduler", **common
+        )
         return out
 
     def pipeline_components(self) -> dict[str, Any]:
@@ -266,9 +264,6 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
     @classmethod
     def tiny_pipeline(cls, name: str, seed: int = 0):
         from diffusers import DDPMScheduler
-        from transformers import T5EncoderModel
-
-        from models import tiny
 
         torch.manual_seed(seed)
         # the noised low-res image rides on channels; its noise level is a timestep-embedded class label
@@ -277,10 +272,5 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
             unet=unet,
             scheduler=cls.tiny_scheduler(sample_max_value=1.0),
             image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
-            text_encoder=T5EncoderModel(tiny.t5_config(32)),
-            tokenizer=tiny.t5_tokenizer(model_max_length=T5_MAX_LENGTH),
-            safety_checker=None,
-            feature_extractor=None,
-            watermarker=None,
-            requires_safety_checker=False,
+            **cls.tiny_text_and_extras(),
         )

@@ -13,6 +13,23 @@ from typing import Any
 import torch
 
 
+def t5_with_mask(
+    tokenizer, encoder, captions: Sequence[str], max_length: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's hidden states (B, L, D) over ``max_length`` tokens and the tokenizer's attention mask (B, L), 1 for
+    tokens and 0 for padding, which the encoder is given: as PixArt's and IF's pipelines encode prompts."""
+    tokens = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask.to(device)
+    return encoder(tokens.input_ids.to(device), attention_mask=mask)[0], mask
+
+
 class EncodersMixin:
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -88,7 +105,9 @@ class EncodersMixin:
         # ("encoded": entries are stored under that key; older caches' entries are not matched)
         vae_id = f"{base}:vae:encoded:{self.vae_dtype}:{self._weights_fingerprint(['vae'])}"
         levels = ",".join(f"{k}={v}" for k, v in sorted(self.text_encoder_levels().items()))
-        text_id = f"{base}:text:{self.text_dtype}:{levels}:{self.options}:{self._weights_fingerprint(sorted(text_parts))}"
+        text_id = (
+            f"{base}:text:{self.text_dtype}:{levels}:{self.options}:{self._weights_fingerprint(sorted(text_parts))}"
+        )
         return {
             # a pixel-space family has nothing worth caching of its images: they are read each step
             "encode_pixels": self.encode_pixels if self.latent_space else None,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from models.base import DiffusionModule, lazy_class
+from models.encoders import t5_with_mask
 
 WEIGHT_NAME = "pytorch_lora_weights{suffix}.safetensors"
 
@@ -55,19 +56,14 @@ class PixArtSigmaModule(DiffusionModule):
     def load_lora(cls, pipe, path) -> None:
         from peft import PeftModel
 
-        pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(path), subfolder="transformer_lora").merge_and_unload()
+        pipe.transformer = PeftModel.from_pretrained(
+            pipe.transformer, str(path), subfolder="transformer_lora"
+        ).merge_and_unload()
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.options.t5_max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
+        hidden, mask = t5_with_mask(
+            self.tokenizer, self.text_encoder, captions, self.options.t5_max_length, self.device
         )
-        mask = tokens.attention_mask.to(self.device)  # (B, L): 1 for tokens, 0 for padding
-        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]  # (B, L, D)
         return {"prompt_embeds": hidden, "attention_mask": mask.float()}
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
@@ -115,7 +111,11 @@ class PixArtSigmaModule(DiffusionModule):
             save_file(peft_keys, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
             path = directory / WEIGHT_NAME.format(suffix=f"{tag}{suffix}")
             settings = json.dumps(config.to_dict(), default=list, sort_keys=True)
-            save_file({f"transformer.{k}": v for k, v in state.items()}, str(path), metadata={"format": "pt", "lora_adapter_metadata": settings})
+            save_file(
+                {f"transformer.{k}": v for k, v in state.items()},
+                str(path),
+                metadata={"format": "pt", "lora_adapter_metadata": settings},
+            )
             respect_umask(folder)
             paths.append(respect_umask(path))
         return paths[0]
