@@ -105,3 +105,24 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 
+
+def generate(pipe, seed: int = 0):
+    """One 64 x 64 image (numpy, HWC in [0, 1]) from a family's diffusers pipeline, 3 steps, a fixed seed, with
+    the family's own sampling inputs (IF's stage II needs an image to upscale)."""
+    import torch
+
+    from tuner.families import families, family_class
+
+    # the exact class: IF's two stages are different pipelines
+    classes = [family_class(f) for f in families()]
+    extra = next((c.sampling_inputs(64, 64) for c in classes if type(pipe) is c.pipeline_class), {})
+    out = pipe(
+        "a red circle on white",
+        **extra,
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return out.images[0]

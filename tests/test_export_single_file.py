@@ -5,7 +5,7 @@ weights and images, offline, and the layout must hold at the real models' sizes 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, generate, run_cli
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from omegaconf import open_dict
 from safetensors.torch import load_file
@@ -25,18 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _generate(pipe) -> np.ndarray:
-    out = pipe(
-        "a red circle on white",
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    )
-    return out.images[0]
 
 
 def _open_clip_g(file, config_dir, dtype):
@@ -102,7 +90,7 @@ def test_single_file_loads_back_to_the_same_weights_and_image(family, demo_dir, 
         back = getattr(loaded, name).state_dict()
         assert back.keys() == original.keys(), name
         assert all(torch.equal(back[k], original[k]) for k in original), name
-    assert np.abs(_generate(loaded) - _generate(ref)).max() < 1e-4
+    assert np.abs(generate(loaded) - generate(ref)).max() < 1e-4
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -115,7 +103,7 @@ def test_half_writes_fp16_weights_that_round_the_same_model(family, demo_dir, tm
     for name, original in _weights(ref).items():
         back = getattr(loaded, name).state_dict()
         assert all(torch.equal(back[k], original[k].half().float()) for k in original), name
-    assert np.abs(_generate(loaded) - _generate(ref)).max() < 1e-2  # 2e-3 seen
+    assert np.abs(generate(loaded) - generate(ref)).max() < 1e-2  # 2e-3 seen
 
 
 def test_a_full_fine_tune_run_exports_from_the_command_line(make_cfg, tmp_path):
@@ -129,7 +117,7 @@ def test_a_full_fine_tune_run_exports_from_the_command_line(make_cfg, tmp_path):
     assert result.stdout.strip().endswith(str(file))
     trained = StableDiffusionPipeline.from_pretrained(run / "pipeline")
     loaded = _from_single_file(StableDiffusionPipeline, file, run / "pipeline")
-    assert np.abs(_generate(loaded) - _generate(trained)).max() < 1e-4
+    assert np.abs(generate(loaded) - generate(trained)).max() < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +147,10 @@ def test_merge_lora_fuses_the_run_into_its_base_model(lora_run, demo_dir, tmp_pa
     file = tmp_path / "merged.safetensors"
     assert main(["single-file", str(lora_run), str(file), "--merge-lora"]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(demo_dir / "sd15")
-    base = _generate(pipe)
+    base = generate(pipe)
     pipe.load_lora_weights(lora_run)
-    with_lora = _generate(pipe)
-    merged = _generate(_from_single_file(StableDiffusionPipeline, file, demo_dir / "sd15"))
+    with_lora = generate(pipe)
+    merged = generate(_from_single_file(StableDiffusionPipeline, file, demo_dir / "sd15"))
     assert np.abs(merged - with_lora).max() < 1e-4  # fused vs. applied at run time: 2e-6 seen
     assert np.abs(merged - base).mean() > 1e-3  # the LoRA is in it
 

@@ -3,23 +3,11 @@ diffusers file, giving the same image when diffusers reads them back (it reads k
 
 import numpy as np
 import pytest
-import torch
+from conftest import generate
 from safetensors import safe_open
 
 from tuner.config import ConfigError
 from tuner.run import prepare, train
-
-
-def _image(pipe) -> np.ndarray:
-    out = pipe(
-        "a red circle on white",
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    )
-    return out.images[0]
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -52,12 +40,12 @@ def test_the_kohya_file_gives_the_diffusers_files_image(family, make_cfg, demo_d
     assert meta["ss_num_train_images"] == "12" and meta["ss_learning_rate"] == "0.05"
 
     base = DiffusionPipeline.from_pretrained(demo_dir / family)
-    plain = _image(base)
+    plain = generate(base)
     base.load_lora_weights(out)  # the diffusers-format file
-    diffusers_image = _image(base)
+    diffusers_image = generate(base)
     fresh = DiffusionPipeline.from_pretrained(demo_dir / family)
     fresh.load_lora_weights(out, weight_name="my_lora.safetensors")  # the kohya file, as diffusers reads it
-    kohya_image = _image(fresh)
+    kohya_image = generate(fresh)
     assert np.abs(diffusers_image - plain).mean() > 1e-3  # the LoRA does something
     np.testing.assert_allclose(kohya_image, diffusers_image, atol=1e-5)
 

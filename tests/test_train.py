@@ -7,27 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import generate
 from safetensors.torch import load_file
 
 from tuner.families import families, family_class
 from tuner.run import train
 
 FAMILIES = list(families())  # conf/model/*.yaml: a new family joins this matrix with no edit here
-
-
-def _generate(pipe, seed: int = 0) -> np.ndarray:
-    # the family's own sampling inputs (the exact class: IF's two stages are different pipelines)
-    extra = next((c.sampling_inputs(64, 64) for c in map(family_class, FAMILIES) if type(pipe) is c.pipeline_class), {})
-    out = pipe(
-        "a red circle on white",
-        **extra,
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return out.images[0]
 
 
 def _losses(output_dir: Path) -> list[float]:
@@ -58,9 +44,9 @@ def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, 
 
     pipe = DiffusionPipeline.from_pretrained(demo_dir / family)
     assert isinstance(pipe, cls.pipeline_class)
-    before = _generate(pipe)
+    before = generate(pipe)
     cls.load_lora(pipe, out)  # the way the model card tells users to
-    after = _generate(pipe)
+    after = generate(pipe)
     assert np.abs(after - before).mean() > 1e-3  # the trained LoRA visibly moves the output
 
     # step checkpoints at 2, 4 and the final 6; the tiny preset's checkpoints_total_limit=2 keeps 4 and 6
@@ -90,7 +76,7 @@ def test_full_finetune_writes_a_loadable_pipeline(family, make_cfg, demo_dir, tm
     train(make_cfg(f"model={family}", "model.finetune=full", "optimizer.lr=1e-3", "max_train_steps=3", output_dir=out))
     pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
     assert isinstance(pipe, cls.pipeline_class)
-    assert _generate(pipe).shape == (64, 64, 3)
+    assert generate(pipe).shape == (64, 64, 3)
     denoiser_cls = type(getattr(pipe, cls.denoiser_name))
     base = denoiser_cls.from_pretrained(demo_dir / family, subfolder=cls.denoiser_name)
     trained = getattr(pipe, cls.denoiser_name)
@@ -244,5 +230,7 @@ def test_lora_trains_on_an_int8_denoiser(family, make_cfg, tmp_path):
     module = build_module(cfg, with_optimizer=False)
     wrapped = [m for m in module.denoiser.modules() if hasattr(m, "lora_A")]
     assert wrapped and all(isinstance(m.base_layer, QLinear) for m in wrapped)  # quantised, then adapted
-    loss = train(make_cfg(f"model={family}", "quantization=int8-quanto", "max_train_steps=2", output_dir=tmp_path / "r"))
+    loss = train(
+        make_cfg(f"model={family}", "quantization=int8-quanto", "max_train_steps=2", output_dir=tmp_path / "r")
+    )
     assert loss is not None and np.isfinite(loss)
