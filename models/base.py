@@ -17,7 +17,7 @@ any of ``load_components``, ``pipeline_components``, ``lora_layers`` and ``sampl
 defaults here do not fit. The training step, noise, trainable setup (models/trainable.py), checkpoints
 and export (models/export.py) are shared.
 
-The surface other parts use: ``pipeline()`` and ``sample_image`` (validation), ``trainable_state_dict()``,
+The surface other parts use (the adapter side in models/adapters.py): ``pipeline()`` and ``sample_image`` (validation), ``trainable_state_dict()``,
 ``save_weights(dir)`` and ``run_identity()`` (checkpoints, export), ``data_encoders()`` (caches).
 """
 
@@ -37,6 +37,7 @@ import torch
 from models import noise as noise_schedules
 from models import objectives as obj
 from models import trainable
+from models.adapters import AdaptersMixin
 from models.encoders import EncodersMixin
 from models.experts import EXPERTS, Experts
 
@@ -76,7 +77,7 @@ def pipeline_name(cls: type) -> str:
     return inspect.getattr_static(cls, "pipeline_class").__name__
 
 
-class DiffusionModule(EncodersMixin, L.LightningModule):
+class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
     # ---- declarations (see the module docstring) ------------------------------------------------
     pipeline_class: ClassVar[type]
     denoiser_name: ClassVar[str] = "unet"
@@ -232,36 +233,6 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     def pipeline_load_overrides(self) -> dict[str, Any]:
         """Components to leave out when the full pipeline is written from the base checkpoint."""
         return {name: None for name in self.components if not self.wanted(name)}
-
-    def lora_adapters(self) -> list[tuple[str, str]]:
-        """(adapter name, file-name tag) of each LoRA this run trains: one, or one per split-schedule expert."""
-        if self.hparams.experts == "two_lora":
-            return [(name, f"_{name}") for name in EXPERTS]
-        return [("default", "")]
-
-    def lora_layers(self, adapter: str = "default") -> dict[str, Any]:
-        """``save_lora_weights`` keywords: one adapter of the denoiser, in diffusers format, under its own name."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        name = self.denoiser_name
-        layers = get_peft_model_state_dict(self.denoiser, adapter_name=adapter)
-        if name == "unet":
-            # UNet LoRAs are saved in diffusers' own key format (lora.down/up), as the diffusers UNet
-            # scripts write them; transformer LoRAs stay in peft's format, which their loaders expect
-            # (converting would rename only the layers the UNet mapping knows, and those would not load).
-            # The mapping knows attention's to_q/k/v/out: a UNet LoRA on other layers too (IF's added
-            # key/value projections) stays whole in peft's format, which the loader also reads; a file
-            # half in each format would not load.
-            converted = convert_state_dict_to_diffusers(layers)
-            if not any(".lora_A." in k or ".lora_B." in k for k in converted):
-                layers = converted
-        return {
-            f"{name}_lora_layers": layers,
-            # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
-            # trained strength (without it diffusers assumes alpha = rank).
-            f"{name}_lora_adapter_metadata": self.denoiser.peft_config[adapter].to_dict(),
-        }
 
     # ---- setup ----------------------------------------------------------------------------------
     @property
@@ -432,48 +403,6 @@ class DiffusionModule(EncodersMixin, L.LightningModule):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train, by their module path: all a checkpoint needs of the weights."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
-    @classmethod
-    def lora_targets(cls, target_modules: Sequence[str] | None) -> list[str]:
-        """``model.lora.target_modules`` resolved: the family's default when unset, a named preset
-        (``[attention+ffn]``) expanded, else the module names as given."""
-        if not target_modules:
-            return list(cls.default_lora_targets)
-        if len(target_modules) == 1 and target_modules[0] in cls.lora_target_presets:
-            return list(cls.lora_target_presets[target_modules[0]])
-        return list(target_modules)
-
-    @classmethod
-    def identity(
-        cls,
-        family: str,
-        base_model: str,
-        finetune: str,
-        lora: dict | None,
-        expert: str | None = None,
-        lycoris: dict | None = None,
-    ) -> dict:
-        """What a checkpoint must share with the run that resumes it: stored in every checkpoint and
-        compared before any weight loads (callbacks.checkpoints.check_resumable)."""
-        out: dict[str, Any] = {"family": family, "base_model": str(base_model), "finetune": str(finetune)}
-        out["expert"] = expert  # a split-schedule expert resumes as the same expert
-        if finetune == "lycoris":
-            out.update({f"lycoris_{k}": v for k, v in sorted(dict(lycoris or {}).items())})
-        if finetune == "lora":
-            lora = dict(lora or {})
-            rank = int(lora.get("rank") or 16)
-            out.update(
-                lora_rank=rank,
-                lora_alpha=float(lora.get("alpha") or rank),
-                lora_target_modules=sorted(cls.lora_targets(lora.get("target_modules"))),
-            )
-        return out
-
-    def run_identity(self) -> dict:
-        hp = self.hparams
-        return self.identity(
-            hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.experts or hp.expert, hp.lycoris
-        )
 
     # ---- split-schedule experts (models/experts.py) -------------------------------------------------
     def denoiser_level(self, timestep: torch.Tensor) -> float:

@@ -1,0 +1,84 @@
+"""The adapter side of a family module: which layers the LoRA targets, the adapters a run trains (one, or
+one per split-schedule expert), their layers as the export writes them, and the identity a checkpoint
+must share with the run that resumes it. Mixed into ``DiffusionModule``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from models.experts import EXPERTS
+
+
+class AdaptersMixin:
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(adapter name, file-name tag) of each LoRA this run trains: one, or one per split-schedule expert."""
+        if self.hparams.experts == "two_lora":
+            return [(name, f"_{name}") for name in EXPERTS]
+        return [("default", "")]
+
+    def lora_layers(self, adapter: str = "default") -> dict[str, Any]:
+        """``save_lora_weights`` keywords: one adapter of the denoiser, in diffusers format, under its own name."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        name = self.denoiser_name
+        layers = get_peft_model_state_dict(self.denoiser, adapter_name=adapter)
+        if name == "unet":
+            # UNet LoRAs are saved in diffusers' own key format (lora.down/up), as the diffusers UNet
+            # scripts write them; transformer LoRAs stay in peft's format, which their loaders expect
+            # (converting would rename only the layers the UNet mapping knows, and those would not load).
+            # The mapping knows attention's to_q/k/v/out: a UNet LoRA on other layers too (IF's added
+            # key/value projections) stays whole in peft's format, which the loader also reads; a file
+            # half in each format would not load.
+            converted = convert_state_dict_to_diffusers(layers)
+            if not any(".lora_A." in k or ".lora_B." in k for k in converted):
+                layers = converted
+        return {
+            f"{name}_lora_layers": layers,
+            # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
+            # trained strength (without it diffusers assumes alpha = rank).
+            f"{name}_lora_adapter_metadata": self.denoiser.peft_config[adapter].to_dict(),
+        }
+
+    @classmethod
+    def lora_targets(cls, target_modules: Sequence[str] | None) -> list[str]:
+        """``model.lora.target_modules`` resolved: the family's default when unset, a named preset
+        (``[attention+ffn]``) expanded, else the module names as given."""
+        if not target_modules:
+            return list(cls.default_lora_targets)
+        if len(target_modules) == 1 and target_modules[0] in cls.lora_target_presets:
+            return list(cls.lora_target_presets[target_modules[0]])
+        return list(target_modules)
+
+    @classmethod
+    def identity(
+        cls,
+        family: str,
+        base_model: str,
+        finetune: str,
+        lora: dict | None,
+        expert: str | None = None,
+        lycoris: dict | None = None,
+    ) -> dict:
+        """What a checkpoint must share with the run that resumes it: stored in every checkpoint and
+        compared before any weight loads (callbacks.checkpoints.check_resumable)."""
+        out: dict[str, Any] = {"family": family, "base_model": str(base_model), "finetune": str(finetune)}
+        out["expert"] = expert  # a split-schedule expert resumes as the same expert
+        if finetune == "lycoris":
+            out.update({f"lycoris_{k}": v for k, v in sorted(dict(lycoris or {}).items())})
+        if finetune == "lora":
+            lora = dict(lora or {})
+            rank = int(lora.get("rank") or 16)
+            out.update(
+                lora_rank=rank,
+                lora_alpha=float(lora.get("alpha") or rank),
+                lora_target_modules=sorted(cls.lora_targets(lora.get("target_modules"))),
+            )
+        return out
+
+    def run_identity(self) -> dict:
+        hp = self.hparams
+        return self.identity(
+            hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.experts or hp.expert, hp.lycoris
+        )
