@@ -9,6 +9,7 @@ from conftest import run_cli
 NOISE = (
     "kernels-community",  # bitsandbytes' CPU backend, imported by peft
     "requires torchvision",  # transformers' image processors
+    "Setting accelerator to CPU",  # DeepSpeed, imported by Lightning when installed
     "LeafSpec",  # Lightning on torch's pytree API
     "Writing model shards",
     "Loading weights",
@@ -48,6 +49,7 @@ def test_the_filters_are_narrow():
     known = {
         "transformers.utils.import_utils": "`X` requires torchvision (not installed); falling back",
         "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+        "DeepSpeed": "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
     }
     for name, message in known.items():
         logger = logging.getLogger(name)

@@ -23,6 +23,8 @@ NOISY_LOGS = (
     ("bitsandbytes.backends.cpu.ops", "from kernels-community"),
     # transformers' image processors (never used by tuner) fall back from torchvision, which has no CPU wheel here
     ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    # Lightning imports DeepSpeed whenever it is installed; on a machine without a GPU it says so at import
+    ("DeepSpeed", "Setting accelerator to CPU"),
 )
 # (message regex, module regex) for warnings.filterwarnings
 NOISY_WARNINGS = (
