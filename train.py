@@ -1,12 +1,16 @@
 """tuner's entry point: `python train.py [overrides]`. See README.md and conf/train.yaml."""
 
-import sys
-from pathlib import Path
+from tuner.startup import collector_off, skip_mode_probe
 
-import hydra
-from omegaconf import DictConfig
+collector_off()  # until the libraries have imported (tuner/startup.py): over a second of start-up
 
-from tuner.config import register, unknown_key_hint
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from tuner.config import register, unknown_key_hint  # noqa: E402
 
 register()
 CONF = str(Path(__file__).resolve().parent / "conf")
@@ -37,4 +41,5 @@ if __name__ == "__main__":
         if hint:
             print(f"tuner: error: {hint}", file=sys.stderr)
             sys.exit(2)
+    skip_mode_probe(CONF, args)  # Hydra's second compose, only to read hydra.mode, when nothing can set it
     main()

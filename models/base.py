@@ -226,6 +226,11 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
             out[name] = cls.from_pretrained(path, subfolder=name, **trainable.load_kwargs(cls, plan.get(name), common, qconfig))
         return out
 
+    @classmethod
+    def component_classes(cls) -> dict[str, type]:
+        """Each declared component's class, imported."""
+        return {name: resolve(path) for name, path in cls.components.items()}
+
     def pipeline_components(self) -> dict[str, Any]:
         """Keyword arguments for ``pipeline_class`` beyond the scheduler, from the in-memory modules."""
         return {name: getattr(self, name) for name in self.components}

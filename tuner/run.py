@@ -278,6 +278,7 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     if rank_zero:
         write_config_dump(composed, output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
+    import_family(cfg)
     with phase("load") as report:
         module = build_module(cfg)
         report["what"] = module.summary()
@@ -299,6 +300,18 @@ def build_datamodule(cfg: DictConfig, output_dir: Path):
         report_path=str(output_dir / "dataset_report.json"),
         cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
     )
+
+
+def import_family(cfg: DictConfig) -> None:
+    """Import the family's component classes (diffusers, transformers, peft with them): the last of the
+    start-up imports, after which the garbage collector that train.py held off goes back on, before any
+    weight loads (tuner/startup.py)."""
+    from hydra.utils import get_class
+
+    from tuner.startup import imports_done
+
+    get_class(cfg.model._target_).component_classes()
+    imports_done()
 
 
 def build_module(cfg: DictConfig, with_optimizer: bool = True):
