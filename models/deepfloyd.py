@@ -217,7 +217,9 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
 
     def low_res_image(self, prompt: str, size: tuple[int, int], kwargs: dict) -> torch.Tensor:
         """What validation upscales, (1, 3, h, w) in [-1, 1]: stage I's image for the prompt when
-        ``model.options.stage_1`` is set, else the first held-out image (the same for every prompt)."""
+        ``model.options.stage_1`` is set, else a held-out image downsampled: the n-th prompt gets the n-th
+        image of the fixed validation batches (the held-out set, or the training set's first batches),
+        cycling when there are more prompts than images, the same one at every validation."""
         if self.options.stage_1:
             stage_1 = self._stage_1_pipeline()
             seed = int(kwargs["generator"].initial_seed()) if kwargs.get("generator") is not None else 0
@@ -231,8 +233,11 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
                 output_type="pt",
                 **self.sampling_kwargs,
             ).images[:1]
-        (batch,) = self.trainer.datamodule.fixed_batches(1)
-        pixels = batch["pixels"][:1].to(self.device, torch.float32)
+        if getattr(self, "_held_out", None) is None:
+            self._held_out = [image for batch in self.trainer.datamodule.fixed_batches(4) for image in batch["pixels"]]
+            self._prompt_slots: dict[str, int] = {}
+        slot = self._prompt_slots.setdefault(prompt, len(self._prompt_slots))
+        pixels = self._held_out[slot % len(self._held_out)][None].to(self.device, torch.float32)
         return F.interpolate(pixels, size, mode="bilinear", antialias=True, align_corners=False)
 
     def _stage_1_pipeline(self):

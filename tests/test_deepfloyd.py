@@ -82,7 +82,7 @@ def test_stage_2_conditions_on_the_noised_low_res_target(make_cfg, tmp_path):
 
 def test_stage_2_validation_upscales_stage_1_output_or_a_held_out_image(make_cfg, demo_dir, tmp_path):
     common = ("model=deepfloyd_if_sr", "max_train_steps=2", "callbacks.ema.enabled=false")
-    # without stage I: the first held-out image, downsampled
+    # without stage I: a held-out image per prompt, downsampled
     train(make_cfg(*common, output_dir=tmp_path / "held_out"))
     # with stage I: its image for each prompt (the tiny stage I pipeline; it shares the run's T5)
     train(make_cfg(*common, f"model.options.stage_1={demo_dir / 'deepfloyd_if'}", output_dir=tmp_path / "chained"))
@@ -92,3 +92,22 @@ def test_stage_2_validation_upscales_stage_1_output_or_a_held_out_image(make_cfg
     a = Image.open(tmp_path / "held_out" / "validation" / "step_2" / "a_red_circle_on_white.png")
     b = Image.open(tmp_path / "chained" / "validation" / "step_2" / "a_red_circle_on_white.png")
     assert a.tobytes() != b.tobytes()  # a different input to upscale
+
+
+def test_stage_2_validation_gives_each_prompt_its_own_held_out_image(make_cfg, tmp_path):
+    from types import SimpleNamespace
+
+    from tuner.run import build_datamodule
+
+    cfg = prepare(make_cfg("model=deepfloyd_if_sr", output_dir=tmp_path))
+    module = build_module(cfg, with_optimizer=False)
+    datamodule = build_datamodule(cfg, tmp_path)
+    module._trainer = SimpleNamespace(datamodule=datamodule)  # what validation reads: the run's fixed batches
+    held_out = [image for batch in datamodule.fixed_batches(4) for image in batch["pixels"]]
+    assert len(held_out) >= 2
+    lows = [module.low_res_image(prompt, (16, 16), {}) for prompt in ("first", "second", "first")]
+    assert torch.equal(lows[0], lows[2])  # a prompt keeps its image from one validation to the next
+    for low, image in zip(lows[:2], held_out[:2], strict=True):
+        expected = F.interpolate(image[None].float(), (16, 16), mode="bilinear", antialias=True, align_corners=False)
+        assert low.shape == (1, 3, 16, 16) and torch.equal(low, expected)
+    assert not torch.equal(lows[0], lows[1])

@@ -10,9 +10,10 @@ from tuner.config import ConfigError
 from tuner.run import build_module, prepare, train
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize(("expert", "t_range", "levels"), [("low_noise", (0, 350), [0.1, 0.3]), ("high_noise", (350, 1000), [0.5, 0.7, 0.9])])
-def test_a_ddpm_expert_trains_its_side_of_the_boundary(expert, t_range, levels, make_cfg, tmp_path):
-    cfg = prepare(make_cfg(f"model.expert={expert}", "model.expert_boundary=0.35", output_dir=tmp_path))
+def test_a_ddpm_expert_trains_its_side_of_the_boundary(family, expert, t_range, levels, make_cfg, tmp_path):
+    cfg = prepare(make_cfg(f"model={family}", f"model.expert={expert}", "model.expert_boundary=0.35", output_dir=tmp_path))
     assert list(cfg.callbacks.validation.loss_levels) == levels  # val/loss on its own range too
     module = build_module(cfg, with_optimizer=False)
     assert (module.noise.min_t, module.noise.max_t) == t_range
@@ -20,12 +21,13 @@ def test_a_ddpm_expert_trains_its_side_of_the_boundary(expert, t_range, levels, 
     assert t_range[0] <= int(t.min()) and int(t.max()) < t_range[1]
 
 
-def test_a_flow_expert_samples_sigmas_on_its_side(make_cfg, tmp_path):
-    cfg = prepare(make_cfg("model=sd3", "model.expert=high_noise", "model.expert_boundary=0.6", output_dir=tmp_path))
+@pytest.mark.parametrize(("expert", "s_range", "levels"), [("low_noise", (0.0, 0.6), [0.1, 0.3, 0.5]), ("high_noise", (0.6, 1.0), [0.7, 0.9])])
+def test_a_flow_expert_samples_sigmas_on_its_side(expert, s_range, levels, make_cfg, tmp_path):
+    cfg = prepare(make_cfg("model=sd3", f"model.expert={expert}", "model.expert_boundary=0.6", output_dir=tmp_path))
     module = build_module(cfg, with_optimizer=False)
     sigmas = module.noise.sigmas(module.noise.sample(2000, torch.Generator().manual_seed(0)))
-    assert float(sigmas.min()) >= 0.6 and float(sigmas.max()) <= 1.0
-    assert list(cfg.callbacks.validation.loss_levels) == [0.7, 0.9]
+    assert float(sigmas.min()) >= s_range[0] and float(sigmas.max()) <= s_range[1]
+    assert list(cfg.callbacks.validation.loss_levels) == levels
 
 
 @pytest.mark.parametrize(
@@ -174,13 +176,13 @@ def test_the_card_snippet_samples_with_both_experts(make_cfg, demo_dir, tmp_path
     assert all(a == (("low_noise",) if t < 350 else ("high_noise",)) for t, a in seen)
 
 
-@pytest.mark.parametrize("partner_finetune", ["lora", "full"])
-def test_a_low_noise_expert_validates_through_the_whole_chain(partner_finetune, make_cfg, tmp_path):
+@pytest.mark.parametrize(("family", "partner_finetune"), [("sd15", "lora"), ("sd15", "full"), ("sdxl", "lora"), ("flux", "lora")])
+def test_a_low_noise_expert_validates_through_the_whole_chain(family, partner_finetune, make_cfg, tmp_path):
     from PIL import Image
 
-    train(make_cfg("model.expert=high_noise", f"model.finetune={partner_finetune}", "max_train_steps=2", "optimizer.lr=1e-2", "callbacks.validation.enabled=false", output_dir=tmp_path / "high"))
+    train(make_cfg(f"model={family}", "model.expert=high_noise", f"model.finetune={partner_finetune}", "max_train_steps=2", "optimizer.lr=1e-2", "callbacks.validation.enabled=false", output_dir=tmp_path / "high"))
     partner = tmp_path / "high" / ("pipeline" if partner_finetune == "full" else "")
-    low = ("model.expert=low_noise", "max_train_steps=2", "callbacks.ema.enabled=false")
+    low = (f"model={family}", "model.expert=low_noise", "max_train_steps=2", "callbacks.ema.enabled=false")
     train(make_cfg(*low, output_dir=tmp_path / "alone"))
     train(make_cfg(*low, f"model.expert_partner={partner}", output_dir=tmp_path / "chained"))
     assert f"expert partner ({partner_finetune}) loaded" in (tmp_path / "chained" / "train.log").read_text()

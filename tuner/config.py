@@ -123,7 +123,7 @@ class ValidationConfig:
     use_ema: UseEMA = UseEMA.both  # with callbacks.ema.enabled: sample the EMA weights, the live ones, or both
     loss_batches: int = 4  # validation loss: this many fixed batches...
     loss_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # ...at these noise levels
-    loss_timesteps: Optional[list[int]] = None  # DDPM alias of loss_levels, in timesteps (0..999)
+    loss_timesteps: Optional[list[int]] = None  # DDPM alias of loss_levels, in timesteps (0..T-1 of the schedule)
 
 
 @dataclass
@@ -387,8 +387,8 @@ def _check_noise_range(model: DictConfig) -> None:
     t_lo, t_hi = model.min_timestep, model.max_timestep
     if (t_lo is not None and t_lo < 0) or (t_lo is not None and t_hi is not None and t_hi <= t_lo):
         raise ConfigError(
-            f"model.min_timestep={t_lo}, model.max_timestep={t_hi}; need 0 <= min_timestep < max_timestep (<= 1000 "
-            "for the SD family schedules), or use model.min_noise_level/max_noise_level (0..1)"
+            f"model.min_timestep={t_lo}, model.max_timestep={t_hi}; need 0 <= min_timestep < max_timestep (<= the "
+            "schedule's train timesteps: 1000 for SD, 1100 for Kolors), or use model.min_noise_level/max_noise_level (0..1)"
         )
 
 

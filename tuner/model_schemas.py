@@ -94,7 +94,7 @@ class ModelConfig:
     expert_boundary: float = 0.35  # the low-noise expert owns levels below it (SimpleTuner's refiner strength)
     experts: Experts | None = None  # two_lora: train both experts in this run, one LoRA adapter each
     expert_partner: str | None = None  # the other expert's weights (LoRA file/folder, pipeline/): chained validation
-    min_timestep: int | None = None  # DDPM alias of min_noise_level, in timesteps (0..999)
+    min_timestep: int | None = None  # DDPM alias of min_noise_level, in timesteps (0..T-1 of the schedule)
     max_timestep: int | None = None  # DDPM alias of max_noise_level (exclusive)
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
