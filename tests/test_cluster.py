@@ -10,10 +10,19 @@ import sys
 import pytest
 from conftest import ROOT, run_cli, wait_for
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 QUIET = ("callbacks.validation.enabled=false", "callbacks.ema.enabled=false", "trainer.enable_progress_bar=false")
+
+
+@pytest.fixture(autouse=True)
+def no_hydra_config_left():
+    """Tests here that set Hydra's run-time config take it away again, so later tests see a plain run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    yield
+    HydraConfig.instance().cfg = None
 
 
 def test_a_local_submitit_sweep_runs_every_job(demo_dir, tmp_path):
@@ -132,3 +141,23 @@ def test_a_basic_sweep_of_multi_process_jobs_is_still_refused(demo_dir, tmp_path
         "train.py", "-m", "trainer=ddp", "trainer.accelerator=cpu", f"hydra.sweep.dir={tmp_path}", "seed=1,2"
     )
     assert result.returncode != 0 and "hydra/launcher=slurm" in result.stderr
+
+
+@pytest.mark.parametrize(("trainer", "refused"), [("default", True), ("slurm", False)])
+def test_a_slurm_job_of_many_tasks_needs_a_trainer_that_uses_them(trainer, refused, demo_dir, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from tuner.config import ConfigError
+    from tuner.run import prepare
+
+    overrides = [f"demo_assets_dir={demo_dir}", f"output_dir={tmp_path}", "hydra/launcher=slurm", f"trainer={trainer}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if refused:
+        with pytest.raises(ConfigError, match="starts 4 tasks per job but trainer=default runs one process"):
+            prepare(cfg)
+    else:
+        assert prepare(cfg).trainer.devices == 4

@@ -71,6 +71,19 @@ def is_submitit_launcher() -> bool:
     return "submitit" in target
 
 
+def launcher_tasks() -> int:
+    """How many tasks the running Hydra job's SLURM launcher starts for it (nodes x tasks per node); 1 for
+    any other launcher or a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if "SlurmLauncher" not in str(launcher.get("_target_", "")):
+        return 1
+    return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
+
+
 def sbatch_script(launcher: dict[str, Any], command: str = "python -u -m submitit.core._submit FOLDER") -> str:
     """The sbatch file the SLURM launcher would submit for ``launcher`` (``hydra.launcher`` resolved), made
     without a cluster: the launcher's own translation of its keys, then submitit's own file writer."""

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tuner.cluster import is_submitit_launcher
+from tuner.cluster import is_submitit_launcher, launcher_tasks
 from tuner.config import ConfigError, check
 from tuner.console import phase
 
@@ -112,6 +112,14 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
         raise ConfigError(
             "a multirun sweep (-m) cannot use a multi-process trainer with Hydra's basic launcher; run each job on "
             "its own, or submit the sweep to SLURM with hydra/launcher=slurm trainer=slurm (each job its own tasks)"
+        )
+    tasks = launcher_tasks()
+    if tasks > 1 and not _is_distributed(cfg):
+        # every task would train the whole run on its own, into the same output_dir
+        raise ConfigError(
+            f"hydra/launcher=slurm starts {tasks} tasks per job but trainer={HydraConfig.get().runtime.choices.get('trainer')} "
+            "runs one process: add trainer=slurm (one DDP rank per task), or ask for one task "
+            "(hydra.launcher.gpus_per_node=1 hydra.launcher.nodes=1)"
         )
     with open_dict(cfg):
         cfg.output_dir = str(Path(job_output_dir(cfg)).absolute())
