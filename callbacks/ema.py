@@ -5,7 +5,9 @@ Lightning's ``WeightAveraging``, which deep-copies the whole module, would). The
 live on the CPU, is part of the checkpoint (``state_dict``), and starts equal to the weights at step 0.
 
 Under a sharded strategy (``trainer=fsdp``) each rank averages its own shard of each weight, in place,
-with no communication; a checkpoint gathers the shards into whole tensors, and a resume splits them again.
+with no communication. A sharded checkpoint keeps the averages sharded (the strategy writes each rank's
+shard beside its weights: ``shards_callback_state``); a one-file checkpoint gathers them into whole
+tensors, and a resume splits them again.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class EMA(L.Callback):
         self._sharded: dict[str, torch.Tensor] = {}  # name -> the live sharded weight (its layout)
         self._device: torch.device | None = None  # where the shadow lives; set at fit start
         self._names: set[str] = set()
+        self._keep_sharded = False  # the strategy writes sharded tensors in a checkpoint as they are
 
     @property
     def state_key(self) -> str:
@@ -77,6 +80,7 @@ class EMA(L.Callback):
         live = self._live(pl_module)
         self._device = torch.device("cpu") if self.on_cpu else pl_module.device
         self._sharded = {k: p for k, p in live.items() if _is_sharded(p)}
+        self._keep_sharded = bool(getattr(trainer.strategy, "shards_callback_state", False))
         self._names = set(live)
         if self._pending is None and self.shadow is None:
             self.shadow = {k: _local(p).detach().to(self._device, torch.float32, copy=True) for k, p in live.items()}
@@ -99,7 +103,10 @@ class EMA(L.Callback):
         self._device = None  # a later fit takes its own module's layout
 
     def _split(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of a whole saved shadow (the tensor itself for an unsharded weight)."""
+        """This rank's shard of a saved shadow: of a whole one, or of one the strategy gave back sharded
+        (the tensor itself for an unsharded weight)."""
+        if _is_sharded(full):
+            return full.to_local()
         if name not in self._sharded:
             return full
         from torch.distributed.tensor import distribute_tensor
@@ -108,15 +115,17 @@ class EMA(L.Callback):
         # every rank read the same checkpoint: each cuts its own piece, nothing is sent
         return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
 
-    def _whole(self, name: str, shadow: torch.Tensor) -> torch.Tensor:
-        """The whole averaged tensor of a weight (a collective for a sharded one: every rank calls it)."""
+    def _saved(self, name: str, shadow: torch.Tensor) -> torch.Tensor:
+        """What a checkpoint holds of a weight's average: this rank's shard as a DTensor where the strategy
+        writes those shard by shard, else the whole tensor on the CPU (for a sharded weight a collective:
+        every rank calls it)."""
         if name not in self._sharded:
             return shadow.cpu()
         from torch.distributed.tensor import DTensor
 
         p = self._sharded[name]
         piece = DTensor.from_local(shadow.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-        return piece.full_tensor().cpu()
+        return piece if self._keep_sharded else piece.full_tensor().cpu()
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -158,10 +167,10 @@ class EMA(L.Callback):
         return None
 
     def state_dict(self) -> dict:
-        """Whole tensors on the CPU; under sharding every rank calls this (Lightning does, for a checkpoint)."""
+        """The averages (``_saved``); under sharding every rank calls this (Lightning does, for a checkpoint)."""
         if self.shadow is None:
             return {}
-        return {"shadow": {k: self._whole(k, v) for k, v in self.shadow.items()}, "last_step": self.last_step}
+        return {"shadow": {k: self._saved(k, v) for k, v in self.shadow.items()}, "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:

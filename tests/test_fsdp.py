@@ -193,9 +193,15 @@ def test_sharded_checkpoints_hold_only_what_trains_and_resume_from_latest(runs, 
     sharded = root / "4" / CKPT_NAME  # a folder: a shard per rank, the index, Lightning's metadata
     assert {p.name for p in sharded.iterdir()} == {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"}
     assert readable(sharded) and json.loads((root / "4" / "tracker_state.json").read_text())["global_step"] == 4
-    saved = [k for k in FileSystemReader(sharded).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
+    keys = FileSystemReader(sharded).read_metadata().state_dict_metadata
+    saved = [k for k in keys if k.startswith("state_dict.")]
     lora = load_file(root / "4" / "pytorch_lora_weights.safetensors")
     assert len(saved) == len(lora) and all(".lora_" in k for k in saved)  # no frozen weight went in
+    # the EMA's averages stay sharded too: each rank's shard beside its weights, only a mark in meta.pt
+    averages = [k for k in keys if k.startswith("callbacks.EMA/shadow/")]
+    assert sorted(k.rpartition("/")[2] for k in averages) == sorted(k.removeprefix("state_dict.") for k in saved)
+    meta = torch.load(sharded / "meta.pt", map_location="cpu", weights_only=False)
+    assert all(isinstance(v, str) and v.startswith("tuner:sharded:") for v in meta["callbacks"]["EMA"]["shadow"].values())
     # a half-written newer one (no index yet) is passed over by latest
     newer = root / "6" / CKPT_NAME
     newer.mkdir(parents=True)

@@ -24,7 +24,9 @@ checkpoints exactly the block calls, and each recomputed block gathers its weigh
 Checkpoints: ``state_dict_type: sharded`` writes ``checkpoint.ckpt/`` as a folder (PyTorch distributed
 checkpoint: one ``__<rank>_0.distcp`` per rank, ``.metadata``, and Lightning's ``meta.pt`` with the rest
 of the state); ``full`` gathers the trainable weights and optimiser state on rank 0 into one file. Only
-what trains is written either way.
+what trains is written either way. In the sharded layout a callback's own sharded state (the EMA's
+averages, one shard per rank) goes into the ``.distcp`` shards too, with a mark in ``meta.pt`` where it
+was: nothing is gathered onto one rank, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from tuner.config import ConfigError
 log = logging.getLogger(__name__)
 
 META_NAME = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+SHARDED_MARK = "tuner:sharded:"  # in meta.pt, in place of a callback's sharded tensor: its key in the shards
 
 
 def is_fsdp(cfg: DictConfig) -> bool:
@@ -249,6 +252,32 @@ class DenoiserFSDP(ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=full, cpu_offload=full)
         return get_optimizer_state_dict(self.lightning_module, optimizer, options=options)
 
+    @property
+    def shards_callback_state(self) -> bool:
+        """Whether a callback may leave its sharded tensors (DTensors) in its ``state_dict``: the sharded
+        layout writes them shard by shard (``save_checkpoint``) and gives them back the same way."""
+        return self._save_distributed_checkpoint
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Lightning's sharded layout (the weights and optimiser state by PyTorch's distributed checkpoint,
+        the rest in ``meta.pt`` from rank 0), plus the callbacks' sharded tensors beside the weights."""
+        sharded: dict[str, torch.Tensor] = {}
+        if self._save_distributed_checkpoint and storage_options is None and "callbacks" in checkpoint:
+            checkpoint["callbacks"] = _take_sharded(checkpoint["callbacks"], sharded)
+        if not sharded:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(self.broadcast(filepath))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict"), "callbacks": sharded}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        dcp.save(state, checkpoint_id=path)
+        if self.global_rank == 0:
+            torch.save(checkpoint, path / META_NAME)
+
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Either layout, whichever this run writes: the trainable weights and the optimiser state go
         straight into the shards. The returned checkpoint keeps ``state_dict`` (what was loaded), which the
@@ -274,6 +303,16 @@ class DenoiserFSDP(ModelParallelStrategy):
                 set_optimizer_state_dict(module, optimizer, state[f"optimizer_{i}"])
         checkpoint = torch.load(path / META_NAME, map_location="cpu", weights_only=bool(weights_only))
         checkpoint["state_dict"] = weights
+        marks = _marks(checkpoint.get("callbacks", {}))  # key in the shards -> the weight it belongs to
+        if marks:
+            params = self._trainable()
+            unknown = sorted({name for name in marks.values() if name not in params})
+            if unknown:
+                raise ValueError(f"{path}: callback state for weights this run does not train, e.g. {unknown[0]!r}")
+            # each in its weight's layout: every rank reads back its own shard
+            loaded = {key: torch.zeros_like(params[name].detach(), dtype=torch.float32) for key, name in marks.items()}
+            dcp.load({"callbacks": loaded}, checkpoint_id=path)
+            checkpoint["callbacks"] = _put_sharded(checkpoint["callbacks"], loaded)
         return checkpoint
 
     def _load_full(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
@@ -312,6 +351,35 @@ class DenoiserFSDP(ModelParallelStrategy):
             for step in reversed(undo):
                 step()
             self.barrier("tuner.gathered_weights")
+
+
+def _take_sharded(state: Any, out: dict[str, torch.Tensor], key: str = "") -> Any:
+    """``state`` with each sharded tensor (DTensor) in it replaced by a mark; the tensors go into ``out``
+    by their key: the path of dict keys to them, joined by ``/`` (the last is the weight's name)."""
+    if isinstance(state, dict):
+        return {k: _take_sharded(v, out, f"{key}/{k}" if key else str(k)) for k, v in state.items()}
+    if type(state).__name__ == "DTensor":
+        out[key] = state
+        return SHARDED_MARK + key
+    return state
+
+
+def _marks(state: Any) -> dict[str, str]:
+    """The marks ``_take_sharded`` left: key -> the weight's name."""
+    if isinstance(state, dict):
+        return {k: n for v in state.values() for k, n in _marks(v).items()}
+    if isinstance(state, str) and state.startswith(SHARDED_MARK):
+        key = state[len(SHARDED_MARK) :]
+        return {key: key.rpartition("/")[2]}
+    return {}
+
+
+def _put_sharded(state: Any, loaded: dict[str, torch.Tensor]) -> Any:
+    if isinstance(state, dict):
+        return {k: _put_sharded(v, loaded) for k, v in state.items()}
+    if isinstance(state, str) and state.startswith(SHARDED_MARK):
+        return loaded[state[len(SHARDED_MARK) :]]
+    return state
 
 
 def gather_full(params: dict[str, torch.Tensor], keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
