@@ -83,9 +83,9 @@ def skip_mode_probe(config_dir: str | Path, argv: list[str]) -> None:
     find. Hydra then picks the mode from ``-m`` as it does whenever the config leaves the mode unset."""
     from hydra._internal.hydra import Hydra
 
-    probe = Hydra.get_mode
-    if getattr(probe, "tuner_skips", False):
-        return
+    probe = getattr(Hydra, "get_mode", None)
+    if probe is None or getattr(probe, "tuner_skips", False):
+        return  # a Hydra without the probe (pinned <1.4, which has it), or skipped already
 
     def get_mode(self, config_name, overrides):
         if mode_is_unset(config_dir, list(overrides), argv, config_name or "train"):
