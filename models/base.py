@@ -215,11 +215,10 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         hp = self.hparams
         plan = self.dtype_plan()
         out: dict[str, Any] = {}
-        for name, cls_path in self.components.items():
+        for name, cls in self.component_classes().items():
             if not self.wanted(name):
                 out[name] = None
                 continue
-            cls = resolve(cls_path)
             qconfig = None
             if name == self.denoiser_name:
                 qconfig = load_time_config(hp.base_model_precision, DTYPES[hp.mixed_precision])

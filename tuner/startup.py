@@ -37,17 +37,21 @@ def imports_done() -> None:
     gc.enable()
 
 
-def mode_groups(config_dir: str | Path) -> set[str]:
+def _yaml_texts(config_dir: str | Path) -> dict[Path, str]:
+    return {path: path.read_text(errors="replace") for path in Path(config_dir).rglob("*.yaml")}
+
+
+def mode_groups(config_dir: str | Path, texts: dict[Path, str] | None = None) -> set[str]:
     """The config groups (folders under ``config_dir``, e.g. ``hparams_search``) with a file that may set
     ``hydra.mode``. Read as text, conservatively: a file counts when it has a ``mode:`` key and either a
     top-level ``hydra:`` block or a ``hydra`` package line."""
     root = Path(config_dir)
-    groups = set()
-    for path in root.rglob("*.yaml"):
-        text = path.read_text(errors="replace")
-        if _SETS_MODE.search(text) and _HYDRA_KEY.search(text):
-            groups.add(path.parent.relative_to(root).as_posix())
-    return groups
+    texts = _yaml_texts(root) if texts is None else texts
+    return {
+        path.parent.relative_to(root).as_posix()
+        for path, text in texts.items()
+        if _SETS_MODE.search(text) and _HYDRA_KEY.search(text)
+    }
 
 
 def mode_is_unset(config_dir: str | Path, overrides: list[str], argv: list[str], primary: str = "train") -> bool:
@@ -58,19 +62,20 @@ def mode_is_unset(config_dir: str | Path, overrides: list[str], argv: list[str],
     than as the primary config's ``<group>: null`` default."""
     if any(a.startswith(("--config", "-cd", "-cp", "-cn")) for a in argv):
         return False
-    groups = mode_groups(config_dir)
+    root = Path(config_dir)
+    texts = _yaml_texts(root)
+    groups = mode_groups(root, texts)
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0].strip()
         if key.startswith(("hydra.mode", "hydra.searchpath")) or key in groups:
             return False
     if not groups:
         return True
-    root = Path(config_dir)
     mentions = re.compile("|".join(re.escape(g.rpartition("/")[2]) for g in sorted(groups)))
-    for path in root.rglob("*.yaml"):
+    for path, text in texts.items():
         if path.parent.relative_to(root).as_posix() in groups:
             continue
-        lines = [line for line in path.read_text(errors="replace").splitlines() if mentions.search(line)]
+        lines = [line for line in text.splitlines() if mentions.search(line)]
         if path == root / f"{primary}.yaml":
             lines = [line for line in lines if not re.search(r":\s*null\s*$", line)]
         if lines:
