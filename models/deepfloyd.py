@@ -4,7 +4,8 @@
   data path caches text embeddings only and validation images need no decode.
 - **Learned variance.** The UNet outputs the noise prediction and a variance (6 channels); the loss takes
   the prediction half, as the pipelines' schedulers read the other half only when sampling.
-- **Prompts.** T5-XXL over 77 tokens with the tokenizer's attention mask, as ``IFPipeline.encode_prompt``.
+- **Prompts.** T5-XXL over 77 tokens with the tokenizer's attention mask, of the caption lowercased and
+  stripped, as ``IFPipeline.encode_prompt`` (its ``_text_preprocessing``) encodes it.
 - **Stage II** is trained on the target's own low-res version: downsampled by ``upscale_factor``, upsampled
   back, noised with the checkpoint's ``image_noising_scheduler`` at a random level, and concatenated on
   channels; that level goes in as ``class_labels``, as ``IFSuperResolutionPipeline`` does at sampling.
@@ -72,9 +73,11 @@ class DeepFloydIFModule(DiffusionModule):
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
     fsdp_blocks = ("ResnetBlock2D", "Attention")  # trainer=fsdp shards IF's UNet by these (no Transformer2DModel)
     sampling_kwargs = {"clean_caption": False}  # training captions are not cleaned either (needs bs4, ftfy)
+    prompt_preprocessing = "lower_strip"  # what both stages' pipelines do to a prompt without clean_caption
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        hidden, _ = t5_with_mask(self.tokenizer, self.text_encoder, captions, self.options.t5_max_length, self.device)
+        prompts = self.pipeline_prompts(captions)
+        hidden, _ = t5_with_mask(self.tokenizer, self.text_encoder, prompts, self.options.t5_max_length, self.device)
         return {"encoder_hidden_states": hidden}
 
     def unet_input(self, noisy: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

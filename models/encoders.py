@@ -8,9 +8,17 @@ import hashlib
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+# How a pipeline rewrites a prompt before its tokenizer sees it, by the name a family declares
+# (``prompt_preprocessing``). T5 is case-sensitive, so training must send the very text sampling sends.
+PROMPT_PREPROCESSING = {
+    "": lambda text: text,
+    # IF's and PixArt's pipelines' ``_text_preprocessing`` with ``clean_caption=False``
+    "lower_strip": lambda text: text.lower().strip(),
+}
 
 
 def t5_with_mask(
@@ -31,6 +39,13 @@ def t5_with_mask(
 
 
 class EncodersMixin:
+    #: how the family's pipeline rewrites prompts before encoding them (a ``PROMPT_PREPROCESSING`` name)
+    prompt_preprocessing: ClassVar[str] = ""
+
+    def pipeline_prompts(self, captions: Sequence[str]) -> list[str]:
+        """The captions as the family's pipeline would pass them to its tokenizer."""
+        return [PROMPT_PREPROCESSING[self.prompt_preprocessing](c) for c in captions]
+
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], (B, 3, H, W) -> their deterministic encoding, what the image cache stores:
@@ -108,6 +123,8 @@ class EncodersMixin:
         text_id = (
             f"{base}:text:{self.text_dtype}:{levels}:{self.options}:{self._weights_fingerprint(sorted(text_parts))}"
         )
+        if self.prompt_preprocessing:  # entries of the raw captions (older caches) are not matched
+            text_id += f":prompts={self.prompt_preprocessing}"
         return {
             # a pixel-space family has nothing worth caching of its images: they are read each step
             "encode_pixels": self.encode_pixels if self.latent_space else None,

@@ -1,7 +1,9 @@
 """PixArt-Σ: a DiT over 4-channel latents, DDPM with epsilon prediction, conditioned on T5 alone.
 
 - The prompt is T5's hidden states over 300 tokens with their attention mask (padding is masked out of
-  cross-attention), as ``PixArtSigmaPipeline`` encodes it.
+  cross-attention), of the caption lowercased and stripped, as ``PixArtSigmaPipeline`` encodes it with
+  ``clean_caption=False``; validation passes that too (the pipeline's default cleans captions when bs4
+  and ftfy are installed, which training does not).
 - The transformer learns the variance too: it outputs 8 channels, and the loss takes the prediction half.
 - Resolution and aspect-ratio conditioning are off for Σ (``use_additional_conditions=False``), as in the
   pipeline.
@@ -44,7 +46,9 @@ class PixArtSigmaModule(DiffusionModule):
     }
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # self- and cross-attention alike
     fsdp_blocks = ("BasicTransformerBlock",)  # trainer=fsdp shards the DiT by its blocks
-    sampling_kwargs = {"use_resolution_binning": False}  # binning refuses sizes it has no table for
+    # binning refuses sizes it has no table for; training captions are not cleaned either
+    sampling_kwargs = {"use_resolution_binning": False, "clean_caption": False}
+    prompt_preprocessing = "lower_strip"  # the pipeline's, without clean_caption
     # The LoRA also goes out as a peft adapter folder, which peft loads onto the pipeline's transformer.
     lora_load_snippet = (
         "from peft import PeftModel\n"
@@ -62,7 +66,7 @@ class PixArtSigmaModule(DiffusionModule):
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         hidden, mask = t5_with_mask(
-            self.tokenizer, self.text_encoder, captions, self.options.t5_max_length, self.device
+            self.tokenizer, self.text_encoder, self.pipeline_prompts(captions), self.options.t5_max_length, self.device
         )
         return {"prompt_embeds": hidden, "attention_mask": mask.float()}
 
