@@ -88,6 +88,11 @@ class DDPMSchedule:
         ts = obj.sample_timesteps(n, self.num_timesteps, generator, "uniform", self.min_t, self.max_t)
         return ts.to(self.alphas_cumprod.device)
 
+    def mass_below(self, level: float, shift: float | None = None) -> float:
+        """The share of this schedule's uniform timesteps whose level t / T is below ``level``."""
+        levels = torch.arange(self.min_t, self.max_t, dtype=torch.float64) / self.num_timesteps
+        return float((levels < level).double().mean())
+
     def at_level(self, level: float, n: int) -> torch.Tensor:
         t = min(round(level * self.num_timesteps), self.num_timesteps - 1)
         return torch.full((n,), t, dtype=torch.long, device=self.alphas_cumprod.device)
@@ -133,17 +138,49 @@ class FlowSchedule:
         if hp.min_timestep is not None or hp.max_timestep is not None:
             raise ValueError("model.min_timestep/max_timestep are DDPM timesteps; use model.min_noise_level/max_noise_level")
         self.lo, self.hi = noise_levels(hp)
+        self.whole = self.lo <= 0.0 and self.hi >= 1.0
+        if not self.whole:  # a range is cut from the density by its inverse CDF: refuse one without
+            obj.flow_sigma_cdf(torch.tensor([self.lo]), self.scheme, self.shift, *self._density)
         self.device = torch.device("cpu")
+
+    @property
+    def _density(self) -> tuple[float, float, float]:
+        return self.logit_mean, self.logit_std, self.mode_scale
 
     def to(self, device: torch.device) -> FlowSchedule:
         self.device = torch.device(device)
         return self
 
     def sample(self, n: int, generator: torch.Generator, shift: float | None = None) -> torch.Tensor:
-        """``shift``: this batch's own (a resolution-dependent one), else the schedule's."""
-        u = obj.sample_flow_sigmas(n, generator, self.scheme, self.logit_mean, self.logit_std, self.mode_scale)
-        sigmas = self.lo + (self.hi - self.lo) * obj.shift_sigmas(u, self.shift if shift is None else shift)
-        return (sigmas * self.num_timesteps).to(self.device)  # (B,) float timesteps
+        """``shift``: this batch's own (a resolution-dependent one), else the schedule's. A range of levels
+        (min/max_noise_level, an expert's side) gets the whole shifted density truncated to it."""
+        shift = self.shift if shift is None else shift
+        if self.whole:  # diffusers' own draw, as every plain run has always drawn it
+            u = obj.sample_flow_sigmas(n, generator, self.scheme, *self._density)
+            return (obj.shift_sigmas(u, shift) * self.num_timesteps).to(self.device)  # (B,) float timesteps
+        sigmas = obj.sample_flow_sigmas_in(n, generator, self.lo, self.hi, self.scheme, shift, *self._density)
+        return self._timesteps_within(sigmas * self.num_timesteps)
+
+    def _timesteps_within(self, t: torch.Tensor) -> torch.Tensor:
+        """float64 timesteps as the float32 ones the denoiser gets, kept in [lo·T, hi·T): rounding to
+        float32 must not carry a draw onto the upper bound, an expert boundary the other expert owns."""
+        lo_t, hi_t = self.lo * self.num_timesteps, self.hi * self.num_timesteps
+        low, high = torch.tensor(lo_t), torch.tensor(hi_t)  # float32, each maybe rounded past its bound
+        if low.double() < lo_t:
+            low = torch.nextafter(low, torch.tensor(float("inf")))
+        if self.hi < 1.0 and high.double() >= hi_t:
+            high = torch.nextafter(high, torch.tensor(0.0))
+        return t.float().clamp(low, high).to(self.device)
+
+    def mass_below(self, level: float, shift: float | None = None) -> float:
+        """The share of this schedule's draws (at ``shift``, else its own) below ``level``: with F the whole
+        shifted density's CDF, (F(level) − F(lo)) / (F(hi) − F(lo)) for a level inside the range."""
+        shift = self.shift if shift is None else shift
+        levels = torch.tensor([self.lo, min(max(level, self.lo), self.hi), self.hi])
+        f_lo, f_level, f_hi = obj.flow_sigma_cdf(levels, self.scheme, shift, *self._density).tolist()
+        if f_hi <= f_lo:  # a range the density puts no mass in
+            return float(level > self.lo)
+        return min(max((f_level - f_lo) / (f_hi - f_lo), 0.0), 1.0)
 
     def at_level(self, level: float, n: int) -> torch.Tensor:
         return torch.full((n,), float(level) * self.num_timesteps, device=self.device)

@@ -7,6 +7,7 @@ an unknown name raises ``ValueError``, in the manner of ``diffusers.training_uti
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -186,6 +187,91 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     if shift == 1.0:
         return sigmas
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+# ---- a range of flow noise levels: the whole density, truncated (inverse-CDF sampling) -------------------
+# The mode density's map u = 1 − x − s·(cos²(πx/2) − 1 + x) is monotone only for −1 ≤ s ≤ 2/(π − 2)
+# (SD3 paper, sec. 3.1); outside, it has no inverse CDF to truncate by.
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))
+
+
+def unshift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The inverse of ``shift_sigmas``: σ = s·u / (1 + (s − 1)·u) solved for u is σ / (s − (s − 1)·σ)."""
+    if shift == 1.0:
+        return sigmas
+    return sigmas / (shift - (shift - 1) * sigmas)
+
+
+def _mode_map(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """diffusers' ``mode`` draw: a uniform x to u. Decreasing in x, from u(0) = 1 to u(1) = 0."""
+    return 1 - x - scale * (torch.cos(math.pi * x / 2) ** 2 - 1 + x)
+
+
+def _check_mode_scale(scale: float) -> None:
+    lo, hi = MODE_SCALE_RANGE
+    if not lo <= scale <= hi:
+        raise ValueError(
+            f"model.mode_scale={scale}: a noise range needs the mode density's inverse CDF, which exists for "
+            f"mode_scale in [{lo}, {hi:.4f}] only"
+        )
+
+
+def flow_sigma_cdf(
+    sigmas: torch.Tensor, scheme: str, shift: float, logit_mean: float, logit_std: float, mode_scale: float
+) -> torch.Tensor:
+    """P(σ' ≤ σ) for σ' from ``sample_flow_sigmas`` shifted by ``shift``: the density's CDF at the
+    unshifted level u (the shift is increasing, so F(σ) = F_u(u)). float64, the shape of ``sigmas``."""
+    u = unshift_sigmas(sigmas.double().clamp(0, 1), shift)
+    if scheme == "uniform":
+        return u
+    if scheme == "logit_normal":  # logit(u) ~ N(mean, std)
+        return torch.special.ndtr((torch.logit(u) - logit_mean) / logit_std)
+    if scheme == "mode":  # u = g(x) with g decreasing: P(g(x) ≤ u) = 1 − g⁻¹(u), g⁻¹ by bisection
+        _check_mode_scale(mode_scale)
+        left, right = torch.zeros_like(u), torch.ones_like(u)
+        for _ in range(60):  # 2⁻⁶⁰: below float64's resolution of [0, 1]
+            mid = (left + right) / 2
+            right_of_mid = _mode_map(mid, mode_scale) > u
+            left, right = torch.where(right_of_mid, mid, left), torch.where(right_of_mid, right, mid)
+        return 1 - (left + right) / 2
+    raise ValueError(f"unknown flow sigma sampling {scheme!r}; valid: {', '.join(FLOW_SAMPLING)}")
+
+
+def flow_sigma_quantile(
+    p: torch.Tensor, scheme: str, shift: float, logit_mean: float, logit_std: float, mode_scale: float
+) -> torch.Tensor:
+    """The inverse of ``flow_sigma_cdf``: the σ below which a share ``p`` of the shifted density lies."""
+    p = p.double()
+    if scheme == "uniform":
+        u = p
+    elif scheme == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(p))
+    elif scheme == "mode":
+        _check_mode_scale(mode_scale)
+        u = _mode_map(1 - p, mode_scale)
+    else:
+        raise ValueError(f"unknown flow sigma sampling {scheme!r}; valid: {', '.join(FLOW_SAMPLING)}")
+    return shift_sigmas(u, shift)
+
+
+def sample_flow_sigmas_in(
+    batch_size: int,
+    generator: torch.Generator,
+    lo: float,
+    hi: float,
+    scheme: str,
+    shift: float,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """Noise levels from the whole shifted density conditioned on [lo, hi]: not the density squashed
+    into the range. Inverse-CDF sampling (Devroye 1986, sec. II.2): p uniform in [F(lo), F(hi)], σ = F⁻¹(p).
+    One uniform per sample from ``generator`` and no rejection loop, so a draw is as reproducible as the
+    whole range's. Shape (B,), float64."""
+    a, b = flow_sigma_cdf(torch.tensor([lo, hi]), scheme, shift, logit_mean, logit_std, mode_scale).tolist()
+    p = a + (b - a) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    return flow_sigma_quantile(p, scheme, shift, logit_mean, logit_std, mode_scale).clamp(lo, hi)
 
 
 def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
