@@ -6,9 +6,10 @@ below it (fine detail). Two setups put both experts into one denoiser:
 
 - ``model.experts=two_lora``: one run trains two LoRA adapters, named ``high_noise`` and ``low_noise``, on
   the one frozen base. Each step draws its expert from a generator keyed by (seed, epoch, batch) alone, so
-  every rank trains the same adapter; the draw is a noise level from the run's whole schedule, so each
-  expert gets the share of steps its range has of the noise distribution. The step's timesteps are then
-  sampled inside that expert's range, and only its adapter runs (the other gets no gradient at all).
+  every rank trains the same adapter; each expert is drawn with the share its range has of the run's noise
+  distribution at the batch's own shift (Flux dev's depends on the image size). The step's timesteps are
+  then drawn from that distribution truncated to the expert's range, and only its adapter runs (the
+  other gets no gradient at all).
 - ``model.expert=<one>`` with ``model.expert_partner=PATH``: the run trains one expert; the other's weights
   (a LoRA file or folder, or a ``pipeline/`` or denoiser folder) join at validation, so the low-noise
   expert's images come from the whole chain.
@@ -94,6 +95,7 @@ class Experts:
         self.served: list[tuple[float, str]] = []
         self.trained_since_ema: set[str] = set()
         self.step_expert: str | None = None
+        self.expert_draw: torch.Generator | None = None  # the step's, for its expert (two_lora)
         self.schedules = {}
         if self.two_lora:
             # each expert's own restriction of the run's schedule (its range, same density and shift)
@@ -101,15 +103,12 @@ class Experts:
             for name in EXPERTS:
                 self.schedules[name] = noise_schedules.build(module.noise_schedule, config, _as_expert(hp, name))
             self.switch.use("high_noise")
-            # what share of steps each expert gets: its range's share of the run's noise distribution
-            draws = module.noise.sample(20000, torch.Generator().manual_seed(0)).double().cpu() / module.noise.num_timesteps
-            self.low_noise_share = float((draws < self.boundary).double().mean())
             log.info(
                 "two experts split at noise level %s: the low-noise expert trains ~%.0f%% of steps, the high-noise "
-                "one ~%.0f%% (their ranges' shares of the noise distribution)",
+                "one the rest (their ranges' shares of the noise distribution%s)",
                 self.boundary,
-                100 * self.low_noise_share,
-                100 * (1 - self.low_noise_share),
+                100 * self.low_noise_share(),
+                ", at the schedule's shift; a batch's own shift moves it" if module.noise.kind == "flow" else "",
             )
 
     # ---- training ---------------------------------------------------------------------------------
@@ -123,24 +122,41 @@ class Experts:
             return expert
         return "default" if expert == self.own else "partner"
 
+    def low_noise_share(self, shift: float | None = None) -> float:
+        """The low-noise expert's share of steps: the run's schedule's mass below the boundary, at a batch's
+        ``shift`` (Flux dev's depends on the image size) or else the schedule's own."""
+        return self.module.noise.mass_below(self.boundary, shift)
+
     def begin_step(self, batch_idx: int) -> None:
-        """A two-LoRA run's expert for this step, drawn identically on every rank, and its adapter on."""
+        """A two-LoRA run's generator for this step's expert, keyed by (seed, epoch, batch) alone so that
+        every rank draws alike. The draw itself waits for the batch's shift (``choose``)."""
         if not self.two_lora:
             return
         m = self.module
-        generator = torch.Generator().manual_seed(obj.step_seed(m.hparams.seed ^ EXPERT_DRAW_SALT, m.current_epoch, batch_idx))
-        level = float(m.noise.sample(1, generator).cpu()[0]) / m.noise.num_timesteps
-        self.step_expert = owner(level, self.boundary)
-        self.switch.use(self.step_expert)
-        self.trained_since_ema.add(self.step_expert)
+        self.expert_draw = torch.Generator().manual_seed(
+            obj.step_seed(m.hparams.seed ^ EXPERT_DRAW_SALT, m.current_epoch, batch_idx)
+        )
+        self.step_expert = None
+
+    def choose(self, shift: float | None) -> str:
+        """The step's expert, drawn once with the low-noise share at the batch's ``shift``: as likely as the
+        whole schedule's noise level falling in its range, which is what drawing a level would give."""
+        if self.step_expert is None:
+            if self.expert_draw is None:
+                raise RuntimeError("a two-expert step samples timesteps before begin_step drew its expert")
+            u = float(torch.rand(1, generator=self.expert_draw, dtype=torch.float64))
+            self.step_expert = "low_noise" if u < self.low_noise_share(shift) else "high_noise"
+            self.switch.use(self.step_expert)
+            self.trained_since_ema.add(self.step_expert)
+        return self.step_expert
 
     def schedule_for(self, fixed_level: float | None):
-        """The schedule a loss samples from: the step's expert's (training), or the whole one with the
-        adapter owning ``fixed_level`` switched on (validation loss)."""
+        """The schedule a loss samples from: the step's expert's, chosen when it samples (training), or the
+        whole one with the adapter owning ``fixed_level`` switched on (validation loss)."""
         if not self.two_lora:
             return self.module.noise
         if fixed_level is None:
-            return self.schedules[self.step_expert]
+            return _StepExpert(self)
         self.switch.use(owner(fixed_level, self.boundary))
         return self.module.noise
 
@@ -211,6 +227,19 @@ class Experts:
             self.partner_denoiser.requires_grad_(False)
             self.partner_kind = "full"
         log.info("expert partner (%s) loaded from %s for chained validation", self.partner_kind, path)
+
+
+class _StepExpert:
+    """What a two-LoRA step's loss samples timesteps from. Only ``sample`` knows the batch's shift (from its
+    latents, ``flow_shift_for``), so the step's expert is chosen there, then its timesteps are drawn from
+    its range at that same shift. The denoiser has not run yet, so its adapter is switched in time."""
+
+    def __init__(self, experts: Experts):
+        self.experts = experts
+
+    def sample(self, n: int, generator: torch.Generator, shift: float | None = None) -> torch.Tensor:
+        expert = self.experts.choose(shift)
+        return self.experts.schedules[expert].sample(n, generator, shift)
 
 
 def _as_expert(hp: Any, expert: str) -> Any:

@@ -86,7 +86,7 @@ def test_two_lora_trains_each_adapter_only_on_its_range(family, boundary, make_c
     from models.experts import owner
 
     module, batch = _two_lora(make_cfg, tmp_path, family, f"model.expert_boundary={boundary}")
-    share = module.experts.low_noise_share
+    share = module.experts.low_noise_share()
     assert 0 < share < 1
     assert module.lora_adapters() == [("high_noise", "_high_noise"), ("low_noise", "_low_noise")]
     both = {**_lora_params(module, "high_noise"), **_lora_params(module, "low_noise")}
@@ -95,15 +95,15 @@ def test_two_lora_trains_each_adapter_only_on_its_range(family, boundary, make_c
     drawn = []
     for batch_idx in range(12):
         module.experts.begin_step(batch_idx)
-        expert = module.experts.step_expert
-        drawn.append(expert)
-        timesteps = module.experts.schedule_for(None).sample(500, torch.Generator().manual_seed(batch_idx))
-        levels = timesteps.double() / module.noise.num_timesteps  # DDPM t / T, flow sigma alike
-        assert {owner(float(v), boundary) for v in levels} == {expert}  # its timesteps stay in its range
         calls, hook = _adapter_calls(module)
         module.zero_grad(set_to_none=True)
         module.compute_loss(batch, torch.Generator().manual_seed(batch_idx)).backward()
         hook.remove()
+        expert = module.experts.step_expert  # chosen when the loss sampled, at the batch's shift
+        drawn.append(expert)
+        timesteps = module.experts.schedules[expert].sample(500, torch.Generator().manual_seed(batch_idx))
+        levels = timesteps.double() / module.noise.num_timesteps  # DDPM t / T, flow sigma alike
+        assert {owner(float(v), boundary) for v in levels} == {expert}  # its timesteps stay in its range
         assert calls and all(c == (expert,) for c in calls)  # only its adapter ran
         idle = "low_noise" if expert == "high_noise" else "high_noise"
         assert all(p.grad is not None for p in _lora_params(module, expert).values())
@@ -111,6 +111,35 @@ def test_two_lora_trains_each_adapter_only_on_its_range(family, boundary, make_c
         averaged = module.parameters_to_average(list(module.trainable_state_dict()))  # its EMA shadow alone moves
         assert len(averaged) == len(_lora_params(module, expert)) and all(f".{expert}." in n for n in averaged)
     assert set(drawn) == {"high_noise", "low_noise"}
+
+
+def test_two_lora_draws_its_expert_at_the_batchs_shift(make_cfg, tmp_path):
+    """Flux dev shifts by the image's size: the step's expert and each expert's share follow the batch's
+    shift, not the config's static one, and match the whole schedule's mass below the boundary there."""
+    module, _ = _two_lora(make_cfg, tmp_path, "flux", "model.expert_boundary=0.7")
+    experts, noise = module.experts, module.noise
+    dynamic = module.flow_shift_for(torch.zeros(1, 16, 8, 8))  # a 64 px image: 16 tokens, mu ~0.46
+    assert abs(dynamic - noise.shift) > 1
+    shares = {}
+    for shift in (None, dynamic):
+        draws = noise.sigmas(noise.sample(200_000, torch.Generator().manual_seed(1), shift))
+        shares[shift] = experts.low_noise_share(shift)
+        assert abs(shares[shift] - float((draws < 0.7).double().mean())) < 0.005
+    assert shares[dynamic] - shares[None] > 0.15
+    steps, low = 2000, 0
+    for batch_idx in range(steps):
+        experts.begin_step(batch_idx)
+        experts.schedule_for(None).sample(1, torch.Generator().manual_seed(batch_idx), dynamic)
+        low += experts.step_expert == "low_noise"
+    sd = (shares[dynamic] * (1 - shares[dynamic]) / steps) ** 0.5
+    assert abs(low / steps - shares[dynamic]) < 4 * sd  # the static share is > 10 sd away
+    chosen = []
+    for _ in range(2):  # the same step draws the same expert, whatever the global generator holds
+        torch.rand(3)
+        experts.begin_step(7)
+        experts.schedule_for(None).sample(1, torch.Generator().manual_seed(7), dynamic)
+        chosen.append(experts.step_expert)
+    assert chosen[0] == chosen[1]
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
