@@ -312,6 +312,11 @@ def _body(info: Mapping, images: list[Path], output_dir: Path) -> list[str]:
         lines.append(MISSING)
     if info.get("license_note"):
         lines += ["", "## Licence", "", str(info["license_note"])]
+    if info.get("family_notes"):
+        lines += ["", "## Notes", ""]
+        for note in info["family_notes"]:
+            lines += [str(note), ""]
+        lines.pop()
     lines += ["", "## Training settings", "", *_settings(info), "", "## Datasets", "", *_datasets(info)]
     lines += ["", "## Inference", "", *_snippet(info), ""]
     return lines

@@ -199,6 +199,12 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         ``lora_load_snippet`` shows users. diffusers' pipeline loader by default."""
         pipe.load_lora_weights(path)
 
+    @classmethod
+    def card_notes(cls, model_cfg: Any) -> list[str]:
+        """Paragraphs the model card adds under "Notes" for a run of this family with ``model_cfg`` (the
+        settled ``cfg.model``): what a user must know to sample it as it was trained. None by default."""
+        return []
+
     def flow_shift_for(self, latents: torch.Tensor) -> float | None:
         """A flow shift that depends on the batch (Flux dev's, on the image's sequence length); None: the
         schedule's own (``model.flow_shift`` or the checkpoint scheduler's)."""

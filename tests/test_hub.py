@@ -260,6 +260,14 @@ def test_model_card_lora(tmp_path):
         assert secret not in text
 
 
+def test_model_card_shows_the_familys_notes(tmp_path):
+    notes = ["Sample with `DDPMScheduler(variance_type='fixed_small')`.", "A second paragraph."]
+    text = write_model_card(tmp_path, {**CARD_INFO, "family_notes": notes}).read_text()
+    section = text.split("## Notes\n\n", 1)[1].split("\n## ", 1)[0]
+    assert section.strip() == "\n\n".join(notes)
+    assert "## Notes" not in write_model_card(tmp_path / "none", dict(CARD_INFO)).read_text()
+
+
 def test_model_card_full_and_missing_keys(tmp_path):
     text = write_model_card(tmp_path, {"finetune": "full", "repo_id": "me/full", "family": "sd15"}).read_text()
     meta = _front_matter(text)

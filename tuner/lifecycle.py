@@ -51,6 +51,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "base_model": model.pretrained_model_name_or_path,
         "license": cfg.callbacks.hub.license or family.license,
         "license_note": family.license_note,
+        "family_notes": family.card_notes(model),  # how to sample it as it was trained (family-specific)
         "pipeline": pipeline_name(family),  # for the card's loading snippet
         "lora_load": lycoris_load_snippet(family) if model.finetune == "lycoris" else family.lora_load_snippet,
         # a two-expert run: one LoRA per expert, and how to sample with both (the card's snippet)
