@@ -79,6 +79,8 @@ def write_model_card(output_dir: str | os.PathLike, info: dict | None) -> Path:
     - ``repo_id``: where the weights are published (the snippet loads from it; default: this folder)
     - ``title``, ``license`` (the family's declared licence; default ``other``), ``tags``
     - ``pipeline``: the family's diffusers pipeline class, for the loading snippet (default ``DiffusionPipeline``)
+    - ``scheduler``: ``{"class_name", "changes"}``, what the snippet sets on the base model's scheduler for a
+      LoRA (models/noise.py ``scheduler_change``); None when the base model's own fits
     - ``instance_prompt``: the trigger word/phrase; ``validation_prompts``: {image name: prompt}
     - ``steps``, ``epochs``, ``learning_rate``, ``lr_scheduler``, ``warmup_steps``, ``batch_size``,
       ``gradient_accumulation_steps``, ``mixed_precision``, ``optimizer``, ``lora_rank``, ``lora_alpha``,
@@ -240,6 +242,7 @@ def _snippet(info: Mapping) -> list[str]:
     repo = info.get("repo_id") or "."
     prompt = info.get("instance_prompt") or "a photo"
     pipeline = info.get("pipeline") or "DiffusionPipeline"  # the family's own class, when known
+    scheduler, set_scheduler = _scheduler(info)
     if _finetune(info) == "lora" and info.get("experts"):
         load = [f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)", *_experts(info, repo)]
     elif _finetune(info) in ("lora", "lycoris"):
@@ -250,13 +253,29 @@ def _snippet(info: Mapping) -> list[str]:
     return [
         "```python",
         "import torch",
-        f"from diffusers import {pipeline}",
+        f"from diffusers import {', '.join(dict.fromkeys([pipeline, *scheduler]))}",
         "",
         *load,
+        *set_scheduler,
         'pipe.to("cuda")',
         f"image = pipe({prompt!r}).images[0]",
         'image.save("output.png")',
         "```",
+    ]
+
+
+def _scheduler(info: Mapping) -> tuple[list[str], list[str]]:
+    """The scheduler class to import and the lines that give the base model's pipeline the scheduler the run
+    validated with (``info["scheduler"]``: ``{"class_name", "changes"}``), for weights loaded onto the base
+    model; a full fine-tune's own pipeline already carries it."""
+    spec = info.get("scheduler")
+    if not isinstance(spec, Mapping) or not spec.get("class_name") or _finetune(info) == "full":
+        return [], []
+    name = str(spec["class_name"])
+    args = "".join(f", {k}={v!r}" for k, v in sorted(dict(spec.get("changes") or {}).items()))
+    return [name], [
+        "# the scheduler this model was trained for and validated with (the base model's own does not fit it)",
+        f"pipe.scheduler = {name}.from_config(pipe.scheduler.config{args})",
     ]
 
 

@@ -3,7 +3,9 @@
 - **Pixel space.** There is no VAE: the UNet denoises the image itself (``latent_space = False``), so the
   data path caches text embeddings only and validation images need no decode.
 - **Learned variance.** The UNet outputs the noise prediction and a variance (6 channels); the loss takes
-  the prediction half, as the pipelines' schedulers read the other half only when sampling.
+  the prediction half, as the pipelines' schedulers read the other half only when sampling. Since the
+  variance is never trained, validation and the export sample with ``variance_type="fixed_small"``
+  (models/noise.py), and the model card says so (``card_notes``).
 - **Prompts.** T5-XXL over 77 tokens with the tokenizer's attention mask, of the caption lowercased and
   stripped, as ``IFPipeline.encode_prompt`` (its ``_text_preprocessing``) encodes it.
 - **Stage II** is trained on the target's own low-res version: downsampled by ``upscale_factor``, upsampled
@@ -79,6 +81,20 @@ class DeepFloydIFModule(DiffusionModule):
         prompts = self.pipeline_prompts(captions)
         hidden, _ = t5_with_mask(self.tokenizer, self.text_encoder, prompts, self.options.t5_max_length, self.device)
         return {"encoder_hidden_states": hidden}
+
+    @classmethod
+    def card_notes(cls, model_cfg: Any) -> list[str]:
+        where = (
+            "The exported pipeline's scheduler is set so."
+            if model_cfg.finetune == "full"
+            else "The snippet below sets it on the base model's pipeline."
+        )
+        return [
+            "IF's UNet predicts a variance beside the noise, which its scheduler uses when it samples "
+            '(`variance_type="learned_range"`). This fine-tune trained the noise prediction only, so sample it '
+            'with the fixed variance: `DDPMScheduler` with `variance_type="fixed_small"`, as validation did and as '
+            f"diffusers' own IF fine-tuning samples. {where}"
+        ]
 
     def unet_input(self, noisy: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's input and class labels: the noisy image alone for stage I."""

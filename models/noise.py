@@ -111,13 +111,19 @@ class DDPMSchedule:
     def sampling_scheduler(self):
         """The scheduler for the exported and validation pipelines: the checkpoint's own (PNDM, DDIM,
         Euler...), except that a zero-terminal-SNR model samples with DDIM over trailing timesteps, since
-        PNDM and others ignore ``rescale_betas_zero_snr`` (Lin et al. 2023, sec. 3.3)."""
+        PNDM and others ignore ``rescale_betas_zero_snr`` (Lin et al. 2023, sec. 3.3), and that a model
+        whose denoiser also predicts its variance (IF) samples with the fixed small one: the loss trains the
+        prediction half only, so the variance half no longer fits the weights (as diffusers' DreamBooth
+        scripts validate IF, ``log_validation``)."""
         import diffusers
 
+        config = dict(self.config)
+        if config.get("variance_type") in ("learned", "learned_range"):
+            config["variance_type"] = "fixed_small"
         if self.zero_terminal_snr:
-            config = {**self.config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False}
+            config = {**config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False}
             return diffusers.DDIMScheduler.from_config(config)
-        return getattr(diffusers, self.config.get("_class_name", "DDPMScheduler")).from_config(self.config)
+        return getattr(diffusers, config.get("_class_name", "DDPMScheduler")).from_config(config)
 
 
 class FlowSchedule:
@@ -211,3 +217,33 @@ def build(kind: str, scheduler_config: dict, hp: Any) -> DDPMSchedule | FlowSche
     if kind == "flow":
         return FlowSchedule(scheduler_config, hp)
     raise ValueError(f"unknown noise schedule {kind!r}; valid: {', '.join(SCHEDULE_KINDS)}")
+
+
+def scheduler_change(scheduler, base_config: dict) -> dict | None:
+    """How a pipeline loaded from the base checkpoint (its scheduler config ``base_config``) gets
+    ``scheduler``: ``{"class_name": C, "changes": {key: value}}`` for
+    ``C.from_config(pipe.scheduler.config, **changes)``, or None when its own is the same. The model card's
+    snippet shows it for weights loaded onto the base model (a LoRA), so they sample as validation did."""
+    import json
+
+    def plain(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    reference = type(scheduler).from_config(base_config).config
+    changes = {
+        k: v for k, v in scheduler.config.items() if not k.startswith("_") and plain(v) != plain(reference.get(k))
+    }
+    name = type(scheduler).__name__
+    if not changes and name == base_config.get("_class_name"):
+        return None
+    return {"class_name": name, "changes": changes}
+
+
+def run_scheduler_change(kind: str, hp: Any) -> dict | None:
+    """``scheduler_change`` for a run of schedule ``kind`` configured by ``hp`` (its ``cfg.model``): the
+    sampling scheduler it validates with and exports, against its base checkpoint's."""
+    from diffusers import DDPMScheduler  # any scheduler class reads a scheduler config
+
+    path, revision = hp.pretrained_model_name_or_path, getattr(hp, "revision", None)
+    base = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+    return scheduler_change(build(kind, base, hp).sampling_scheduler(), base)

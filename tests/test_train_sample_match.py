@@ -2,11 +2,17 @@
 encodes it (IF and PixArt-Σ lowercase and strip it first), and the scheduler that validation, the exported
 pipeline, the model card's snippet and the single-file checkpoint's marks give it."""
 
+import json
+from types import SimpleNamespace
+
+import diffusers
 import pytest
 import torch
 
+from callbacks.model_card import write_model_card
 from models.encoders import t5_with_mask
 from tuner.families import write_tiny
+from tuner.lifecycle import card_info
 from tuner.run import build_module, prepare
 
 CAPTION = "A Photo of Zelda "
@@ -82,3 +88,83 @@ def test_validation_does_not_clean_captions_training_did_not_clean(family, make_
     generator = torch.Generator().manual_seed(0)
     module.sample_image(pipe, CAPTION, num_inference_steps=1, height=64, width=64, generator=generator)
     assert seen and not any(seen)
+
+
+# --- the sampling scheduler ------------------------------------------------------------------------------
+
+
+def _card(cfg, tmp_path) -> str:
+    return write_model_card(tmp_path / "card", card_info(cfg, None, {})).read_text()
+
+
+def _scheduler_line(card: str) -> str | None:
+    return next((line for line in card.splitlines() if line.startswith("pipe.scheduler = ")), None)
+
+
+def _same_scheduler(a, b) -> None:
+    assert type(a) is type(b)
+    plain = {k: v for k, v in a.config.items() if not k.startswith("_")}
+    assert json.dumps(plain, sort_keys=True, default=list) == json.dumps(
+        {k: b.config[k] for k in plain}, sort_keys=True, default=list
+    )
+
+
+def _apply_card_line(card: str, base_dir):
+    """The card's scheduler line run on a pipeline's scheduler as loaded from the base checkpoint."""
+    base = diffusers.DDPMScheduler.load_config(base_dir, subfolder="scheduler")
+    pipe = SimpleNamespace(scheduler=getattr(diffusers, base["_class_name"]).from_config(base))
+    line = _scheduler_line(card)
+    if line is not None:
+        name = line.split("= ", 1)[1].split(".", 1)[0]
+        imports = [n.strip() for i in card.splitlines() if i.startswith("from diffusers import ") for n in i[22:].split(",")]
+        assert name in imports  # the snippet imports the class it names
+        exec(line, vars(diffusers), {"pipe": pipe})  # noqa: S102 - the card's own line, as a user runs it
+    return pipe.scheduler
+
+
+@pytest.mark.parametrize("family", ["deepfloyd_if", "deepfloyd_if_sr"])
+def test_if_samples_and_exports_with_the_variance_it_was_trained_for(family, make_cfg, demo_dir, tmp_path):
+    module = _module(make_cfg, demo_dir, tmp_path, family, "model.finetune=full")
+    assert module.pipeline().scheduler.config.variance_type == "fixed_small"  # validation's
+    module.save_weights(tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["_class_name"] == "DDPMScheduler" and exported["variance_type"] == "fixed_small"
+
+
+def test_the_if_card_sets_the_fixed_variance_and_says_why(make_cfg, demo_dir, tmp_path):
+    cfg = _cfg(make_cfg, demo_dir, tmp_path, "deepfloyd_if")
+    card = _card(cfg, tmp_path)
+    line = "pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type='fixed_small')"
+    assert line in card.splitlines()
+    notes = card.split("## Notes\n", 1)[1].split("\n## ", 1)[0]
+    assert "fixed_small" in notes and "learned_range" in notes
+    module = build_module(cfg, with_optimizer=False)
+    _same_scheduler(_apply_card_line(card, cfg.model.pretrained_model_name_or_path), module.pipeline().scheduler)
+
+
+V_PRED = ("model.prediction_type=v_prediction",)
+ZTSNR = ("model.prediction_type=v_prediction", "model.zero_terminal_snr=true")
+
+
+@pytest.mark.parametrize("overrides", [(), V_PRED, ZTSNR], ids=["epsilon", "v_prediction", "zero_terminal_snr"])
+def test_a_lora_cards_snippet_samples_with_validations_scheduler(overrides, make_cfg, demo_dir, tmp_path):
+    cfg = _cfg(make_cfg, demo_dir, tmp_path, "sd15", *overrides)
+    card = _card(cfg, tmp_path)
+    module = build_module(cfg, with_optimizer=False)
+    validation = module.pipeline().scheduler
+    _same_scheduler(_apply_card_line(card, cfg.model.pretrained_model_name_or_path), validation)
+    assert (_scheduler_line(card) is None) == (not overrides)  # a base-model scheduler needs no line
+    if overrides == ZTSNR:
+        assert type(validation).__name__ == "DDIMScheduler" and validation.config.rescale_betas_zero_snr
+
+
+@pytest.mark.parametrize("overrides", [V_PRED, ZTSNR], ids=["v_prediction", "zero_terminal_snr"])
+def test_a_full_fine_tunes_pipeline_keeps_validations_scheduler(overrides, make_cfg, demo_dir, tmp_path):
+    cfg = _cfg(make_cfg, demo_dir, tmp_path, "sd15", "model.finetune=full", *overrides)
+    module = build_module(cfg, with_optimizer=False)
+    module.save_weights(tmp_path / "export")
+    exported = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "export" / "pipeline").scheduler
+    _same_scheduler(exported, module.pipeline().scheduler)
+    assert exported.config.prediction_type == "v_prediction"
+    assert bool(exported.config.get("rescale_betas_zero_snr")) == (overrides == ZTSNR)
+    assert _scheduler_line(_card(cfg, tmp_path)) is None  # the exported pipeline carries it: no line to add

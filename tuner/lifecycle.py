@@ -29,6 +29,7 @@ def lycoris_load_snippet(family) -> str:
 def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -> dict:
     """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
     from models.base import pipeline_name
+    from models.noise import run_scheduler_change
     from tuner.families import family_class
 
     model, data = cfg.model, cfg.data
@@ -53,6 +54,8 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "license_note": family.license_note,
         "family_notes": family.card_notes(model),  # how to sample it as it was trained (family-specific)
         "pipeline": pipeline_name(family),  # for the card's loading snippet
+        # the scheduler validation sampled with, as a change to the base model's (a LoRA's snippet sets it)
+        "scheduler": run_scheduler_change(family.noise_schedule, model),
         "lora_load": lycoris_load_snippet(family) if model.finetune == "lycoris" else family.lora_load_snippet,
         # a two-expert run: one LoRA per expert, and how to sample with both (the card's snippet)
         "experts": {
