@@ -8,9 +8,12 @@ from types import SimpleNamespace
 import diffusers
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
 
 from callbacks.model_card import write_model_card
 from models.encoders import t5_with_mask
+from tuner.export import single_file
 from tuner.families import write_tiny
 from tuner.lifecycle import card_info
 from tuner.run import build_module, prepare
@@ -168,3 +171,41 @@ def test_a_full_fine_tunes_pipeline_keeps_validations_scheduler(overrides, make_
     assert exported.config.prediction_type == "v_prediction"
     assert bool(exported.config.get("rescale_betas_zero_snr")) == (overrides == ZTSNR)
     assert _scheduler_line(_card(cfg, tmp_path)) is None  # the exported pipeline carries it: no line to add
+
+
+# --- single-file marks -----------------------------------------------------------------------------------
+
+
+def _marks(file) -> dict[str, int]:
+    with safe_open(str(file), framework="pt") as f:
+        return {k: f.get_tensor(k).numel() for k in ("v_pred", "ztsnr") if k in f.keys()}
+
+
+@pytest.mark.parametrize(
+    "overrides, marks",
+    [((), {}), (V_PRED, {"v_pred": 0}), (ZTSNR, {"v_pred": 0, "ztsnr": 0})],
+    ids=["epsilon", "v_prediction", "zero_terminal_snr"],
+)
+def test_a_full_runs_single_file_marks_v_prediction_and_zero_terminal_snr(
+    overrides, marks, make_cfg, demo_dir, tmp_path
+):
+    module = _module(make_cfg, demo_dir, tmp_path, "sd15", "model.finetune=full", *overrides)
+    module.save_weights(tmp_path / "run")  # the run's export: run/pipeline/
+    file = single_file(tmp_path / "run", tmp_path / "model.safetensors")
+    assert _marks(file) == marks
+
+
+def test_a_v_prediction_base_is_marked(demo_dir, tmp_path):
+    file = single_file(write_tiny("sd2", demo_dir / "sd2"), tmp_path / "model.safetensors")
+    assert _marks(file) == {"v_pred": 0}
+
+
+def test_a_merged_lora_is_marked_as_its_run_trained(make_cfg, demo_dir, tmp_path):
+    write_tiny("sd15", demo_dir / "sd15")
+    composed = make_cfg("model=sd15", *ZTSNR, output_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    build_module(prepare(composed), with_optimizer=False).save_weights(run)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(composed, run / ".hydra" / "config.yaml")  # what a run records: the composed config, unresolved
+    file = single_file(run, tmp_path / "model.safetensors", merge_lora=True)
+    assert _marks(file) == {"v_pred": 0, "ztsnr": 0}

@@ -98,7 +98,20 @@ def load_pipeline(source: Source, dtype=None):
         pipe.load_lora_weights(source.lora_run, weight_name=LORA_FILE)
         pipe.fuse_lora()
         pipe.unload_lora_weights()
+        pipe.scheduler = trained_scheduler(source.lora_run, pipe.scheduler)
     return pipe
+
+
+def trained_scheduler(run: Path, base_scheduler):
+    """The scheduler a LoRA run validated with (its recorded model settings, e.g. v-prediction or zero
+    terminal SNR, on its base model's scheduler): what the merged single file is marked by."""
+    from omegaconf import OmegaConf
+
+    from models.noise import build
+    from tuner.families import family_class
+
+    model = OmegaConf.load(run / ".hydra" / "config.yaml").model
+    return build(family_class(model.family).noise_schedule, dict(base_scheduler.config), model).sampling_scheduler()
 
 
 def single_file(path: Path, out: Path, half: bool = False, merge_lora: bool = False) -> Path:

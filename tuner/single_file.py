@@ -282,11 +282,25 @@ def layout_of(pipe) -> str:
     return "SD 2.x" if pipe.unet.config.use_linear_projection else "SD 1.x"
 
 
+def schedule_marks(scheduler_config: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The empty tensors by which single-file loaders tell how the model samples, from the scheduler it was
+    trained for: ``v_pred`` (it predicts velocity) and ``ztsnr`` (its schedule is rescaled to zero terminal
+    SNR, Lin et al. 2023). Their names are the convention ComfyUI's and Forge's model detection read; the
+    weights alone do not say it, and an epsilon sampler on a v-prediction model gives noise."""
+    marks = {}
+    if scheduler_config.get("prediction_type") == "v_prediction":
+        marks["v_pred"] = torch.tensor([], dtype=dtype or torch.float32)
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        marks["ztsnr"] = torch.tensor([], dtype=dtype or torch.float32)
+    return marks
+
+
 def to_ldm(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every weight of the pipeline's UNet, VAE and text encoder(s) under its original name."""
+    """Every weight of the pipeline's UNet, VAE and text encoder(s) under its original name, and the marks
+    of how its scheduler samples (``schedule_marks``)."""
     state = {}
     for part in LAYOUTS[layout_of(pipe)]:
         for key, tensor in part.convert(getattr(pipe, part.component)).items():
             tensor = tensor.detach() if dtype is None else tensor.detach().to(dtype)
             state[part.prefix + key] = tensor.contiguous()
-    return state
+    return {**state, **schedule_marks(pipe.scheduler.config, dtype)}
