@@ -9,11 +9,14 @@ pooled output and T5's hidden states.
 - dev's scheduler shifts sigmas by the image's sequence length (``use_dynamic_shifting``: mu between
   ``base_shift`` and ``max_shift`` over ``base/max_image_seq_len``); schnell's shift is fixed. The shared
   ``model.flow_shift`` overrides both.
+- schnell is also step-distilled: ``model.options.training_adapter`` (models/training_adapter.py) keeps a
+  de-distilling LoRA on while training and out of validation samples and of everything the run writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -21,6 +24,10 @@ import torch
 
 from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
+from models.training_adapter import KEY as ADAPTER_KEY
+from models.training_adapter import TrainingAdapter, resolve_file, run_problem
+
+log = logging.getLogger(__name__)
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _FFN = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
@@ -31,6 +38,16 @@ _NORMS = ("norm1.linear", "norm1_context.linear", "norm.linear")
 class FluxOptions:
     t5_max_length: int = 512  # T5 tokens per prompt: 512 for dev, 256 for schnell (its preset), as the pipelines use
     guidance: float = 1.0  # dev: the guidance embedding's value while training (SimpleTuner's 1.0); schnell has none
+    # schnell: a LoRA that de-distills it while training (ostris/FLUX.1-schnell-training-adapter), so the run's LoRA
+    # then samples on plain schnell at 4 steps: a .safetensors file, a folder holding one, or a Hub repo id
+    training_adapter: str | None = None
+
+
+UNDISTILLS = (
+    "FLUX.1 [schnell] is step-distilled and this run trains it without a training adapter: the trained weights will "
+    "undo the distillation (blurry samples at schnell's 1-4 steps); set "
+    "model.options.training_adapter=ostris/FLUX.1-schnell-training-adapter"
+)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -82,6 +99,80 @@ class FluxModule(DiffusionModule):
     fsdp_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # trainer=fsdp shards by these
     lora_target_presets = {"attention": _ATTENTION, "attention+ffn": _ATTENTION + _FFN, "all": _ATTENTION + _FFN + _NORMS}
     tiny_variants = ("flux-dev", "flux-schnell")
+
+    # ---- the training adapter (models/training_adapter.py) --------------------------------------------
+    training_adapter: TrainingAdapter | None = None  # set up when model.options.training_adapter names one
+    training_adapter_file = None
+
+    def load_components(self, path: str, common: dict) -> dict:
+        # The adapter is checked (and fetched, when it is a Hub repo id) before the base weights load: a wrong
+        # path costs a second, not a 24 GB download.
+        spec = self.options.training_adapter
+        if spec is not None:
+            hp = self.hparams
+            problem = run_problem(hp.finetune, hp.experts, hp.expert_partner)
+            if problem:
+                raise ValueError(problem)
+            self.training_adapter_file = resolve_file(spec)
+        return super().load_components(path, common)
+
+    def _setup_trainable(self) -> None:
+        super()._setup_trainable()
+        # Loaded after the run's own adapter: the base is quantised by then (the adapter's weights must not be),
+        # and peft's adding of the run's adapter would switch a loaded one off. Frozen, it changes nothing
+        # that trains; the order only matters to peft.
+        if self.training_adapter_file is not None:
+            file = self.training_adapter_file
+            self.training_adapter = TrainingAdapter(
+                self.transformer, file, self.pipeline_class, self.denoiser_name, self.denoiser_dtype
+            )
+            log.info("training adapter %s: active while training, left out of samples and exports", file)
+        elif not self.transformer.config.guidance_embeds:  # schnell: no guidance embedding
+            log.warning(UNDISTILLS)
+
+    def sampling_context(self):
+        # Validation samples as users will sample the exported LoRA: on plain schnell, without the adapter (at the
+        # preset's 4 steps, guidance 0). The validation loss keeps it on: it measures the model being trained.
+        if self.training_adapter is None:
+            return super().sampling_context()
+        return self.training_adapter.left_out()
+
+    def run_identity(self) -> dict:
+        identity = super().run_identity()
+        if self.training_adapter is not None:
+            identity["training_adapter"] = self.training_adapter.fingerprint
+        return identity
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # The check before load compares only the keys every family shares: a resume must also train with the
+        # same adapter (by content), or it would go on against another objective.
+        saved = (checkpoint.get("tuner_model") or {}).get("training_adapter")
+        current = self.run_identity().get("training_adapter")
+        if saved != current:
+            raise ValueError(
+                f"the checkpoint was trained with {ADAPTER_KEY} {saved or 'unset'}, this run has "
+                f"{current or 'none'}; resume with the same adapter file"
+            )
+
+    @classmethod
+    def card_notes(cls, model_cfg) -> list[str]:
+        options = model_cfg.get("options") or {}
+        spec, tokens = options.get("training_adapter"), options.get("t5_max_length", 256)
+        if spec is not None:
+            return [
+                f"Trained with the training adapter `{spec}` active (it de-distills FLUX.1 [schnell] while training); "
+                "the adapter is not part of these weights. Load them on plain FLUX.1 [schnell] and sample as schnell: "
+                f"4 steps (1 to 4), `guidance_scale=0.0`, `max_sequence_length={tokens}`. The validation images were "
+                "sampled that way, without the adapter."
+            ]
+        if is_schnell(model_cfg):
+            return [
+                "Warning: trained on step-distilled FLUX.1 [schnell] without a training adapter, so these weights "
+                "undo the distillation: at schnell's 1 to 4 steps samples may come out blurry (more steps help). "
+                "Retrain with `model.options.training_adapter=ostris/FLUX.1-schnell-training-adapter` to keep it."
+            ]
+        return []
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         pooled = self.text_encoder(tokenize(self.tokenizer, captions, self.device), output_hidden_states=False)
@@ -168,3 +259,16 @@ class FluxModule(DiffusionModule):
             text_encoder_2=T5EncoderModel(tiny.t5_config(32)),
             tokenizer_2=tiny.t5_tokenizer(model_max_length=512),
         )
+
+
+def is_schnell(model_cfg) -> bool:
+    """Whether ``model_cfg``'s checkpoint is schnell: its transformer has no guidance embedding (the
+    config.json only; the name as a fallback when it cannot be read)."""
+    from diffusers import FluxTransformer2DModel
+
+    path = str(model_cfg.get("pretrained_model_name_or_path"))
+    try:
+        config = FluxTransformer2DModel.load_config(path, subfolder="transformer", revision=model_cfg.get("revision"))
+    except (OSError, ValueError):
+        return "schnell" in path.lower()
+    return not config.get("guidance_embeds", True)
