@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,21 +56,75 @@ def make_cfg(demo_dir, tmp_path):
     """Compose the real config with the tiny demo assets, a temp output_dir and a few quiet steps."""
 
     def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-        cfg = compose_cfg(
-            [
-                f"demo_assets_dir={demo_dir}",
-                f"output_dir={output_dir or tmp_path / 'out'}",
-                "max_train_steps=4",
-                "checkpointing_steps=2",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-            ]
-        )
-        with open_dict(cfg):
-            cfg.trainer.accelerator = "cpu"
-        return cfg
+        return tiny_cfg(demo_dir, output_dir or tmp_path / "out", *overrides)
 
     return make
+
+
+def tiny_cfg(demo_dir: Path, output_dir: Path, *overrides: str) -> DictConfig:
+    """make_cfg's config, for a fixture that cannot take the function-scoped ``tmp_path``."""
+    cfg = compose_cfg(
+        [
+            f"demo_assets_dir={demo_dir}",
+            f"output_dir={output_dir}",
+            "max_train_steps=4",
+            "checkpointing_steps=2",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ]
+    )
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "cpu"
+    return cfg
+
+
+# The family matrix's runs (tests/test_train.py), on top of make_cfg's settings: each kind is one or more stages,
+# trained in turn into one output_dir. The LoRA run is also the straight run of the resume test (so it carries that
+# test's raised caption dropout, whose RNG a resume must restore) and of the EMA tests (their decay, under which six
+# steps move the average visibly).
+LORA = ("optimizer.lr=5e-2", "data.caption_dropout_probability=0.3", "callbacks.ema.decay=0.9", "max_train_steps=6")
+MATRIX_RUNS = {
+    "lora": [LORA],
+    "resumed": [(*LORA, "max_train_steps=4"), (*LORA, "resume_from_checkpoint=latest")],  # k=4 (a checkpoint), N=6
+    "full": [("model.finetune=full", "optimizer.lr=1e-3", "max_train_steps=3")],
+    "int8": [("quantization=int8-quanto", "max_train_steps=2")],
+}
+
+
+@dataclass(frozen=True)
+class MatrixRun:
+    dir: Path  # the finished run's output_dir: read it, never write into it (other tests read it too)
+    loss: float | None  # what train() returned (its last stage's)
+
+
+@pytest.fixture(scope="session")
+def matrix_run(demo_dir, tmp_path_factory):
+    """``matrix_run(family, kind)``: the family's run of that MATRIX_RUNS kind, trained the first time a test asks
+    for it, then shared by every test that checks it: a family's runs train once a session, however many tests
+    read them."""
+    done: dict[tuple[str, str], MatrixRun | BaseException] = {}
+
+    def get(family: str, kind: str) -> MatrixRun:
+        key = (family, kind)
+        if key not in done:
+            try:
+                done[key] = _train_stages(demo_dir, tmp_path_factory.mktemp(f"{family}-{kind}"), family, kind)
+            except Exception as err:
+                done[key] = err  # the first test shows the traceback; the others say so, without retraining
+                raise
+        if isinstance(done[key], BaseException):
+            pytest.fail(f"the {family} {kind} run failed in an earlier test: {done[key]!r}", pytrace=False)
+        return done[key]
+
+    return get
+
+
+def _train_stages(demo_dir: Path, out: Path, family: str, kind: str) -> MatrixRun:
+    from tuner.run import train
+
+    for overrides in MATRIX_RUNS[kind]:
+        loss = train(tiny_cfg(demo_dir, out, f"model={family}", *overrides))
+    return MatrixRun(out, loss)
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -21,17 +21,15 @@ def _losses(output_dir: Path) -> list[float]:
     return [float(r["train/loss_step"]) for r in csv.DictReader(metrics.open()) if r["train/loss_step"]]
 
 
+# Each family's matrix runs (conftest.MATRIX_RUNS) train once a session; the tests below read them.
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, make_cfg, demo_dir, tmp_path):
-    from diffusers import DiffusionPipeline
-
+def test_lora_exports_the_keys_of_its_familys_format(family, matrix_run):
     cls = family_class(family)
-    out = tmp_path / family
-    cfg = make_cfg(f"model={family}", "optimizer.lr=5e-2", "max_train_steps=6", output_dir=out)
-    loss = train(cfg)
-    assert loss is not None and np.isfinite(loss)
-
-    state = load_file(out / "pytorch_lora_weights.safetensors")
+    run = matrix_run(family, "lora")
+    assert run.loss is not None and np.isfinite(run.loss)
+    state = load_file(run.dir / "pytorch_lora_weights.safetensors")
     assert state and all(k.startswith(f"{cls.denoiser_name}.") for k in state)
     attention_only = set(cls.default_lora_targets) <= {"to_k", "to_q", "to_v", "to_out.0"}
     if cls.denoiser_name == "unet" and attention_only:  # diffusers' UNet format, as its UNet scripts write it
@@ -42,13 +40,24 @@ def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, 
         assert any(f".{target}." in k for k in state), target
     assert all(v.dtype == torch.float32 for v in state.values())
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_exported_lora_loads_into_its_pipeline_and_changes_the_image(family, matrix_run, demo_dir):
+    from diffusers import DiffusionPipeline
+
+    cls = family_class(family)
+    run = matrix_run(family, "lora")
     pipe = DiffusionPipeline.from_pretrained(demo_dir / family)
     assert isinstance(pipe, cls.pipeline_class)
     before = generate(pipe)
-    cls.load_lora(pipe, out)  # the way the model card tells users to
+    cls.load_lora(pipe, run.dir)  # the way the model card tells users to
     after = generate(pipe)
     assert np.abs(after - before).mean() > 1e-3  # the trained LoRA visibly moves the output
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_checkpoints_hold_the_lora_alone_and_the_limit_keeps_the_last_two(family, matrix_run):
+    out = matrix_run(family, "lora").dir
     # step checkpoints at 2, 4 and the final 6; the tiny preset's checkpoints_total_limit=2 keeps 4 and 6
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
     assert steps == [4, 6]
@@ -57,9 +66,19 @@ def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, 
     assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # frozen weights left out
     assert (out / "checkpoints" / "6" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "train.log").is_file() and (out / "dataset_report.json").is_file()
-    card = (out / "README.md").read_text()  # the family's own licence and pipeline class in the model card
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lora_model_card_shows_the_familys_licence_pipeline_and_loader(family, matrix_run):
+    cls = family_class(family)
+    card = (matrix_run(family, "lora").dir / "README.md").read_text()
     assert f"license: {cls.license}" in card and f"from diffusers import {cls.pipeline_class.__name__}" in card
     assert cls.lora_load_snippet.format(path=".") in card
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lora_run_validates_with_images_and_a_finite_loss(family, matrix_run):
+    out = matrix_run(family, "lora").dir
     # validation (the tiny preset's): images and a finite val/loss
     assert sorted(p.name for p in (out / "validation" / "step_6").glob("*.png"))
     (metrics,) = out.glob("logs/*/metrics.csv")
@@ -68,13 +87,11 @@ def test_lora_exports_keys_its_pipeline_loads_and_that_change_the_image(family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_finetune_writes_a_loadable_pipeline(family, make_cfg, demo_dir, tmp_path):
+def test_full_finetune_writes_a_loadable_pipeline(family, matrix_run, demo_dir):
     from diffusers import DiffusionPipeline
 
     cls = family_class(family)
-    out = tmp_path / family
-    train(make_cfg(f"model={family}", "model.finetune=full", "optimizer.lr=1e-3", "max_train_steps=3", output_dir=out))
-    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(matrix_run(family, "full").dir / "pipeline")
     assert isinstance(pipe, cls.pipeline_class)
     assert generate(pipe).shape == (64, 64, 3)
     denoiser_cls = type(getattr(pipe, cls.denoiser_name))
@@ -82,19 +99,23 @@ def test_full_finetune_writes_a_loadable_pipeline(family, make_cfg, demo_dir, tm
     trained = getattr(pipe, cls.denoiser_name)
     changed = [not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
-    # checkpoint weights: the denoiser alone, under its own name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_finetune_checkpoints_the_denoiser_under_its_own_name(family, matrix_run):
+    cls = family_class(family)
+    out = matrix_run(family, "full").dir
     assert (out / "checkpoints" / "3" / cls.denoiser_name / "config.json").is_file()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resume_is_bit_identical_for_every_family(family, make_cfg, tmp_path):
-    common = (f"model={family}", "data.caption_dropout_probability=0.3", "checkpointing_steps=3")
-    train(make_cfg(*common, "max_train_steps=5", output_dir=tmp_path / "straight"))
-    train(make_cfg(*common, "max_train_steps=3", output_dir=tmp_path / "resumed"))
-    train(make_cfg(*common, "max_train_steps=5", "resume_from_checkpoint=latest", output_dir=tmp_path / "resumed"))
-    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def test_resume_is_bit_identical_for_every_family(family, matrix_run):
+    """k steps, a resume, then N-k steps give the straight run's weights, live and EMA (the LoRA run is the
+    straight one)."""
+    straight, resumed = matrix_run(family, "lora").dir, matrix_run(family, "resumed").dir
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.parametrize("finetune,lr", [("lora", "1e-2"), ("full", "1e-3")])
@@ -221,7 +242,7 @@ def test_each_family_yaml_shows_its_options_with_their_defaults(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_trains_on_an_int8_denoiser(family, make_cfg, tmp_path):
+def test_lora_wraps_an_int8_denoiser(family, make_cfg, tmp_path):
     from optimum.quanto import QLinear
 
     from tuner.run import build_module, prepare
@@ -230,7 +251,9 @@ def test_lora_trains_on_an_int8_denoiser(family, make_cfg, tmp_path):
     module = build_module(cfg, with_optimizer=False)
     wrapped = [m for m in module.denoiser.modules() if hasattr(m, "lora_A")]
     assert wrapped and all(isinstance(m.base_layer, QLinear) for m in wrapped)  # quantised, then adapted
-    loss = train(
-        make_cfg(f"model={family}", "quantization=int8-quanto", "max_train_steps=2", output_dir=tmp_path / "r")
-    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_on_an_int8_denoiser(family, matrix_run):
+    loss = matrix_run(family, "int8").loss
     assert loss is not None and np.isfinite(loss)
