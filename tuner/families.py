@@ -46,16 +46,36 @@ def tiny_names() -> dict[str, str]:
     return names
 
 
-def write_tiny(name: str, path: str | Path, seed: int = 0) -> Path:
+def write_tiny(name: str, path: str | Path, seed: int = 0, learnable: bool = False) -> Path:
     """A tiny random pipeline of a family (or one of its variants) at ``path``, in the real on-disk layout
-    (kept if already there)."""
+    (kept if already there). ``learnable``: its VAE fitted to behave like a real one (models/learnable.py),
+    what was measured of it written to ``learnable.json`` beside it."""
     from models.tiny import write_pipeline
 
     if (Path(path) / "model_index.json").exists():
         return Path(path)  # already there: no need to import every family to name it
     family = tiny_names().get(name, name)
     cls = family_class(family)
-    return write_pipeline(lambda: cls.tiny_pipeline(name, seed), path)
+    if not learnable:
+        return write_pipeline(lambda: cls.tiny_pipeline(name, seed), path)
+
+    def build():
+        import json
+
+        from models.learnable import make_learnable
+
+        pipe = cls.tiny_pipeline(name, seed)
+        measured = json.dumps(make_learnable(pipe, seed), indent=1)
+        save = pipe.save_pretrained
+
+        def save_with_measures(directory, **kwargs):  # written inside the atomic folder, with the weights
+            save(directory, **kwargs)
+            (Path(directory) / "learnable.json").write_text(measured)
+
+        pipe.save_pretrained = save_with_measures
+        return pipe
+
+    return write_pipeline(build, path)
 
 
 def check_family(cfg) -> None:

@@ -1,4 +1,4 @@
-"""`python -m tuner.tiny FAMILY DIR`: write a tiny random pipeline in the real on-disk layout.
+"""`python -m tuner.tiny FAMILY DIR [--learnable]`: write a tiny random pipeline in the real on-disk layout.
 
 `python -m tuner.tiny images DIR` writes the demo's small generated image set instead.
 """
@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("family", choices=[*tiny_names(), "images"], help="model family (or a variant of one), or 'images'")
     parser.add_argument("dir", help="output directory (left as it is if it already holds one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--learnable",
+        action="store_true",
+        help="fit the tiny VAE into a nearly deterministic autoencoder with unit-variance latents, so that the "
+        "pipeline can be shown to learn (bench/learn.py); pixel-space families are unchanged",
+    )
     args = parser.parse_args(argv)
     if args.family == "images":
         from datamodules.demo import write_images
@@ -27,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from tuner.families import write_tiny
 
-        path = write_tiny(args.family, args.dir, seed=args.seed)
+        path = write_tiny(args.family, args.dir, seed=args.seed, learnable=args.learnable)
     print(path)
     return 0
 

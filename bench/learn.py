@@ -1,0 +1,264 @@
+"""Does a family learn? ``python bench/learn.py [--family F ...] [--finetune lora full]``
+
+For each family of conf/model/ (or those named):
+
+1. a learnable tiny pipeline (``python -m tuner.tiny FAMILY DIR --learnable``: a fitted, nearly
+   deterministic VAE with unit-variance latents; the denoiser is random);
+2. a toy set in which only the caption tells the classes apart: the same square, in the same colour, in
+   one of four quadrants of a grey image, captioned with its quadrant. Every class has the same mean
+   colour, so no noise level can give the class away: the denoiser must read the text;
+3. training through ``train.py``, LoRA and full fine-tune;
+4. sampling every class prompt through the family's own diffusers pipeline (the exported LoRA loaded the
+   way the model card says, or the exported ``pipeline/``), several seeds each;
+5. nearest-class accuracy of the samples against the classes' clean images (chance: 0.25).
+
+Prints ``learn_acc_<family>_<finetune>=…`` and ``learn_acc_<family>=…`` (the lower of its runs), and last
+``learn_acc_min=…``. A family passes at >= 0.9. Split-schedule experts: ``--experts`` adds a two-LoRA run
+sampled with both adapters (``learn_acc_<family>_experts``).
+
+IF stage II upscales: it is given the class's own low-res image (what it conditions on), so its score says
+that the upscaler reproduces the image it is given rather than noise; the caption alone decides nothing
+there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import ROOT
+
+SIZE = 64
+CLASSES = ("top left", "top right", "bottom left", "bottom right")
+SQUARE = 24  # px, centred in its quadrant
+BACKGROUND = (128, 128, 128)
+COLOUR = (230, 60, 40)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a family trains on the toy set."""
+
+    steps: int = 1000
+    lr_full: float = 2e-3
+    lr_lora: float = 5e-3
+    rank: int = 16
+    batch_size: int = 8
+    guidance_scale: float = 4.0
+    sampling_steps: int = 20
+
+
+RECIPES: dict[str, Recipe] = {}  # family -> its recipe, where the default does not fit
+
+
+def caption(label: int) -> str:
+    # The class words come first: a causal text encoder (CLIP) carries a difference only to the tokens
+    # after it, and a tiny random one carries little of it into the padding, so "a square at the top left"
+    # and "... top right" left 5 of 77 tokens apart and the denoiser never found them.
+    return f"{CLASSES[label]} square"
+
+
+def class_image(label: int, dx: int = 0, dy: int = 0, colour: tuple[int, int, int] = COLOUR):
+    """The class's image (PIL), its square moved by (dx, dy)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    row, col = divmod(label, 2)
+    x0 = col * SIZE // 2 + (SIZE // 2 - SQUARE) // 2 + dx
+    y0 = row * SIZE // 2 + (SIZE // 2 - SQUARE) // 2 + dy
+    ImageDraw.Draw(img).rectangle((x0, y0, x0 + SQUARE - 1, y0 + SQUARE - 1), fill=colour)
+    return img
+
+
+def write_toy_set(path: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """``per_class`` images of each class, captioned by file name, the square jittered by a few pixels
+    and its colour by a few levels (so the set is not four repeated images)."""
+    import random
+
+    if path.is_dir() and any(path.iterdir()):
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for label in range(len(CLASSES)):
+        for i in range(per_class):
+            dx, dy = rng.randint(-3, 3), rng.randint(-3, 3)
+            colour = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLOUR)
+            class_image(label, dx, dy, colour).save(path / f"{caption(label)} ({i}).png")
+    return path
+
+
+def templates():
+    """The four classes' clean images, (4, SIZE, SIZE, 3) floats in [0, 1]."""
+    import numpy as np
+
+    return np.stack([np.asarray(class_image(label), dtype=np.float32) / 255 for label in range(len(CLASSES))])
+
+
+def nearest_class(images, refs) -> list[int]:
+    """Each image's nearest class template (mean squared distance in pixels)."""
+    import numpy as np
+
+    d = ((images[:, None] - refs[None]) ** 2).mean(axis=(2, 3, 4))
+    return [int(i) for i in np.argmin(d, axis=1)]
+
+
+def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, recipe: Recipe, extra=()) -> float:
+    """One run through train.py; returns its wall time in seconds."""
+    lr = recipe.lr_full if finetune == "full" else recipe.lr_lora
+    args = [
+        f"model={family}",
+        f"model.pretrained_model_name_or_path={pipe_dir}",
+        f"model.finetune={finetune}",
+        f"model.lora.rank={recipe.rank}",
+        f"data.path={data}",
+        f"data.resolution={SIZE}",
+        f"data.batch_size={recipe.batch_size}",
+        "data.caption_dropout_probability=0.1",  # the unconditional prompt classifier-free guidance needs
+        f"max_train_steps={recipe.steps}",
+        "checkpointing_steps=0",
+        f"optimizer.lr={lr}",
+        "callbacks.validation.enabled=false",
+        "callbacks.ema.enabled=false",
+        "trainer.enable_progress_bar=false",
+        "seed=0",
+        f"output_dir={out}",
+        *extra,
+    ]
+    env = {**os.environ, "TUNER_LOG_LEVEL": "WARNING"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{family} {finetune}: train.py failed\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def load_trained(family: str, pipe_dir: Path, out: Path, finetune: str):
+    """The family's own pipeline with what the run exported, loaded as its model card says."""
+    from diffusers import DiffusionPipeline
+
+    from tuner.families import family_class
+
+    cls = family_class(family)
+    if finetune == "full":
+        return DiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    cls.load_lora(pipe, out)
+    change = card_scheduler(out)
+    if change:  # the scheduler line of the card (IF's fixed variance, v-prediction, ...)
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, change["class_name"])
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **change["changes"])
+    return pipe
+
+
+def card_scheduler(out: Path) -> dict | None:
+    """The scheduler change the run's model card gives for its LoRA (models.noise.run_scheduler_change)."""
+    from omegaconf import OmegaConf
+
+    from models.noise import run_scheduler_change
+    from tuner.families import family_class
+
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    return run_scheduler_change(family_class(cfg.model.family).noise_schedule, cfg.model)
+
+
+def low_res(label: int, factor: int):
+    """The class image downsampled as IF stage II's training downsamples its target, in [-1, 1]."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.asarray(class_image(label), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    return F.interpolate(x, (SIZE // factor, SIZE // factor), mode="bilinear", antialias=True, align_corners=False)
+
+
+def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], list[int], object]:
+    """Every class prompt, ``seeds`` seeds each: (labels, predicted classes, the images)."""
+    import numpy as np
+    import torch
+
+    from tuner.families import family_class
+
+    cls = family_class(family)
+    labels, images = [], []
+    for label in range(len(CLASSES)):
+        extra = cls.sampling_inputs(SIZE, SIZE)
+        if "image" in extra:  # an upscaler: the class's own low-res image
+            factor = SIZE // extra["image"].shape[-1]
+            extra["image"] = low_res(label, factor)
+        for seed in range(seeds):
+            out = pipe(
+                caption(label),
+                **extra,
+                num_inference_steps=recipe.sampling_steps,
+                guidance_scale=recipe.guidance_scale,
+                height=SIZE,
+                width=SIZE,
+                output_type="np",
+                generator=torch.Generator().manual_seed(seed),
+            )
+            images.append(np.asarray(out.images[0], dtype=np.float32))
+            labels.append(label)
+    images = np.stack(images)
+    return labels, nearest_class(images, templates()), images
+
+
+def save_grid(images, path: Path) -> None:
+    """The samples, one row per class."""
+    import numpy as np
+    from PIL import Image
+
+    rows = np.split(images, len(CLASSES))
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    Image.fromarray((grid.clip(0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=()) -> dict:
+    """Train ``family`` on the toy set and score its samples: accuracy, times, where the grid is."""
+    from tuner.families import write_tiny
+
+    recipe = RECIPES.get(family, Recipe())
+    pipe_dir = write_tiny(family, work / "pipelines" / family, learnable=True)
+    data = write_toy_set(work / "toy")
+    out = work / "runs" / f"{family}-{finetune}"
+    train_s = train(family, pipe_dir, data, out, finetune, recipe, extra)
+    start = time.perf_counter()
+    labels, predicted, images = sample(family, load_trained(family, pipe_dir, out, finetune), recipe, seeds)
+    save_grid(images, out / "learn_grid.png")
+    accuracy = sum(p == t for p, t in zip(predicted, labels, strict=True)) / len(labels)
+    return {"accuracy": accuracy, "train_s": train_s, "sample_s": time.perf_counter() - start, "grid": str(out / "learn_grid.png")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tuner.families import families
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", nargs="*", default=None, help="families (default: every one in conf/model/)")
+    parser.add_argument("--finetune", nargs="*", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--seeds", type=int, default=4, help="samples per class")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".learn", help="pipelines, toy set and runs")
+    args = parser.parse_args(argv)
+    worst = 1.0
+    for family in args.family or list(families()):
+        accs = []
+        for finetune in args.finetune:
+            result = learn(family, finetune, args.work, args.seeds)
+            accs.append(result["accuracy"])
+            print(f"learn_acc_{family}_{finetune}={result['accuracy']:.3f}  "
+                  f"# train {result['train_s']:.0f} s, sample {result['sample_s']:.0f} s, {result['grid']}", flush=True)
+        print(f"learn_acc_{family}={min(accs):.3f}", flush=True)
+        worst = min(worst, *accs)
+    print(f"learn_acc_min={worst:.3f}")
+    (args.work / "last.json").write_text(json.dumps({"learn_acc_min": worst}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
