@@ -5,7 +5,7 @@ For each family of conf/model/ (or those named):
 1. a learnable tiny pipeline (``python -m tuner.tiny FAMILY DIR --learnable``: a fitted, nearly
    deterministic VAE with unit-variance latents; the denoiser is random);
 2. a toy set in which only the caption tells the classes apart: the same square, in the same colour, in
-   one of four quadrants of a grey image, captioned with its quadrant. Every class has the same mean
+   one of four quadrants of a blue image, captioned with its quadrant. Every class has the same mean
    colour, so no noise level can give the class away: the denoiser must read the text;
 3. training through ``train.py``, LoRA and full fine-tune;
 4. sampling every class prompt through the family's own diffusers pipeline (the exported LoRA loaded the
@@ -37,8 +37,11 @@ from common import ROOT
 SIZE = 64
 CLASSES = ("top left", "top right", "bottom left", "bottom right")
 SQUARE = 24  # px, centred in its quadrant
-BACKGROUND = (128, 128, 128)
-COLOUR = (230, 60, 40)
+# Complementary colours: the classes' latents then spread about as widely as the images the VAE's
+# scaling factor was set on (std ~1.2; a red square on grey gave 0.4, which left the high noise levels, where
+# the class is decided, with almost no signal)
+BACKGROUND = (20, 40, 170)
+COLOUR = (250, 220, 30)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Recipe:
     """How a family trains on the toy set."""
 
     steps: int = 1000
-    lr_full: float = 2e-3
+    lr_full: float = 5e-3
     lr_lora: float = 5e-3
     rank: int = 16
     batch_size: int = 8

@@ -2,19 +2,25 @@
 (``python -m tuner.tiny FAMILY DIR --learnable``; ``bench/learn.py``).
 
 A tiny *random* VAE is useless for that: its posterior std is about 1 while its means spread by about
-0.2, so a cached latent is nearly pure noise, and its decoder returns noise whatever it is given. Here
-the VAE is fitted for a few hundred steps on generated shapes (``toy_images``) so that:
+0.2, so a cached latent is nearly pure noise, and its decoder returns noise whatever it is given. Fitting
+one for a few hundred steps on a CPU gave a decoder that lost the colours and bent the shapes. So the
+learnable VAE is set **by construction**, still an ``AutoencoderKL`` of the tiny size (16 channels a block,
+two norm groups), in the family's own latent width:
 
-- the posterior is nearly deterministic: the log-variance half of ``conv_out`` is fixed at
-  ``LOGVAR`` (std ~1e-3), far below the spread of the means;
-- its latents have zero mean and unit variance on images, through ``scaling_factor`` (and
-  ``shift_factor`` where the family's VAE has one), as the real checkpoints' factors are chosen;
-- the decoder roughly inverts the encoder, so a sample can be judged in pixels.
+- the encoder is an 8x8 box filter of the image's RGB, rotated into the latent channels by a fixed
+  orthonormal map: every residual branch and the attention's output are zero (so each block passes its
+  input on), each down-sampler averages 2x2, and the one norm that cannot be bypassed (``conv_norm_out``)
+  sees each signal beside its negative and a large constant, which fixes its mean at 0 and its std at
+  ``CONST / 2`` to within 0.2%, so its affine undoes it, and a large bias keeps the SiLU after it in its
+  linear range;
+- the posterior is nearly deterministic: the log-variance half of ``conv_out`` is the constant ``LOGVAR``
+  (std ~1e-3), against latents of unit spread;
+- ``scaling_factor`` (and ``shift_factor`` where the family's VAE has one; else the centring is folded into
+  the quant convs) give the latents zero mean and unit variance on images, as the real factors are chosen;
+- the decoder inverts it: the latents back to RGB, up-sampled (nearest) to 8x8 blocks.
 
-The fit uses generic shapes (random rectangles and ellipses in random colours), not a benchmark's
-classes. Random tiny text encoders already give different prompts different embeddings
-(``prompt_spread`` measures it); the denoiser stays random. Pixel-space families (IF) have no VAE, so
-only the text side matters for them.
+Random tiny CLIPs barely tell prompts apart (``sharpen_text_encoders``); T5 does. The denoiser stays
+random. Pixel-space families (IF) have no VAE, so only the text side matters for them.
 """
 
 from __future__ import annotations
@@ -22,11 +28,84 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 LOGVAR = -14.0  # posterior log-variance: std = exp(-7) ~ 1e-3
-FIT_STEPS = 300
-FIT_SIZE = 32  # the VAE is convolutional: fitted at 32 px (4x cheaper), it serves 64 px as well
+CONST = 40.0  # the constant channel beside the signals, against pixel values within [-1, 1]
+LINEAR = 20.0  # the SiLU's operating point: silu(z) = z * (1 - ~1e-9) around z = 20
+SIGNALS = 3  # RGB
+WIDTH = 16  # channels in every block: two norm groups of 8 = 3 signals, their negatives, +-CONST
+
+
+def learnable_vae(latent_channels: int, shift: bool, quant_convs: bool, seed: int = 0):
+    """An ``AutoencoderKL`` (module docstring) with ``latent_channels`` latents, with or without the quant
+    convs and a ``shift_factor``; its factors still to be set (``set_factors``)."""
+    from diffusers import AutoencoderKL
+
+    from models.tiny import VAE
+
+    vae = AutoencoderKL(
+        **{**VAE, "block_out_channels": (WIDTH,) * 4, "norm_num_groups": 2, "latent_channels": latent_channels},
+        shift_factor=0.0 if shift else None,
+        use_quant_conv=quant_convs,
+        use_post_quant_conv=quant_convs,
+    )
+    # a fixed orthonormal map from RGB into the latent channels (and its transpose back)
+    q, _ = torch.linalg.qr(torch.randn(latent_channels, SIGNALS, generator=torch.Generator().manual_seed(seed)))
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        _pass_through(vae.encoder)
+        _pass_through(vae.decoder)
+        _signals_in(vae.encoder.conv_in, torch.eye(SIGNALS))
+        _signals_in(vae.decoder.conv_in, q.T)
+        _norm_out(vae.encoder.conv_norm_out)
+        _norm_out(vae.decoder.conv_norm_out)
+        _signals_out(vae.encoder.conv_out, q)
+        vae.encoder.conv_out.bias[latent_channels:] = LOGVAR
+        _signals_out(vae.decoder.conv_out, torch.eye(SIGNALS))
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            if conv is not None:
+                conv.weight[:, :, 0, 0] = torch.eye(conv.out_channels)
+    return vae
+
+
+def _pass_through(coder) -> None:
+    """Every block passes its input on: residual branches and attention outputs stay zero (as zeroed),
+    a down-sampler averages 2x2 (its stride-2 3x3 kernel's top-left taps: the asymmetric padding is never
+    reached), an up-sampler's conv after the nearest-neighbour resize is the identity."""
+    for module in coder.modules():
+        name = type(module).__name__
+        if name == "Downsample2D":
+            for i in range(WIDTH):
+                module.conv.weight[i, i, :2, :2] = 0.25
+        elif name == "Upsample2D":
+            for i in range(WIDTH):
+                module.conv.weight[i, i, 1, 1] = 1.0
+        elif name == "GroupNorm":
+            module.weight.fill_(1.0)  # unused on the zeroed branches, but a norm of all zeros reads oddly
+
+
+def _signals_in(conv, mix: torch.Tensor) -> None:
+    """``conv`` (3x3, centre tap) writes ``mix @ input`` to channels 0-2, its negative to 3-5, and +-CONST
+    to 6-7; channels 8-15 repeat them, so both norm groups have the same form."""
+    for group in (0, 8):
+        conv.weight[group : group + SIGNALS, :, 1, 1] = mix
+        conv.weight[group + SIGNALS : group + 2 * SIGNALS, :, 1, 1] = -mix
+        conv.bias[group + 6] = CONST
+        conv.bias[group + 7] = -CONST
+
+
+def _norm_out(norm) -> None:
+    """A group of [a, -a, CONST, -CONST] has mean 0 and variance (|a|^2 + CONST^2) / 4, i.e. std CONST / 2 to
+    within 0.2% for |a| <= 1: scaling by CONST / 2 gives ``a`` back; shifted by LINEAR for the SiLU."""
+    norm.weight.fill_(CONST / 2)
+    norm.bias.fill_(LINEAR)
+
+
+def _signals_out(conv, mix: torch.Tensor) -> None:
+    """``conv`` (centre tap) reads the signals (channels 0-2, each LINEAR too high) into ``mix @ signals``."""
+    conv.weight[: mix.shape[0], :SIGNALS, 1, 1] = mix
+    conv.bias[: mix.shape[0]] = -LINEAR * mix.sum(dim=1)
 
 
 def toy_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,73 +126,34 @@ def toy_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-def _freeze_logvar(vae) -> None:
-    """Fix the posterior's log-variance at LOGVAR: the log-variance half of ``conv_out`` (and of the
-    quant conv, set to the identity) gives a constant, and its gradients are masked off."""
-    latent = vae.config.latent_channels
-    conv = vae.encoder.conv_out
-    with torch.no_grad():
-        conv.weight[latent:].zero_()
-        conv.bias[latent:].fill_(LOGVAR)
-        if vae.quant_conv is not None:
-            vae.quant_conv.weight.copy_(torch.eye(2 * latent).view(2 * latent, 2 * latent, 1, 1))
-            vae.quant_conv.bias.zero_()
-            vae.quant_conv.requires_grad_(False)
-    mask = torch.ones_like(conv.weight)
-    mask[latent:] = 0
-    conv.weight.register_hook(lambda g: g * mask)
-    conv.bias.register_hook(lambda g: torch.cat([g[:latent], torch.zeros_like(g[latent:])]))
-
-
-def fit_vae(vae, seed: int = 0, steps: int = FIT_STEPS, lr: float = 3e-3) -> dict[str, float]:
-    """Fit ``vae`` (in place) into a nearly deterministic autoencoder of ``toy_images`` whose latents,
-    after its ``shift_factor``/``scaling_factor``, have zero mean and unit variance; returns what was
-    measured on held-out images (``reconstruction_mse``, ``posterior_std``, ``mean_spread``)."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    _freeze_logvar(vae)
-    vae.train()
-    params = [p for p in vae.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
-    for _ in range(steps):
-        images = toy_images(8, FIT_SIZE, generator)
-        mean = vae.encode(images).latent_dist.mean
-        recon = vae.decode(mean).sample
-        # per-channel moments pulled to (0, 1): the latent space a denoiser expects
-        moments = mean.mean(dim=(0, 2, 3)).pow(2).mean() + (mean.std(dim=(0, 2, 3)) - 1).pow(2).mean()
-        loss = F.mse_loss(recon, images) + 0.01 * moments
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    vae.eval()
-    return _set_factors(vae, toy_images(64, FIT_SIZE, generator))
-
-
 @torch.no_grad()
-def _set_factors(vae, images: torch.Tensor) -> dict[str, float]:
+def set_factors(vae, images: torch.Tensor) -> dict[str, float]:
+    """Give ``vae``'s latents of ``images`` zero mean and unit variance: its ``shift_factor`` (where it has
+    one) and ``scaling_factor``; a VAE without a shift (SD's) has the channels' means folded into its quant
+    convs' biases instead, exactly (both are 1x1). Returns what was measured on ``images``."""
     posterior = vae.encode(images).latent_dist
     mean = posterior.mean
     shift = float(mean.mean()) if vae.config.shift_factor is not None else 0.0
-    if vae.config.shift_factor is None and vae.post_quant_conv is not None:
-        # no shift_factor in this VAE's config (SD's): fold the channels' residual means into the quant
-        # convs' biases instead, exactly (both are 1x1), so the latents are centred all the same
+    if vae.config.shift_factor is None and vae.quant_conv is not None:
         centre = mean.mean(dim=(0, 2, 3))
-        latent = vae.config.latent_channels
-        vae.quant_conv.bias[:latent] -= centre
-        weight = vae.post_quant_conv.weight[:, :, 0, 0]
-        vae.post_quant_conv.bias += weight @ centre
+        vae.quant_conv.bias[: centre.numel()] -= centre
+        vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ centre
         mean = mean - centre.view(1, -1, 1, 1)
     scale = 1.0 / float((mean - shift).std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift if vae.config.shift_factor is not None else None)
-    recon = vae.decode(vae.encode(images).latent_dist.mean).sample
+    encoded = vae.encode(images).latent_dist
+    blocks = torch.nn.functional.avg_pool2d(images, 8)
+    target = torch.nn.functional.interpolate(blocks, scale_factor=8, mode="nearest")
+    recon = vae.decode(encoded.mean).sample
+    latents = (encoded.mean - shift) * scale
     return {
-        "reconstruction_mse": float(F.mse_loss(recon, images)),
-        "posterior_std": float(posterior.std.mean()),
-        "mean_spread": float(mean.std()),
+        "posterior_std": float(encoded.std.mean()),
+        "latent_mean": float(latents.mean()),
+        "latent_std": float(latents.std()),
         "scaling_factor": scale,
         "shift_factor": shift,
+        "reconstruction_mse": float((recon - images).pow(2).mean()),
+        "reconstruction_mse_vs_8x8_blocks": float((recon - target).pow(2).mean()),
     }
 
 
@@ -146,8 +186,14 @@ def sharpen_text_encoders(pipe) -> None:
 
 
 def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
-    """Fit the pipeline's VAE (if it has one) and sharpen its text encoders, in place; returns what was
-    measured."""
+    """Swap in a learnable VAE of the same latent width and layout (if the pipeline has a VAE) and sharpen
+    its text encoders, in place; returns what was measured of the VAE."""
     sharpen_text_encoders(pipe)
-    vae = getattr(pipe, "vae", None)
-    return fit_vae(vae, seed) if vae is not None else {}
+    old = getattr(pipe, "vae", None)
+    if old is None:
+        return {}
+    config = old.config
+    vae = learnable_vae(config.latent_channels, config.shift_factor is not None, bool(config.use_quant_conv), seed)
+    measured = set_factors(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
+    pipe.register_modules(vae=vae)
+    return measured

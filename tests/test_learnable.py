@@ -1,0 +1,77 @@
+"""`python -m tuner.tiny FAMILY DIR --learnable`: tiny pipelines whose VAE and text encoders behave like
+real ones (models/learnable.py), loaded through the real from_pretrained path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from tuner.families import families, family_class
+
+LATENT = [f for f in families() if family_class(f).latent_space]
+PROMPTS = ["top left square", "top right square", "bottom left square", "bottom right square"]
+
+
+@pytest.fixture(scope="session")
+def learnable_dir(tmp_path_factory):
+    """Learnable tiny pipelines, written on demand once per session."""
+    from tuner.families import write_tiny
+
+    root = tmp_path_factory.mktemp("learnable")
+    return lambda family: write_tiny(family, root / family, learnable=True)
+
+
+@pytest.mark.parametrize("family", LATENT)
+def test_the_vae_is_nearly_deterministic_unit_variance_and_invertible(family, learnable_dir):
+    from diffusers import AutoencoderKL
+
+    from models.learnable import toy_images
+
+    path = learnable_dir(family)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    images = toy_images(32, 64, torch.Generator().manual_seed(123))  # other images than the factors were set on
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        latents = (posterior.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        decoded = vae.decode(posterior.mean).sample
+    # the posterior's noise is tiny against the spread of its means (a random tiny VAE: ~1.0 against ~0.2)
+    assert float(posterior.std.max()) * vae.config.scaling_factor < 0.01
+    assert abs(float(latents.mean())) < 0.15 and 0.8 < float(latents.std()) < 1.25
+    # the decoder inverts the encoder: each 8x8 block's colour comes back
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 8), scale_factor=8)
+    assert float((decoded - blocks).abs().max()) < 0.02
+    assert float((decoded - images).pow(2).mean()) < 0.25 * float(images.var())
+    measured = json.loads((path / "learnable.json").read_text())
+    assert measured["posterior_std"] < 1e-2 and abs(measured["latent_std"] - 1) < 1e-3
+    # the family's own latent width, shift and quant convs, as its real VAE has them
+    plain = family_class(family).tiny_pipeline(family).vae.config
+    assert vae.config.latent_channels == plain.latent_channels
+    assert (vae.config.shift_factor is None) == (plain.shift_factor is None)
+    assert vae.config.use_quant_conv == plain.use_quant_conv
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+def test_text_encoders_tell_the_class_prompts_apart(family, learnable_dir):
+    from diffusers import DiffusionPipeline
+
+    from models.learnable import prompt_spread
+
+    pipe = DiffusionPipeline.from_pretrained(learnable_dir(family))
+    assert prompt_spread(pipe, PROMPTS) > 0.25
+    plain = family_class(family).tiny_pipeline(family)
+    assert prompt_spread(pipe, PROMPTS) > 1.5 * prompt_spread(plain, PROMPTS)  # sharper than the random one
+
+
+def test_the_cli_writes_a_learnable_pipeline_and_leaves_the_plain_one_alone(tmp_path):
+    proc = run_cli("-m", "tuner.tiny", "sd15", str(tmp_path / "l"), "--learnable")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "l" / "learnable.json").is_file() and (tmp_path / "l" / "model_index.json").is_file()
+    proc = run_cli("-m", "tuner.tiny", "sd15", str(tmp_path / "p"))
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "p" / "learnable.json").exists()
+    plain = json.loads((tmp_path / "p" / "vae" / "config.json").read_text())
+    learnable = json.loads((tmp_path / "l" / "vae" / "config.json").read_text())
+    assert plain["scaling_factor"] == 0.18215 and learnable["scaling_factor"] != plain["scaling_factor"]
