@@ -200,6 +200,11 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         pipe.load_lora_weights(path)
 
     @classmethod
+    def check_config(cls, model_cfg: Any) -> None:
+        """Family-only checks of the settled ``cfg.model`` before anything loads (a ValueError names the key);
+        none by default."""
+
+    @classmethod
     def card_notes(cls, model_cfg: Any) -> list[str]:
         """Paragraphs the model card adds under "Notes" for a run of this family with ``model_cfg`` (the
         settled ``cfg.model``): what a user must know to sample it as it was trained. None by default."""

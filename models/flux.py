@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -103,6 +104,18 @@ class FluxModule(DiffusionModule):
     # ---- the training adapter (models/training_adapter.py) --------------------------------------------
     training_adapter: TrainingAdapter | None = None  # set up when model.options.training_adapter names one
     training_adapter_file = None
+
+    @classmethod
+    def check_config(cls, model_cfg) -> None:
+        # the adapter's own checks, before the data scan and any load (a Hub id is fetched at load, not here)
+        spec = (model_cfg.options or {}).get("training_adapter")
+        if spec is None:
+            return
+        problem = run_problem(model_cfg.finetune, model_cfg.experts, model_cfg.expert_partner)
+        if problem:
+            raise ValueError(problem)
+        if Path(spec).expanduser().exists() or spec.endswith(".safetensors") or "/" not in spec:
+            resolve_file(spec)
 
     def load_components(self, path: str, common: dict) -> dict:
         # The adapter is checked (and fetched, when it is a Hub repo id) before the base weights load: a wrong

@@ -176,6 +176,11 @@ def test_a_bad_adapter_fails_before_any_weight_loads(spec, extra, message, make_
         train(_schnell_cfg(make_cfg, schnell, tmp_path / "out", f"model.options.training_adapter={spec}", *extra))
     assert not loaded, "the transformer loaded before the adapter was checked"
     assert len(str(err.value.__cause__ or err.value).splitlines()) == 1
+    # a config error (train.py prints it as one line, no traceback), found before the data scan
+    from tuner.config import ConfigError
+
+    assert isinstance(err.value, ConfigError), type(err.value)
+    assert not (tmp_path / "out" / "dataset_report.json").exists()
 
 
 def test_schnell_without_an_adapter_warns_once_and_the_card_says_what_users_will_see(

@@ -105,6 +105,10 @@ def check_family(cfg) -> None:
     except OmegaConfBaseException as err:
         raise ConfigError(f"model.options: {err}".splitlines()[0]) from None
     model.options = OmegaConf.to_container(options)
+    try:
+        cls.check_config(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_schedule_keys(cfg, cls)
     _check_two_experts(model)
     _check_lora_formats(cfg, cls)
