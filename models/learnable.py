@@ -20,7 +20,7 @@ two norm groups), in the family's own latent width:
 - the decoder inverts it: the latents back to RGB, up-sampled (nearest) to 8x8 blocks.
 
 Random tiny CLIPs barely tell prompts apart (``sharpen_text_encoders``); T5 does. The denoiser stays
-random. Pixel-space families (IF) have no VAE, so only the text side matters for them.
+random, only widened where it is narrower than its patch (``widen_transformer``). Pixel-space families (IF) have no VAE, so only the text side matters for them.
 """
 
 from __future__ import annotations
@@ -185,15 +185,42 @@ def sharpen_text_encoders(pipe) -> None:
                 module.get_input_embeddings().weight.mul_(CLIP_TOKEN_SCALE)
 
 
+def widen_transformer(pipe, seed: int = 0) -> int | None:
+    """A transformer denoiser at least as wide as the patch it reads; returns the new width, or None where
+    it already was. Flow matching predicts ``noise - x0``, so the noise must come back out of the
+    transformer whole: SD3's and Flux's tiny ones read 64 numbers a token (16 latent channels x 2x2) into
+    32 dimensions, and their loss stalled at ~0.8 where a 64-wide one reached 0.28. Only the head count
+    grows (the head width, and with it Flux's rotary axes, stays); a width the config repeats
+    (SD3's caption projection, PixArt's cross-attention) follows it."""
+    denoiser = getattr(pipe, "transformer", None)
+    if denoiser is None or "num_attention_heads" not in denoiser.config:
+        return None
+    config = dict(denoiser.config)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    patch = config["in_channels"] * config.get("patch_size", 1) ** 2
+    if width >= patch:
+        return None
+    heads = -(-patch // config["attention_head_dim"])
+    config["num_attention_heads"] = heads
+    for key in ("caption_projection_dim", "cross_attention_dim"):
+        if config.get(key) == width:
+            config[key] = heads * config["attention_head_dim"]
+    torch.manual_seed(seed)
+    pipe.register_modules(transformer=type(denoiser).from_config(config))
+    return heads * config["attention_head_dim"]
+
+
 def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
-    """Swap in a learnable VAE of the same latent width and layout (if the pipeline has a VAE) and sharpen
-    its text encoders, in place; returns what was measured of the VAE."""
+    """Swap in a learnable VAE of the same latent width and layout (if the pipeline has a VAE), widen a
+    transformer narrower than its patch and sharpen the text encoders, in place; returns what was
+    measured."""
     sharpen_text_encoders(pipe)
+    widened = widen_transformer(pipe, seed)
     old = getattr(pipe, "vae", None)
     if old is None:
-        return {}
+        return {"transformer_width": widened} if widened else {}
     config = old.config
     vae = learnable_vae(config.latent_channels, config.shift_factor is not None, bool(config.use_quant_conv), seed)
     measured = set_factors(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
     pipe.register_modules(vae=vae)
-    return measured
+    return {**measured, **({"transformer_width": widened} if widened else {})}
