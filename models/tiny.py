@@ -110,9 +110,12 @@ def sd_unet(cross_attention_dim: int, linear_proj: bool):
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
-def write_pipeline(build: Callable[[], Any], path: str | os.PathLike) -> Path:
-    """Write the pipeline ``build()`` returns to ``path`` atomically (a temp dir, then a rename); a path
-    that already holds one is left as it is."""
+def write_pipeline(
+    build: Callable[[], Any], path: str | os.PathLike, extra_files: Callable[[], dict[str, str]] | None = None
+) -> Path:
+    """Write the pipeline ``build()`` returns to ``path`` atomically (a temp dir, then a rename), with the text
+    files ``extra_files()`` names (asked for after the build) beside it; a path that already holds one is
+    left as it is."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
@@ -120,6 +123,8 @@ def write_pipeline(build: Callable[[], Any], path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         build().save_pretrained(tmp, safe_serialization=True)
+        for name, text in (extra_files() if extra_files else {}).items():
+            (tmp / name).write_text(text)
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first; theirs is as good as ours

@@ -48,7 +48,7 @@ def tiny_names() -> dict[str, str]:
 
 def write_tiny(name: str, path: str | Path, seed: int = 0, learnable: bool = False) -> Path:
     """A tiny random pipeline of a family (or one of its variants) at ``path``, in the real on-disk layout
-    (kept if already there). ``learnable``: its VAE fitted to behave like a real one (models/learnable.py),
+    (kept if already there). ``learnable``: its VAE and text encoders made to behave like real ones (models/learnable.py),
     what was measured of it written to ``learnable.json`` beside it."""
     from models.tiny import write_pipeline
 
@@ -59,23 +59,18 @@ def write_tiny(name: str, path: str | Path, seed: int = 0, learnable: bool = Fal
     if not learnable:
         return write_pipeline(lambda: cls.tiny_pipeline(name, seed), path)
 
+    import json
+
+    from models.learnable import make_learnable
+
+    measured: dict[str, float] = {}
+
     def build():
-        import json
-
-        from models.learnable import make_learnable
-
         pipe = cls.tiny_pipeline(name, seed)
-        measured = json.dumps(make_learnable(pipe, seed), indent=1)
-        save = pipe.save_pretrained
-
-        def save_with_measures(directory, **kwargs):  # written inside the atomic folder, with the weights
-            save(directory, **kwargs)
-            (Path(directory) / "learnable.json").write_text(measured)
-
-        pipe.save_pretrained = save_with_measures
+        measured.update(make_learnable(pipe, seed))
         return pipe
 
-    return write_pipeline(build, path)
+    return write_pipeline(build, path, lambda: {"learnable.json": json.dumps(measured, indent=1)})
 
 
 def check_family(cfg) -> None:
