@@ -20,7 +20,8 @@ two norm groups), in the family's own latent width:
 - the decoder inverts it: the latents back to RGB, up-sampled (nearest) to 8x8 blocks.
 
 Random tiny CLIPs barely tell prompts apart (``sharpen_text_encoders``); T5 does. The denoiser stays
-random, only widened where it is narrower than its patch (``widen_transformer``). Pixel-space families (IF) have no VAE, so only the text side matters for them.
+random; a transformer is widened and given a position code whose tokens differ (``reshape_transformer``).
+Pixel-space families (IF) have no VAE, so only the text side matters for them.
 """
 
 from __future__ import annotations
@@ -185,42 +186,73 @@ def sharpen_text_encoders(pipe) -> None:
                 module.get_input_embeddings().weight.mul_(CLIP_TOKEN_SCALE)
 
 
-def widen_transformer(pipe, seed: int = 0) -> int | None:
-    """A transformer denoiser at least as wide as the patch it reads; returns the new width, or None where
-    it already was. Flow matching predicts ``noise - x0``, so the noise must come back out of the
-    transformer whole: SD3's and Flux's tiny ones read 64 numbers a token (16 latent channels x 2x2) into
-    32 dimensions, and their loss stalled at ~0.8 where a 64-wide one reached 0.28. Only the head count
-    grows (the head width, and with it Flux's rotary axes, stays); a width the config repeats
-    (SD3's caption projection, PixArt's cross-attention) follows it."""
+# How much wider than the patch it reads a learnable transformer is made. Flow matching (and epsilon
+# prediction at high noise) returns the noise through the denoiser, and every token passes a LayerNorm that
+# throws away its scale: with no spare dimensions the noise cannot come back whole. SD3's tiny transformer at
+# 1x its patch stalled at a loss of ~42 (a pure-noise probe, sum over a sample) where 2x reached ~8 (the
+# floor without the text is ~6).
+WIDTH_OVER_PATCH = 2
+# Distance between neighbouring tokens in the sin-cos position code. A tiny width keeps only a few of the
+# code's frequencies, and at the config's spacing (1/8 of a unit for SD3's tiny one) every token got nearly
+# the same code (spread 0.01 against values of 0.6): no position could be told apart, so a square could not
+# be put in a quadrant (the probe stayed at the text-blind floor); at a spacing of 10 it was, in ~250 steps.
+POSITION_SPACING = 10.0
+
+
+def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
+    """Make a transformer denoiser able to learn a spatial task, as a real one can: at least
+    ``WIDTH_OVER_PATCH`` times as wide as its patch (more heads of the same width, so Flux's rotary axes
+    stay; the widths its config repeats, SD3's caption projection and PixArt's cross-attention, follow) and,
+    where it has a sin-cos position code, one whose tokens differ (``POSITION_SPACING``). PixArt computes
+    its code from the config (``interpolation_scale``); SD3 stores its code with its weights, so the sharper
+    one is written there. Returns what was changed."""
     denoiser = getattr(pipe, "transformer", None)
     if denoiser is None or "num_attention_heads" not in denoiser.config:
-        return None
+        return {}
     config = dict(denoiser.config)
+    changed: dict[str, float] = {}
     width = config["num_attention_heads"] * config["attention_head_dim"]
     patch = config["in_channels"] * config.get("patch_size", 1) ** 2
-    if width >= patch:
-        return None
-    heads = -(-patch // config["attention_head_dim"])
-    config["num_attention_heads"] = heads
-    for key in ("caption_projection_dim", "cross_attention_dim"):
-        if config.get(key) == width:
-            config[key] = heads * config["attention_head_dim"]
+    if width < WIDTH_OVER_PATCH * patch:
+        heads = -(-WIDTH_OVER_PATCH * patch // config["attention_head_dim"])
+        config["num_attention_heads"] = heads
+        for key in ("caption_projection_dim", "cross_attention_dim"):
+            if config.get(key) == width:
+                config[key] = heads * config["attention_head_dim"]
+        width = heads * config["attention_head_dim"]
+        changed["transformer_width"] = width
+    tokens = config.get("sample_size", 0) // config.get("patch_size", 1)  # the code's base size
+    if "interpolation_scale" in config:  # PixArt: position = index / (grid / base) / interpolation_scale
+        config["interpolation_scale"] = 1.0 / POSITION_SPACING
+        changed["position_spacing"] = POSITION_SPACING
     torch.manual_seed(seed)
-    pipe.register_modules(transformer=type(denoiser).from_config(config))
-    return heads * config["attention_head_dim"]
+    new = type(denoiser).from_config(config)
+    embed = getattr(new, "pos_embed", None)
+    if config.get("pos_embed_max_size") and getattr(embed, "pos_embed", None) is not None:  # SD3: stored
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+        grid = config["pos_embed_max_size"]
+        code = get_2d_sincos_pos_embed(width, grid, base_size=tokens, output_type="pt",
+                                       interpolation_scale=tokens / grid / POSITION_SPACING)
+        with torch.no_grad():
+            embed.pos_embed.copy_(code.float().unsqueeze(0))
+        changed["position_spacing"] = POSITION_SPACING
+    if changed:
+        pipe.register_modules(transformer=new)
+    return changed
 
 
 def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
-    """Swap in a learnable VAE of the same latent width and layout (if the pipeline has a VAE), widen a
-    transformer narrower than its patch and sharpen the text encoders, in place; returns what was
-    measured."""
+    """Swap in a learnable VAE of the same latent width and layout (if the pipeline has a VAE), reshape a
+    transformer denoiser (``reshape_transformer``) and sharpen the text encoders, in place; returns what
+    was measured and changed."""
     sharpen_text_encoders(pipe)
-    widened = widen_transformer(pipe, seed)
+    reshaped = reshape_transformer(pipe, seed)
     old = getattr(pipe, "vae", None)
     if old is None:
-        return {"transformer_width": widened} if widened else {}
+        return reshaped
     config = old.config
     vae = learnable_vae(config.latent_channels, config.shift_factor is not None, bool(config.use_quant_conv), seed)
     measured = set_factors(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
     pipe.register_modules(vae=vae)
-    return {**measured, **({"transformer_width": widened} if widened else {})}
+    return {**measured, **reshaped}
