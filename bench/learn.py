@@ -15,8 +15,9 @@ For each family of conf/model/ (or those named):
 5. nearest-class accuracy of the samples against the classes' clean images (chance: 0.25).
 
 Prints ``learn_acc_<family>_<finetune>=…`` and ``learn_acc_<family>=…`` (the lower of its runs), and last
-``learn_acc_min=…``. A family passes at >= 0.9. Split-schedule experts: ``--experts`` adds a two-LoRA run
-sampled with both adapters (``learn_acc_<family>_experts``).
+``learn_acc_min=…``. A family passes at >= 0.9. Split-schedule experts: ``--finetune experts`` is a two-LoRA
+run (``model.experts=two_lora``) on the LoRA's base, sampled with both adapters as the model card says
+(``learn_acc_<family>_experts``).
 
 IF stage II upscales: it is given the class's own low-res image (what it conditions on), so its score says
 that the upscaler reproduces the image it is given rather than noise; the caption alone decides nothing
@@ -134,7 +135,8 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
     args = [
         f"model={family}",
         f"model.pretrained_model_name_or_path={pipe_dir}",
-        f"model.finetune={finetune}",
+        "model.finetune=lora" if finetune == "experts" else f"model.finetune={finetune}",
+        *(["model.experts=two_lora"] if finetune == "experts" else []),
         f"model.lora.rank={recipe.rank}",
         f"data.path={data}",
         f"data.resolution={SIZE}",
@@ -159,9 +161,21 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
     return time.perf_counter() - start
 
 
+PALETTE = {"black": (0, 0, 0), "white": (1, 1, 1), "red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
+           "yellow": (1, 1, 0), "cyan": (0, 1, 1), "magenta": (1, 0, 1)}
+
+
+def colour_name(rgb) -> str:
+    """The nearest of the palette's colours to ``rgb`` (floats in [0, 1])."""
+    return min(PALETTE, key=lambda name: sum((a - b) ** 2 for a, b in zip(PALETTE[name], rgb, strict=True)))
+
+
 def write_generic_set(path: Path, count: int = 64, seed: int = 1) -> Path:
-    """Generic shapes of every colour (models.learnable.toy_images), all captioned "shapes": what the LoRA's
-    base learns to draw before it sees the toy set."""
+    """Generic shapes of every colour (models.learnable.toy_images), captioned with the name of their most
+    common colour ("red background (3).png"): what the LoRA's base learns to draw, from text, before it sees
+    the toy set. The captions matter: a base trained on one caption for all had no use for its text, and a
+    LoRA on it did not learn the quadrants (SD 1.5: 0.50)."""
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -173,7 +187,9 @@ def write_generic_set(path: Path, count: int = 64, seed: int = 1) -> Path:
     images = toy_images(count, SIZE, torch.Generator().manual_seed(seed))
     for i, image in enumerate(images):
         pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        Image.fromarray(pixels).save(path / f"shapes ({i}).png")
+        colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+        name = colour_name((colours[counts.argmax()] / 255).tolist())  # its most common colour
+        Image.fromarray(pixels).save(path / f"{name} background ({i}).png")
     return path
 
 
@@ -199,7 +215,10 @@ def load_trained(family: str, pipe_dir: Path, out: Path, finetune: str):
     if finetune == "full":
         return DiffusionPipeline.from_pretrained(out / "pipeline")
     pipe = DiffusionPipeline.from_pretrained(pipe_dir)
-    cls.load_lora(pipe, out)
+    if finetune == "experts":
+        load_experts(cls, pipe, out)
+    else:
+        cls.load_lora(pipe, out)
     change = card_scheduler(out)
     if change:  # the scheduler line of the card (IF's fixed variance, v-prediction, ...)
         import diffusers
@@ -207,6 +226,24 @@ def load_trained(family: str, pipe_dir: Path, out: Path, finetune: str):
         scheduler_cls = getattr(diffusers, change["class_name"])
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **change["changes"])
     return pipe
+
+
+def load_experts(cls, pipe, out: Path) -> None:
+    """A two-expert run's LoRAs, one adapter each, switched by the timestep the pipeline passes its denoiser:
+    the model card's snippet (callbacks/model_card.py ``_experts``)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    for name in ("high_noise", "low_noise"):
+        pipe.load_lora_weights(out, weight_name=f"pytorch_lora_weights_{name}.safetensors", adapter_name=name)
+    boundary = float(OmegaConf.load(out / ".hydra" / "config.yaml").model.expert_boundary)
+    boundary *= cls.denoiser_timestep_scale or pipe.scheduler.config.num_train_timesteps
+
+    def pick_expert(module, args, kwargs):
+        t = torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        pipe.set_adapters("low_noise" if float(t.flatten()[0]) < boundary else "high_noise")
+
+    getattr(pipe, cls.denoiser_name).register_forward_pre_hook(pick_expert, with_kwargs=True)
 
 
 def card_scheduler(out: Path) -> dict | None:
@@ -271,12 +308,12 @@ def save_grid(images, path: Path) -> None:
     Image.fromarray((grid.clip(0, 1) * 255).astype(np.uint8)).save(path)
 
 
-def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=()) -> dict:
+def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), recipe: Recipe | None = None) -> dict:
     """Train ``family`` on the toy set and score its samples: accuracy, times, where the grid is. A full
     fine-tune starts from the learnable pipeline's random denoiser; a LoRA from a base (``pretrain``)."""
     from tuner.families import write_tiny
 
-    recipe = RECIPES.get(family, Recipe())
+    recipe = recipe or RECIPES.get(family, Recipe())
     pipe_dir = write_tiny(family, work / "pipelines" / family, learnable=True)
     base_s = 0.0
     if finetune != "full":
@@ -292,21 +329,36 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=()) -> d
             "grid": str(out / "learn_grid.png")}
 
 
+def recipe_for(family: str, changes: list[str]) -> Recipe:
+    """The family's recipe with ``field=value`` changes (from the command line)."""
+    import dataclasses
+
+    recipe = RECIPES.get(family, Recipe())
+    types = {f.name: type(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)}
+    pairs = [change.split("=", 1) for change in changes]
+    unknown = [key for key, _ in pairs if key not in types]
+    if unknown:
+        raise SystemExit(f"--recipe: unknown field(s) {unknown}; valid: {sorted(types)}")
+    return dataclasses.replace(recipe, **{key: types[key](value) for key, value in pairs})
+
+
 def main(argv: list[str] | None = None) -> int:
     from tuner.families import families
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="*", default=None, help="families (default: every one in conf/model/)")
-    parser.add_argument("--finetune", nargs="*", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--finetune", nargs="*", default=["lora", "full"], choices=["lora", "full", "experts"],
+                        help="experts: a two-expert run (model.experts=two_lora) on the LoRA's base, sampled with both")
     parser.add_argument("--seeds", type=int, default=4, help="samples per class")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".learn", help="pipelines, toy set and runs")
     parser.add_argument("--set", nargs="*", default=[], help="extra train.py overrides for every run (key=value)")
+    parser.add_argument("--recipe", nargs="*", default=[], help="Recipe fields to change (steps=500 lr_lora=1e-2)")
     args = parser.parse_args(argv)
     worst = 1.0
     for family in args.family or list(families()):
         accs = []
         for finetune in args.finetune:
-            result = learn(family, finetune, args.work, args.seeds, extra=args.set)
+            result = learn(family, finetune, args.work, args.seeds, extra=args.set, recipe=recipe_for(family, args.recipe))
             accs.append(result["accuracy"])
             print(f"learn_acc_{family}_{finetune}={result['accuracy']:.3f}  "
                   f"# base {result['base_s']:.0f} s, train {result['train_s']:.0f} s, sample {result['sample_s']:.0f} s, {result['grid']}", flush=True)

@@ -76,16 +76,18 @@ def test_the_cli_writes_a_learnable_pipeline_and_leaves_the_plain_one_alone(demo
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "pixart_sigma"])
-def test_a_transformer_is_at_least_as_wide_as_its_patch_and_trains(family, learnable_dir, make_cfg, tmp_path):
-    """Flow matching returns the noise through the denoiser: one narrower than the patch it reads cannot."""
+def test_a_transformer_is_twice_as_wide_as_its_patch_and_trains(family, learnable_dir, make_cfg, tmp_path):
+    """Flow matching returns the noise through the denoiser, past a LayerNorm a token: one with no spare
+    width cannot."""
     import numpy as np
 
+    from models.learnable import WIDTH_OVER_PATCH
     from tuner.run import train
 
     path = learnable_dir(family)
     config = json.loads((path / "transformer" / "config.json").read_text())
     width = config["num_attention_heads"] * config["attention_head_dim"]
-    assert width >= config["in_channels"] * config.get("patch_size", 1) ** 2
+    assert width >= WIDTH_OVER_PATCH * config["in_channels"] * config.get("patch_size", 1) ** 2
     for key in ("caption_projection_dim", "cross_attention_dim"):  # the widths the config repeats follow it
         assert config.get(key) in (None, width)
     loss = train(
@@ -98,3 +100,24 @@ def test_a_transformer_is_at_least_as_wide_as_its_patch_and_trains(family, learn
         )
     )
     assert loss is not None and np.isfinite(loss)
+
+
+def _position_gap(transformer) -> float:
+    """The smallest distance between two tokens' position codes of an 8x8 latent, over the codes' size."""
+    embed = transformer.pos_embed
+    with torch.no_grad():
+        zeros = torch.zeros(1, transformer.config.in_channels, 8, 8)
+        codes = (embed(zeros) - embed.proj(zeros).flatten(2).transpose(1, 2))[0]  # the position part only
+    gaps = torch.cdist(codes, codes) + torch.eye(len(codes)) * 1e9
+    return float(gaps.min() / codes.norm(dim=1).mean())
+
+
+def test_sd3s_position_code_tells_tokens_apart(learnable_dir):
+    """A tiny width keeps few of the code's frequencies, and SD3's tiny config spaces its tokens 1/8 apart:
+    the plain tiny transformer gives every token nearly the same code, so no square can be put in a
+    quadrant. The learnable one's codes differ, stored with its weights and loaded by from_pretrained."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(learnable_dir("sd3"))
+    assert _position_gap(family_class("sd3").tiny_pipeline("sd3").transformer) < 0.1  # measured: 0.03
+    assert _position_gap(pipe.transformer) > 0.3  # measured: 0.58
