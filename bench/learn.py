@@ -44,10 +44,12 @@ SQUARE = 24  # px, centred in its quadrant
 # away, i.e. while (signal / noise)^2 * |difference of two classes|^2 < ~1. A bold square (yellow on blue:
 # ~1350 between classes in SD3's unit-variance latents) gives itself away at every level but sigma > 0.97,
 # so only ~1% of training draws taught the text, and it was learned after ~4000 steps. At +20 levels the
-# difference is ~15: the text decides the upper half of the schedule.
+# difference is ~15 in the latents: the text decides the upper half of the schedule. Pixels carry ~5x the
+# latents' difference at the same contrast (every pixel of the square counts), so pixel families get a
+# fainter square, +9 levels (a difference of ~17).
 BACKGROUND = (90, 100, 140)
-COLOUR = (110, 120, 160)
-JITTER_PX, JITTER_LEVELS = 3, 3  # per image: the square moves and its colour shifts by up to this much
+CONTRAST = {"latent": 20, "pixel": 9}  # levels the square is above the background, in every channel
+JITTER_PX, JITTER_LEVELS = 3, 2  # per image: the square moves and its shade changes by up to this much
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,6 @@ class Recipe:
 DDPM_OVERRIDES = ("model.prediction_type=v_prediction",)
 
 RECIPES: dict[str, Recipe] = {}  # family -> its recipe, where the default does not fit
-RECIPES: dict[str, Recipe] = {}  # family -> its recipe, where the default does not fit
 
 
 def caption(label: int) -> str:
@@ -82,10 +83,18 @@ def caption(label: int) -> str:
     return f"{CLASSES[label]} square"
 
 
-def class_image(label: int, dx: int = 0, dy: int = 0, colour: tuple[int, int, int] = COLOUR):
-    """The class's image (PIL), its square moved by (dx, dy)."""
+def contrast_for(family: str) -> int:
+    from tuner.families import family_class
+
+    return CONTRAST["latent" if family_class(family).latent_space else "pixel"]
+
+
+def class_image(label: int, contrast: int, dx: int = 0, dy: int = 0, shade: int = 0):
+    """The class's image (PIL): its square ``contrast`` (+ ``shade``) levels above the background, moved by
+    (dx, dy)."""
     from PIL import Image, ImageDraw
 
+    colour = tuple(c + contrast + shade for c in BACKGROUND)
     img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     row, col = divmod(label, 2)
     x0 = col * SIZE // 2 + (SIZE // 2 - SQUARE) // 2 + dx
@@ -94,9 +103,9 @@ def class_image(label: int, dx: int = 0, dy: int = 0, colour: tuple[int, int, in
     return img
 
 
-def write_toy_set(path: Path, per_class: int = 8, seed: int = 0) -> Path:
+def write_toy_set(path: Path, contrast: int, per_class: int = 8, seed: int = 0) -> Path:
     """``per_class`` images of each class, captioned by file name, the square jittered by a few pixels
-    and its colour by a few levels (so the set is not four repeated images)."""
+    and its shade by a level or two (so the set is not four repeated images)."""
     import random
 
     if path.is_dir() and any(path.iterdir()):
@@ -106,16 +115,16 @@ def write_toy_set(path: Path, per_class: int = 8, seed: int = 0) -> Path:
     for label in range(len(CLASSES)):
         for i in range(per_class):
             dx, dy = rng.randint(-JITTER_PX, JITTER_PX), rng.randint(-JITTER_PX, JITTER_PX)
-            colour = tuple(min(255, max(0, c + rng.randint(-JITTER_LEVELS, JITTER_LEVELS))) for c in COLOUR)
-            class_image(label, dx, dy, colour).save(path / f"{caption(label)} ({i}).png")
+            shade = rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
+            class_image(label, contrast, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
     return path
 
 
-def templates():
+def templates(contrast: int):
     """The four classes' clean images, (4, SIZE, SIZE, 3) floats in [0, 1]."""
     import numpy as np
 
-    return np.stack([np.asarray(class_image(label), dtype=np.float32) / 255 for label in range(len(CLASSES))])
+    return np.stack([np.asarray(class_image(label, contrast), dtype=np.float32) / 255 for label in range(len(CLASSES))])
 
 
 def nearest_class(images, refs) -> list[int]:
@@ -257,13 +266,13 @@ def card_scheduler(out: Path) -> dict | None:
     return run_scheduler_change(family_class(cfg.model.family).noise_schedule, cfg.model)
 
 
-def low_res(label: int, factor: int):
+def low_res(label: int, factor: int, contrast: int):
     """The class image downsampled as IF stage II's training downsamples its target, in [-1, 1]."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.asarray(class_image(label), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.asarray(class_image(label, contrast), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     return F.interpolate(x, (SIZE // factor, SIZE // factor), mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -275,12 +284,13 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     from tuner.families import family_class
 
     cls = family_class(family)
+    contrast = contrast_for(family)
     labels, images = [], []
     for label in range(len(CLASSES)):
         extra = cls.sampling_inputs(SIZE, SIZE)
         if "image" in extra:  # an upscaler: the class's own low-res image
             factor = SIZE // extra["image"].shape[-1]
-            extra["image"] = low_res(label, factor)
+            extra["image"] = low_res(label, factor, contrast)
         for seed in range(seeds):
             out = pipe(
                 caption(label),
@@ -295,7 +305,7 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
             images.append(np.asarray(out.images[0], dtype=np.float32))
             labels.append(label)
     images = np.stack(images)
-    return labels, nearest_class(images, templates()), images
+    return labels, nearest_class(images, templates(contrast)), images
 
 
 def save_grid(images, path: Path) -> None:
@@ -318,7 +328,8 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     base_s = 0.0
     if finetune != "full":
         pipe_dir, base_s = pretrain(family, pipe_dir, work, recipe, extra)
-    data = write_toy_set(work / "toy")
+    contrast = contrast_for(family)
+    data = write_toy_set(work / f"toy-{contrast}", contrast)
     out = work / "runs" / f"{family}-{finetune}"
     train_s = train(family, pipe_dir, data, out, finetune, recipe, extra)
     start = time.perf_counter()
