@@ -202,6 +202,12 @@ PIXEL_SIZE = 64  # the image size a pixel-space family's learnable UNet is shape
 POSITION_SPACING = 10.0
 
 
+def _editable(config) -> dict:
+    """A model's config to change and build from: without diffusers' list of the keys left at their
+    defaults, which ``from_config`` would reset (PixArt's ``interpolation_scale`` silently stayed None)."""
+    return {k: v for k, v in config.items() if k != "_use_default_values"}
+
+
 def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
     """Make a transformer denoiser able to learn a spatial task, as a real one can: at least
     ``WIDTH_OVER_PATCH`` times as wide as its patch (more heads of the same width, so Flux's rotary axes
@@ -212,7 +218,7 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
     denoiser = getattr(pipe, "transformer", None)
     if denoiser is None or "num_attention_heads" not in denoiser.config:
         return {}
-    config = dict(denoiser.config)
+    config = _editable(denoiser.config)
     changed: dict[str, float] = {}
     width = config["num_attention_heads"] * config["attention_head_dim"]
     patch = config["in_channels"] * config.get("patch_size", 1) ** 2
@@ -260,7 +266,7 @@ def deepen_unet(pipe, size: int, seed: int = 0) -> int | None:
     unet = getattr(pipe, "unet", None)
     if unet is None:
         return None
-    config = dict(unet.config)
+    config = _editable(unet.config)
     down, up, widths = list(config["down_block_types"]), list(config["up_block_types"]), list(config["block_out_channels"])
     if size // 2 ** (len(down) - 1) <= COARSEST:
         return None

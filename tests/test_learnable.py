@@ -121,3 +121,14 @@ def test_sd3s_position_code_tells_tokens_apart(learnable_dir):
     pipe = DiffusionPipeline.from_pretrained(learnable_dir("sd3"))
     assert _position_gap(family_class("sd3").tiny_pipeline("sd3").transformer) < 0.1  # measured: 0.03
     assert _position_gap(pipe.transformer) > 0.3  # measured: 0.58
+
+
+def test_pixarts_position_code_is_spaced_in_its_config(learnable_dir):
+    """PixArt computes its code from its config; the changed spacing must survive save and from_pretrained
+    (diffusers' list of keys left at their defaults once reset it to None)."""
+    from diffusers import PixArtTransformer2DModel
+
+    from models.learnable import POSITION_SPACING
+
+    transformer = PixArtTransformer2DModel.from_pretrained(learnable_dir("pixart_sigma"), subfolder="transformer")
+    assert transformer.pos_embed.interpolation_scale == pytest.approx(1 / POSITION_SPACING)
