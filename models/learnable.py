@@ -20,8 +20,10 @@ two norm groups), in the family's own latent width:
 - the decoder inverts it: the latents back to RGB, up-sampled (nearest) to 8x8 blocks.
 
 Random tiny CLIPs barely tell prompts apart (``sharpen_text_encoders``); T5 does. The denoiser stays
-random; a transformer is widened and given a position code whose tokens differ (``reshape_transformer``).
-Pixel-space families (IF) have no VAE, so only the text side matters for them.
+random, but shaped so that it can learn where things are, as a real one can: a transformer is widened and
+given a position code whose tokens differ (``reshape_transformer``); a pixel-space UNet (IF) goes down to a
+grid coarse enough for its convolutions to see the image's edges (``deepen_unet``). Pixel-space families
+have no VAE.
 """
 
 from __future__ import annotations

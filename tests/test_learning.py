@@ -1,0 +1,54 @@
+"""Families learn what they are shown (bench/learn.py): on a toy set whose classes only the caption tells
+apart (a faint square in one of four quadrants, named in the caption), a full fine-tune of the family's
+learnable tiny pipeline through train.py, sampled through its own diffusers pipeline, must reach >= 0.9
+nearest-class accuracy (chance: 0.25).
+
+To keep the suite's time, it runs one family of each kind (a DDPM latent family, a flow family, a pixel
+family, and the first family of any kind added later); ``TUNER_LEARN=all`` runs every family here, and
+``python bench/learn.py`` runs every family, LoRA too."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from conftest import ROOT
+
+from tuner.families import families, family_class
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import learn  # noqa: E402  (bench/learn.py)
+
+PASS = 0.9
+PREFERRED = ("sd15", "sd3", "deepfloyd_if")  # the cheapest of their kinds
+# A shorter run than the bench's (its recipe has headroom: 1000 steps gave 1.00 where these pass)
+CI_RECIPE = learn.Recipe(steps=500, lr_full=5e-3)
+
+
+def kind(family: str) -> str:
+    cls = family_class(family)
+    return cls.noise_schedule + ("" if cls.latent_space else "-pixel")
+
+
+def representatives() -> set[str]:
+    chosen = {f for f in PREFERRED if f in families()}
+    kinds = {kind(f) for f in chosen}
+    for family in families():
+        if kind(family) not in kinds:
+            chosen.add(family)
+            kinds.add(kind(family))
+    return chosen
+
+
+@pytest.mark.parametrize("family", families() if os.environ.get("TUNER_LEARN") == "all" else sorted(representatives()))
+def test_a_full_fine_tune_learns_the_toy_set(family, tmp_path_factory):
+    work = tmp_path_factory.mktemp(f"learn-{family}")
+    result = learn.learn(family, "full", work, seeds=4, recipe=CI_RECIPE)
+    assert result["accuracy"] >= PASS, f"{family}: nearest-class accuracy {result['accuracy']:.2f}; samples: {result['grid']}"
+
+
+def test_every_kind_of_family_is_represented():
+    assert {kind(f) for f in representatives()} == {kind(f) for f in families()}
+    assert {"ddpm", "flow", "ddpm-pixel"} <= {kind(f) for f in representatives()}
