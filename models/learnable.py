@@ -19,7 +19,7 @@ two norm groups), in the family's own latent width:
   the quant convs) give the latents zero mean and unit variance on images, as the real factors are chosen;
 - the decoder inverts it: the latents back to RGB, up-sampled (nearest) to 8x8 blocks.
 
-Random tiny CLIPs barely tell prompts apart (``sharpen_text_encoders``); T5 does. The denoiser stays
+Random tiny CLIPs and ChatGLMs barely tell prompts apart (``sharpen_text_encoders``); T5 does. The denoiser stays
 random, but shaped so that it can learn where things are, as a real one can: a transformer is widened and
 given a position code whose tokens differ (``reshape_transformer``); a pixel-space UNet (IF) goes down to a
 grid coarse enough for its convolutions to see the image's edges (``deepen_unet``). Pixel-space families
@@ -180,12 +180,32 @@ def prompt_spread(pipe, prompts: list[str]) -> float:
 CLIP_TOKEN_SCALE = 20.0
 
 
-def sharpen_text_encoders(pipe) -> None:
-    """Make the tiny CLIP text encoders tell prompts apart (T5 already does: ~0.9 apart)."""
+# A random tiny ChatGLM (Kolors) fails twice over. Its 0.02-std weights leave every hidden state at the
+# embedding's 0.02 scale, and its attention adds almost nothing to the residual, so each token stays its own
+# word: the pooled vector (the last token, "square" in every toy prompt) was the same for every class (0.3%
+# apart), and the words that differ are 18 of the 256 left-padded tokens. A real language model's late tokens
+# summarise the sentence before them. Token embeddings of unit scale and attention weights of the standard
+# 1/sqrt(fan-in) scale give that: the pooled vectors come ~25% apart. Before this, a full fine-tune of Kolors
+# ignored its prompt (0.25, chance), and with the embeddings alone scaled it told left from right only.
+CHATGLM_TOKEN_SCALE = 40.0
+
+
+def sharpen_text_encoders(pipe, seed: int = 0) -> None:
+    """Make the tiny CLIP and ChatGLM text encoders tell prompts apart (T5 already does: ~0.9 apart)."""
     for name, module in pipe.components.items():
-        if name.startswith("text_encoder") and type(module).__name__.startswith("CLIPTextModel"):
-            with torch.no_grad():
+        if not name.startswith("text_encoder"):
+            continue
+        kind = type(module).__name__
+        with torch.no_grad():
+            if kind.startswith("CLIPTextModel"):
                 module.get_input_embeddings().weight.mul_(CLIP_TOKEN_SCALE)
+            elif kind == "ChatGLMModel":
+                module.get_input_embeddings().weight.mul_(CHATGLM_TOKEN_SCALE)
+                generator = torch.Generator().manual_seed(seed)
+                for layer in module.encoder.layers:
+                    for linear in (layer.self_attention.query_key_value, layer.self_attention.dense):
+                        weight = linear.weight
+                        weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5)
 
 
 # How much wider than the patch it reads a learnable transformer is made. Flow matching (and epsilon
@@ -286,7 +306,7 @@ def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
     """Swap in a learnable VAE of the same latent width and layout (if the pipeline has a VAE), reshape a
     transformer denoiser (``reshape_transformer``) and sharpen the text encoders, in place; returns what
     was measured and changed."""
-    sharpen_text_encoders(pipe)
+    sharpen_text_encoders(pipe, seed)
     reshaped = reshape_transformer(pipe, seed)
     old = getattr(pipe, "vae", None)
     if old is None:

@@ -132,3 +132,19 @@ def test_pixarts_position_code_is_spaced_in_its_config(learnable_dir):
 
     transformer = PixArtTransformer2DModel.from_pretrained(learnable_dir("pixart_sigma"), subfolder="transformer")
     assert transformer.pos_embed.interpolation_scale == pytest.approx(1 / POSITION_SPACING)
+
+
+def test_kolors_chatglm_summarises_the_prompt_in_its_pooled_vector(learnable_dir):
+    """Kolors' pooled vector is ChatGLM's last token. The random tiny encoder's was ~0.003 a number apart
+    between class prompts (each ends in "square", every state is at the embeddings' 0.02 scale, and its
+    attention hardly mixes the tokens), so the UNet's global text signal carried nothing."""
+    from diffusers import KolorsPipeline
+
+    def pooled_gap(pipe) -> float:  # the smallest RMS difference a number between two class prompts
+        with torch.no_grad():
+            _, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        gaps = torch.cdist(pooled, pooled) / pooled.shape[1] ** 0.5
+        return float(gaps[~torch.eye(len(PROMPTS), dtype=torch.bool)].min())
+
+    assert pooled_gap(family_class("kolors").tiny_pipeline("kolors")) < 0.01
+    assert pooled_gap(KolorsPipeline.from_pretrained(learnable_dir("kolors"))) > 0.1
