@@ -27,6 +27,7 @@ there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,9 +38,9 @@ from pathlib import Path
 
 from common import ROOT
 
-SIZE = 64
+SIZE = 64  # px, the toy images' side (a recipe may choose another: ``Recipe.size``)
 CLASSES = ("top left", "top right", "bottom left", "bottom right")
-SQUARE = 24  # px, centred in its quadrant
+SQUARE = 24  # px at SIZE, centred in its quadrant (scaled with the side)
 # A faint square. The text decides the class only at noise levels where the noisy image does not give it
 # away, i.e. while (signal / noise)^2 * |difference of two classes|^2 < ~1. A bold square (yellow on blue:
 # ~1350 between classes in SD3's unit-variance latents) gives itself away at every level but sigma > 0.97,
@@ -48,8 +49,10 @@ SQUARE = 24  # px, centred in its quadrant
 # latents' difference at the same contrast (every pixel of the square counts), so pixel families get a
 # fainter square, +9 levels (a difference of ~17).
 BACKGROUND = (90, 100, 140)
-CONTRAST = {"latent": 20, "pixel": 9}  # levels the square is above the background, in every channel
-JITTER_PX, JITTER_LEVELS = 3, 2  # per image: the square moves and its shade changes by up to this much
+CONTRAST = {"latent": 20, "pixel": 9}  # levels the square is above the background at SIZE, in every channel
+# (at another side, scaled by SIZE / side: the square's area goes with the side squared, so the squared
+# difference between two classes, which decides where the text is needed, stays the same)
+JITTER_PX, JITTER_LEVELS = 3, 2  # per image: the square moves (at SIZE) and its shade changes by up to this much
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Recipe:
     guidance_scale: float = 4.0
     sampling_steps: int = 20
     base_steps: int = 1000  # the LoRA's base: full training on generic shapes (``pretrain``)
+    size: int = SIZE  # the toy images' side in pixels
 
 
 # DDPM families train with v-prediction here. An epsilon denoiser trained from random weights for a thousand
@@ -80,10 +84,12 @@ UNET_LORA_TARGETS = "model.lora.target_modules=[to_k,to_q,to_v,to_out.0,conv1,co
 
 # Pixel families denoise 64x64x3 pixels, ~4x the cost of a step in 8x8 latents; 500 steps are enough there
 _PIXEL = Recipe(steps=500, base_steps=500, lora_steps=1000)
+# IF stage I at 32x32 (a quarter of its own 64x64), its square twice as bright so the classes differ as much:
+# a quarter of the cost, and 1.00 where at 64x64 the same 500 steps gave 1.00, 0.88 (cosine) and 0.50 (CI)
 # Kolors at 5e-3 learned the classes, then diverged in its last hundred steps (gradient spikes past the clip,
 # samples of noise: 0.28; a cosine decay from 5e-3: 0.81); at 2e-3, 1.00
 RECIPES: dict[str, Recipe] = {  # where the default does not fit
-    "deepfloyd_if": _PIXEL,
+    "deepfloyd_if": dataclasses.replace(_PIXEL, size=32),
     "deepfloyd_if_sr": _PIXEL,
     "kolors": Recipe(lr_full=2e-3),
 }
@@ -96,27 +102,28 @@ def caption(label: int) -> str:
     return f"{CLASSES[label]} square"
 
 
-def contrast_for(family: str) -> int:
+def contrast_for(family: str, size: int = SIZE) -> int:
     from tuner.families import family_class
 
-    return CONTRAST["latent" if family_class(family).latent_space else "pixel"]
+    return round(CONTRAST["latent" if family_class(family).latent_space else "pixel"] * SIZE / size)
 
 
-def class_image(label: int, contrast: int, dx: int = 0, dy: int = 0, shade: int = 0):
-    """The class's image (PIL): its square ``contrast`` (+ ``shade``) levels above the background, moved by
-    (dx, dy)."""
+def class_image(label: int, contrast: int, size: int = SIZE, dx: int = 0, dy: int = 0, shade: int = 0):
+    """The class's image (PIL, ``size`` square): its square ``contrast`` (+ ``shade``) levels above the
+    background, moved by (dx, dy)."""
     from PIL import Image, ImageDraw
 
     colour = tuple(c + contrast + shade for c in BACKGROUND)
-    img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    img = Image.new("RGB", (size, size), BACKGROUND)
     row, col = divmod(label, 2)
-    x0 = col * SIZE // 2 + (SIZE // 2 - SQUARE) // 2 + dx
-    y0 = row * SIZE // 2 + (SIZE // 2 - SQUARE) // 2 + dy
-    ImageDraw.Draw(img).rectangle((x0, y0, x0 + SQUARE - 1, y0 + SQUARE - 1), fill=colour)
+    square = SQUARE * size // SIZE
+    x0 = col * size // 2 + (size // 2 - square) // 2 + dx
+    y0 = row * size // 2 + (size // 2 - square) // 2 + dy
+    ImageDraw.Draw(img).rectangle((x0, y0, x0 + square - 1, y0 + square - 1), fill=colour)
     return img
 
 
-def write_toy_set(path: Path, contrast: int, per_class: int = 8, seed: int = 0) -> Path:
+def write_toy_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
     """``per_class`` images of each class, captioned by file name, the square jittered by a few pixels
     and its shade by a level or two (so the set is not four repeated images)."""
     import random
@@ -125,19 +132,21 @@ def write_toy_set(path: Path, contrast: int, per_class: int = 8, seed: int = 0) 
         return path
     path.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    jitter = max(1, JITTER_PX * size // SIZE)
     for label in range(len(CLASSES)):
         for i in range(per_class):
-            dx, dy = rng.randint(-JITTER_PX, JITTER_PX), rng.randint(-JITTER_PX, JITTER_PX)
+            dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
             shade = rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
-            class_image(label, contrast, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
+            class_image(label, contrast, size, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
     return path
 
 
-def templates(contrast: int):
-    """The four classes' clean images, (4, SIZE, SIZE, 3) floats in [0, 1]."""
+def templates(contrast: int, size: int = SIZE):
+    """The four classes' clean images, (4, size, size, 3) floats in [0, 1]."""
     import numpy as np
 
-    return np.stack([np.asarray(class_image(label, contrast), dtype=np.float32) / 255 for label in range(len(CLASSES))])
+    return np.stack([np.asarray(class_image(label, contrast, size), dtype=np.float32) / 255
+                     for label in range(len(CLASSES))])
 
 
 def nearest_class(images, refs) -> list[int]:
@@ -161,7 +170,7 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
         *(["model.experts=two_lora"] if finetune == "experts" else []),
         f"model.lora.rank={recipe.rank}",
         f"data.path={data}",
-        f"data.resolution={SIZE}",
+        f"data.resolution={recipe.size}",
         f"data.batch_size={recipe.batch_size}",
         "data.caption_dropout_probability=0.1",  # the unconditional prompt classifier-free guidance needs
         f"max_train_steps={steps or (recipe.steps if finetune == 'full' else recipe.lora_steps)}",
@@ -193,7 +202,7 @@ def colour_name(rgb) -> str:
     return min(PALETTE, key=lambda name: sum((a - b) ** 2 for a, b in zip(PALETTE[name], rgb, strict=True)))
 
 
-def write_generic_set(path: Path, count: int = 64, seed: int = 1) -> Path:
+def write_generic_set(path: Path, size: int = SIZE, count: int = 64, seed: int = 1) -> Path:
     """Generic shapes of every colour (models.learnable.toy_images), captioned with the name of their most
     common colour ("red background (3).png"): what the LoRA's base learns to draw, from text, before it sees
     the toy set. The captions matter: a base trained on one caption for all had no use for its text, and a
@@ -207,7 +216,7 @@ def write_generic_set(path: Path, count: int = 64, seed: int = 1) -> Path:
     if path.is_dir() and any(path.iterdir()):
         return path
     path.mkdir(parents=True, exist_ok=True)
-    images = toy_images(count, SIZE, torch.Generator().manual_seed(seed))
+    images = toy_images(count, size, torch.Generator().manual_seed(seed))
     for i, image in enumerate(images):
         pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
@@ -223,7 +232,7 @@ def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) 
     out = work / "runs" / f"{family}-base"
     if (out / "pipeline" / "model_index.json").is_file():
         return out / "pipeline", 0.0
-    seconds = train(family, pipe_dir, write_generic_set(work / "generic"), out, "full", recipe, extra,
+    seconds = train(family, pipe_dir, write_generic_set(work / f"generic-{recipe.size}", recipe.size), out, "full", recipe, extra,
                     steps=recipe.base_steps)
     return out / "pipeline", seconds
 
@@ -280,14 +289,15 @@ def card_scheduler(out: Path) -> dict | None:
     return run_scheduler_change(family_class(cfg.model.family).noise_schedule, cfg.model)
 
 
-def low_res(label: int, factor: int, contrast: int):
+def low_res(label: int, factor: int, contrast: int, size: int = SIZE):
     """The class image downsampled as IF stage II's training downsamples its target, in [-1, 1]."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.asarray(class_image(label, contrast), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    return F.interpolate(x, (SIZE // factor, SIZE // factor), mode="bilinear", antialias=True, align_corners=False)
+    image = np.asarray(class_image(label, contrast, size), dtype=np.float32)
+    x = torch.from_numpy(image / 127.5 - 1).permute(2, 0, 1)[None]
+    return F.interpolate(x, (size // factor, size // factor), mode="bilinear", antialias=True, align_corners=False)
 
 
 def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], list[int], object]:
@@ -298,28 +308,29 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     from tuner.families import family_class
 
     cls = family_class(family)
-    contrast = contrast_for(family)
+    size = recipe.size
+    contrast = contrast_for(family, size)
     labels, images = [], []
     for label in range(len(CLASSES)):
-        extra = cls.sampling_inputs(SIZE, SIZE)
+        extra = cls.sampling_inputs(size, size)
         if "image" in extra:  # an upscaler: the class's own low-res image
-            factor = SIZE // extra["image"].shape[-1]
-            extra["image"] = low_res(label, factor, contrast)
+            factor = size // extra["image"].shape[-1]
+            extra["image"] = low_res(label, factor, contrast, size)
         for seed in range(seeds):
             out = pipe(
                 caption(label),
                 **extra,
                 num_inference_steps=recipe.sampling_steps,
                 guidance_scale=recipe.guidance_scale,
-                height=SIZE,
-                width=SIZE,
+                height=size,
+                width=size,
                 output_type="np",
                 generator=torch.Generator().manual_seed(seed),
             )
             images.append(np.asarray(out.images[0], dtype=np.float32))
             labels.append(label)
     images = np.stack(images)
-    return labels, nearest_class(images, templates(contrast)), images
+    return labels, nearest_class(images, templates(contrast, size)), images
 
 
 def save_grid(images, path: Path) -> None:
@@ -342,8 +353,8 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     base_s = 0.0
     if finetune != "full":
         pipe_dir, base_s = pretrain(family, pipe_dir, work, recipe, extra)
-    contrast = contrast_for(family)
-    data = write_toy_set(work / f"toy-{contrast}", contrast)
+    contrast = contrast_for(family, recipe.size)
+    data = write_toy_set(work / f"toy-{recipe.size}-{contrast}", contrast, recipe.size)
     out = work / "runs" / f"{family}-{finetune}"
     train_s = train(family, pipe_dir, data, out, finetune, recipe, extra)
     start = time.perf_counter()
@@ -356,8 +367,6 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
 
 def recipe_for(family: str, changes: list[str]) -> Recipe:
     """The family's recipe with ``field=value`` changes (from the command line)."""
-    import dataclasses
-
     recipe = RECIPES.get(family, Recipe())
     types = {f.name: type(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)}
     pairs = [change.split("=", 1) for change in changes]

@@ -146,13 +146,19 @@ def test_deepspeed_configs_build_the_intended_strategy(make_cfg, stage):
 @pytest.fixture(scope="module")
 def runs(demo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNER_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNER_LOG_LEVEL": "WARNING", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     env.pop("TUNER_RUN_ID", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     result = subprocess.run(
         [*command, __file__, str(demo_dir), str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    if result.returncode:
+        # which training each rank was in, and every line that names a C++ abort or an error, before the tail
+        # (a rank that aborts in C++ leaves no Python traceback of its own)
+        lines = (result.stdout + result.stderr).splitlines()
+        marks = [line for line in lines if line.startswith("fsdp-worker") or any(
+            word in line for word in ("terminate called", "what():", "Abort", "Error", "error:"))]
+        pytest.fail("\n".join([*marks[:60], "...", *lines[-40:]]), pytrace=False)
     return out
 
 
@@ -261,7 +267,9 @@ def _worker(demo_dir: str, out: str) -> None:
     from tuner.config import register
 
     register()
+    rank = os.environ.get("RANK", "?")
     for folder, overrides in RUNS:
+        print(f"fsdp-worker rank {rank}: {folder} {' '.join(overrides)}", flush=True)
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=[f"demo_assets_dir={demo_dir}", f"output_dir={out}/{folder}", *overrides])
         run.train(cfg)

@@ -3,12 +3,13 @@ apart (a faint square in one of four quadrants, named in the caption), a full fi
 learnable tiny pipeline through train.py, sampled through its own diffusers pipeline, must reach >= 0.9
 nearest-class accuracy (chance: 0.25).
 
-To keep the suite's time, it runs one family of each kind (a DDPM latent family, a flow family, and the
-first family of any kind added later), except a kind listed in ``PENDING`` with the reason;
+To keep the suite's time, it runs one family of each kind (a DDPM latent family, a flow family, a pixel-space
+family, and the first family of any kind added later), except a kind listed in ``PENDING`` with the reason;
 ``TUNER_LEARN=all`` runs every family here, and ``python bench/learn.py`` runs every family, LoRA too."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -22,14 +23,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 import learn  # noqa: E402  (bench/learn.py)
 
 PASS = 0.9
-PREFERRED = ("sd15", "sd3")  # the cheapest of their kinds
+PREFERRED = ("sd15", "sd3", "deepfloyd_if")  # the cheapest of their kinds
 # Kinds the suite does not run yet, and why (bench/learn.py still runs them)
-PENDING = {
-    "ddpm-pixel": "IF's full fine-tune reached 1.00 in the bench at 500 steps (1 thread) but 0.50 in a CI run "
-    "(2 threads), and took 173 s of the suite: not robust or cheap enough yet",
-}
-# A shorter run than the bench's (its recipe has headroom: 1000 steps gave 1.00 where these pass)
-CI_RECIPE = learn.Recipe(steps=500, lr_full=5e-3)
+PENDING: dict[str, str] = {}
+# At most this many steps, shorter than the bench's full fine-tune (its 1000 steps have headroom: 500 gave
+# 1.00 where these pass); otherwise each family's own bench recipe (its rate, IF's 32x32 images)
+CI_STEPS = 500
+
+
+def ci_recipe(family: str) -> learn.Recipe:
+    recipe = learn.recipe_for(family, [])
+    return dataclasses.replace(recipe, steps=min(recipe.steps, CI_STEPS))
 
 
 def kind(family: str) -> str:
@@ -50,10 +54,10 @@ def representatives() -> set[str]:
 @pytest.mark.parametrize("family", families() if os.environ.get("TUNER_LEARN") == "all" else sorted(representatives()))
 def test_a_full_fine_tune_learns_the_toy_set(family, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"learn-{family}")
-    result = learn.learn(family, "full", work, seeds=4, recipe=CI_RECIPE)
+    result = learn.learn(family, "full", work, seeds=4, recipe=ci_recipe(family))
     assert result["accuracy"] >= PASS, f"{family}: nearest-class accuracy {result['accuracy']:.2f}; samples: {result['grid']}"
 
 
 def test_every_kind_of_family_is_represented_or_pending_with_a_reason():
     assert {kind(f) for f in representatives()} | set(PENDING) == {kind(f) for f in families()}
-    assert {"ddpm", "flow"} <= {kind(f) for f in representatives()}
+    assert {"ddpm", "flow", "ddpm-pixel"} <= {kind(f) for f in representatives()}
