@@ -85,11 +85,12 @@ UNET_LORA_TARGETS = "model.lora.target_modules=[to_k,to_q,to_v,to_out.0,conv1,co
 # Pixel families denoise 64x64x3 pixels, ~4x the cost of a step in 8x8 latents; 500 steps are enough there
 _PIXEL = Recipe(steps=500, base_steps=500, lora_steps=1000)
 # IF stage I at 32x32 (a quarter of its own 64x64), its square twice as bright so the classes differ as much:
-# a quarter of the cost, and 1.00 where at 64x64 the same 500 steps gave 1.00, 0.88 (cosine) and 0.50 (CI)
+# a quarter of the cost a step. 500 steps gave 1.00 with one thread, 0.75 with two (it mixed up left and right
+# in one class); 800 steps with two threads, 0.94. At 64x64, 500 steps had given 1.00, 0.88 (cosine) and 0.50.
 # Kolors at 5e-3 learned the classes, then diverged in its last hundred steps (gradient spikes past the clip,
 # samples of noise: 0.28; a cosine decay from 5e-3: 0.81); at 2e-3, 1.00
 RECIPES: dict[str, Recipe] = {  # where the default does not fit
-    "deepfloyd_if": dataclasses.replace(_PIXEL, size=32),
+    "deepfloyd_if": dataclasses.replace(_PIXEL, size=32, steps=800),
     "deepfloyd_if_sr": _PIXEL,
     "kolors": Recipe(lr_full=2e-3),
 }
