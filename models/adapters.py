@@ -69,10 +69,10 @@ class AdaptersMixin:
             out.update({f"lycoris_{k}": v for k, v in sorted(dict(lycoris or {}).items())})
         if finetune == "lora":
             lora = dict(lora or {})
-            rank = int(lora.get("rank") or 16)
+            rank = int(lora.get("rank", 16))  # >= 1: tuner.config checks it before load
             out.update(
                 lora_rank=rank,
-                lora_alpha=float(lora.get("alpha") or rank),
+                lora_alpha=float(rank if lora.get("alpha") is None else lora["alpha"]),
                 lora_target_modules=sorted(cls.lora_targets(lora.get("target_modules"))),
             )
         return out

@@ -75,7 +75,7 @@ def lycoris_network(denoiser: torch.nn.Module, settings: dict, targets: list[str
             "lora_prefix": prefix,
         }
     )
-    rank = int(settings.get("rank") or 10000)
+    rank = int(settings.get("rank", 10000))
     network = LycorisNetwork(
         denoiser,
         multiplier=1.0,
@@ -121,10 +121,10 @@ def setup_adapter(
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        rank = int(lora.get("rank") or 16)
+        rank = int(lora.get("rank", 16))  # >= 1: tuner.config checks it before load
         config = LoraConfig(
             r=rank,
-            lora_alpha=lora.get("alpha") or rank,
+            lora_alpha=rank if lora.get("alpha") is None else lora["alpha"],
             lora_dropout=float(lora.get("dropout") or 0.0),
             init_lora_weights="gaussian",
             target_modules=list(lora.get("target_modules") or default_targets),

@@ -1,6 +1,7 @@
 """The composed config: schemas catch mistakes early, and every preset trains on tiny weights."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,19 @@ def test_data_multi_needs_both_paths_and_flags_regularisation(make_cfg, demo_dir
     )
     assert cfg.data.datasets.regularisation.is_regularisation_data is True
     assert not cfg.data.datasets.subject.get("is_regularisation_data")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.lora.rank=0", "model.lora.rank=0; it must be >= 1"),
+        ("model.lora.rank=-4", "model.lora.rank=-4; it must be >= 1"),
+        ("model.lora.alpha=0", "model.lora.alpha=0.0; it must be > 0"),
+        ("model.lora.dropout=1", "model.lora.dropout=1.0; valid: 0 up to"),
+        ("model.lycoris.rank=0", "model.lycoris.rank=0; it must be >= 1"),
+    ],
+)
+def test_an_adapter_without_a_size_is_refused_before_load(make_cfg, override, message):
+    """model.lora.rank=0 used to train at rank 16 (``rank or 16``) without a word."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare(make_cfg(override, "model.pretrained_model_name_or_path=/nonexistent"))

@@ -252,6 +252,7 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
     datasets = _typed_datasets(cfg)
     _check_run(cfg, require_steps)
     _check_noise_range(cfg.model)
+    _check_adapter(cfg.model)
     _check_data(cfg, datasets)
     _check_callbacks(cfg.callbacks)
     _check_quantization(cfg)
@@ -279,6 +280,20 @@ def _check_run(cfg: DictConfig, require_steps: bool) -> None:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
         raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
+
+
+def _check_adapter(model: DictConfig) -> None:
+    """The adapter's size: a rank of 0 used to train at 16 (``rank or 16``) without a word."""
+    for name in ("lora", "lycoris"):
+        settings = model.get(name)
+        if settings is None:
+            continue
+        if settings.rank is None or settings.rank < 1:
+            raise ConfigError(f"model.{name}.rank={settings.rank}; it must be >= 1 (e.g. 16)")
+        if settings.alpha is not None and not settings.alpha > 0:
+            raise ConfigError(f"model.{name}.alpha={settings.alpha}; it must be > 0, or null for alpha = rank")
+        if not 0 <= settings.dropout < 1:
+            raise ConfigError(f"model.{name}.dropout={settings.dropout}; valid: 0 up to, not including, 1")
 
 
 def _check_data(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:
