@@ -69,6 +69,7 @@ class Recipe:
     sampling_steps: int = 20
     base_steps: int = 1000  # the LoRA's base: full training on generic shapes (``pretrain``)
     size: int = SIZE  # the toy images' side in pixels
+    lora_targets: str | None = None  # model.lora.target_modules for a LoRA; None: UNET_LORA_TARGETS or the family's
 
 
 # DDPM families train with v-prediction here. An epsilon denoiser trained from random weights for a thousand
@@ -158,6 +159,15 @@ def nearest_class(images, refs) -> list[int]:
     return [int(i) for i in np.argmin(d, axis=1)]
 
 
+def lora_targets(family: str, recipe: Recipe) -> str | None:
+    """The ``model.lora.target_modules`` override of the recipe's LoRA runs, or None for the family's default."""
+    from tuner.families import family_class
+
+    if recipe.lora_targets:
+        return f"model.lora.target_modules={recipe.lora_targets}"
+    return UNET_LORA_TARGETS if family_class(family).denoiser_name == "unet" else None
+
+
 def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, recipe: Recipe, extra=(),
           steps: int | None = None) -> float:
     """One run through train.py; returns its wall time in seconds."""
@@ -183,7 +193,7 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
         "seed=0",
         f"output_dir={out}",
         *(DDPM_OVERRIDES if family_class(family).noise_schedule == "ddpm" else ()),
-        *([UNET_LORA_TARGETS] if finetune != "full" and family_class(family).denoiser_name == "unet" else []),
+        *([lora_targets(family, recipe)] if finetune != "full" and lora_targets(family, recipe) else []),
         *extra,
     ]
     env = {**os.environ, "TUNER_LOG_LEVEL": "WARNING"}
