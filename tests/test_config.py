@@ -134,10 +134,20 @@ def test_cli_reports_misspelled_key_wrong_type_and_unknown_family():
     wrong_type = run_cli("train.py", "data.batch_size=four")
     assert wrong_type.returncode != 0 and "data.batch_size" in wrong_type.stderr
     family = run_cli("train.py", "model=sd99")
-    assert family.returncode != 0
+    assert family.returncode == 2
     assert "sd15" in family.stderr and "sdxl" in family.stderr  # the known families are listed
+    assert len(family.stderr.strip().splitlines()) == 1, family.stderr  # one line, not Hydra's ~17
     enum = run_cli("train.py", "model.finetune=lorra")
     assert "lora" in enum.stderr and "full" in enum.stderr
+
+
+def test_an_unknown_group_choice_is_one_line_with_the_valid_names():
+    hint = unknown_key_hint(["preset=sdx"], CONF)
+    assert hint.startswith("preset=sdx: there is no preset 'sdx'") and "Did you mean 'sdxl'?" in hint
+    assert "flux-dev" in hint and "\n" not in hint
+    assert "Valid: " in unknown_key_hint(["+experiment=nope"], CONF)
+    for fine in (["model=sdxl"], ["model=sd15,sdxl"], ["optimizer=adamw8bit"], ["hydra.searchpath=[file:///x]", "+experiment=mine"]):
+        assert unknown_key_hint(fine, CONF) is None, fine
 
 
 def test_enum_and_type_errors_in_compose():

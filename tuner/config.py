@@ -464,6 +464,24 @@ def _schema_knows(override: str, config_dir: str) -> bool:
     return True
 
 
+def _group_choice_hint(override: str, config_dir: str) -> str | None:
+    """For ``group=name`` (``model=foo``, ``preset=foo``, ``+experiment=foo``) where conf/<group>/ has no
+    ``name.yaml``: one line with the valid names (Hydra's own message is ~17 lines, its search path included).
+    None otherwise, and for a sweep's ``a,b`` or anything Hydra resolves itself."""
+    key, sep, value = override.partition("=")
+    group = key.lstrip("+").split("@")[0]
+    if not sep or not group or group.startswith("hydra") or any(c in value for c in ",()[]{}$*"):
+        return None
+    folder = Path(config_dir) / group
+    if not folder.is_dir() or value in ("", "null") or (folder / f"{value}.yaml").is_file():
+        return None
+    valid = sorted(p.stem for p in folder.glob("*.yaml"))
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    names = ", ".join(valid) or "none yet"
+    return f"{group}={value}: there is no {group} {value!r} (conf/{group}/{value}.yaml).{hint} Valid: {names}."
+
+
 def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "train") -> str | None:
     """For a single run whose overrides name a key that no schema has, a message that names the key
     and lists the valid keys at that level (Hydra's own error names only the key). None otherwise."""
@@ -471,6 +489,11 @@ def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+    searched = any(o.lstrip("+").startswith("hydra.searchpath") for o in overrides)  # other folders hold groups too
+    for override in [] if searched else overrides:
+        hint = _group_choice_hint(override, config_dir)
+        if hint:
+            return hint
     if all(_schema_knows(o, config_dir) for o in overrides):
         return None  # nothing to look up: no second compose on the way to the first step
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
