@@ -150,6 +150,18 @@ def test_an_unknown_group_choice_is_one_line_with_the_valid_names():
         assert unknown_key_hint(fine, CONF) is None, fine
 
 
+def test_a_wrong_type_in_an_experiment_file_is_one_line_naming_the_file_and_key(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "bad.yaml").write_text('# @package _global_\nmax_train_steps: "ten"\n')
+    hint = unknown_key_hint(["+experiment=bad"], str(conf))
+    assert hint == f"{conf / 'experiment' / 'bad.yaml'}: max_train_steps: Value 'ten' of type 'str' could not be converted to Integer"
+    (conf / "experiment" / "good.yaml").write_text("# @package _global_\nmax_train_steps: 10\n")
+    assert unknown_key_hint(["+experiment=good"], str(conf)) is None
+
+
 def test_enum_and_type_errors_in_compose():
     with pytest.raises(ConfigCompositionException):
         compose_cfg(["mixed_precision=fp8"])

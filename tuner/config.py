@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -482,6 +483,18 @@ def _group_choice_hint(override: str, config_dir: str) -> str | None:
     return f"{group}={value}: there is no {group} {value!r} (conf/{group}/{value}.yaml).{hint} Valid: {names}."
 
 
+def _file_type_error(message: str, config_dir: str) -> str | None:
+    """Hydra's 5-line report of a wrong type in a config file (an experiment's ``max_train_steps: "ten"``) as
+    one line: the file, the key, what was wrong. None for any other message."""
+    found = re.match(r"In '([^']+)': ValidationError raised while composing config:\n(.+?)\n\s+full_key: (\S+)", message)
+    if not found:
+        return None
+    source, problem, key = found.groups()
+    path = Path(config_dir) / f"{source}.yaml"
+    where = str(path) if path.is_file() else source
+    return f"{where}: {key}: {problem}"
+
+
 def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "train") -> str | None:
     """For a single run whose overrides name a key that no schema has, a message that names the key
     and lists the valid keys at that level (Hydra's own error names only the key). None otherwise."""
@@ -494,7 +507,8 @@ def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "
         hint = _group_choice_hint(override, config_dir)
         if hint:
             return hint
-    if all(_schema_knows(o, config_dir) for o in overrides):
+    user_files = [o for o in overrides if o.split("=", 1)[0].lstrip("+").split("@")[0] == "experiment"]
+    if not user_files and all(_schema_knows(o, config_dir) for o in overrides):
         return None  # nothing to look up: no second compose on the way to the first step
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         try:
@@ -502,6 +516,9 @@ def unknown_key_hint(overrides: list[str], config_dir: str, config_name: str = "
             return None
         except ConfigCompositionException as err:
             cause = err.__cause__
+            in_file = _file_type_error(str(err), config_dir)
+            if in_file:
+                return in_file
         if not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or not cause.full_key:
             return None  # not a misspelled key: Hydra's own message says it best
         bad = cause.full_key
