@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
 
     keep_unused_packages_out(cfg)  # bitsandbytes only when the run uses it
     quiet_third_parties()  # before the libraries load: their known noise stays out of the console
-    from tuner.run import train, user_error
+    from tuner.run import report_user_error, train, user_error
 
     try:
         return train(cfg)
@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
         found = user_error(err)
         if found is None:
             raise
-        print(f"tuner: error: {found}", file=sys.stderr)  # one line: what is wrong and what to do
+        report_user_error(found)  # one line (on the console and in train.log): what is wrong and what to do
         sys.exit(2)
 
 

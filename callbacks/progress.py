@@ -35,6 +35,12 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the run, not one per epoch
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning leaves the bar's line open on an error, and the error's one line was printed after it
+        # on the same line: closing the bar ends its line.
+        if self.train_progress_bar is not None and not self.train_progress_bar.disable:
+            self.train_progress_bar.close()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         bar = self.train_progress_bar
         if bar is None or trainer.global_step == self._last:

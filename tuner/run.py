@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -232,6 +233,16 @@ def user_error(err: BaseException) -> BaseException | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def report_user_error(err: BaseException) -> None:
+    """``tuner: error: ...`` on stderr, on a line of its own, and in the run's ``train.log`` when it has one
+    (the console handler is left out: the line is printed once)."""
+    line = f"tuner: error: {err}"
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _FileHandler):
+            handler.emit(logging.LogRecord("tuner", logging.ERROR, __file__, 0, line, None, None))
+    print(line, file=sys.stderr, flush=True)
 
 
 def write_config_dump(cfg: DictConfig, output_dir: Path) -> None:
