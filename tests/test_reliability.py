@@ -177,6 +177,31 @@ def test_resuming_a_truncated_checkpoint_names_the_intact_ones(make_cfg, demo_di
     (line,) = _error_lines(result.stderr)
     assert "is damaged (truncated or half-written); intact checkpoints in" in line
     assert "resume_from_checkpoint=latest takes 2" in line
+    assert "max_train_steps: 4" in (out / ".hydra" / "config.yaml").read_text()  # not the refused start's 6
+
+
+def test_a_base_model_that_is_not_there_is_one_line_and_leaves_the_runs_record(make_cfg, tmp_path, monkeypatch):
+    """A missing folder, a folder that is no pipeline, and a Hub id that cannot be fetched: the loader's own
+    error was several lines about the Hub, and the refused start had already rewritten .hydra/."""
+    from huggingface_hub import constants
+
+    out = tmp_path / "out"
+    train(make_cfg("max_train_steps=2", output_dir=out))
+    record = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
+    key = "model.pretrained_model_name_or_path"
+    for path, message in (
+        (tmp_path / "nowhere", f"{key}={tmp_path / 'nowhere'}: no such folder"),
+        (tmp_path, f"{key}={tmp_path} is a folder but not a diffusers pipeline (it has no model_index.json)"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            train(make_cfg(f"{key}={path}", "max_train_steps=3", output_dir=out))
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network in tests (a retried lookup took 23 s)
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(f"{key}=nobody/no-such-model", "max_train_steps=3", output_dir=out))
+    assert str(err.value).startswith(f"{key}=nobody/no-such-model: could not load it from the Hugging Face Hub at "
+                                      f"{constants.ENDPOINT} (HF_HUB_OFFLINE is set)") and "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == record
 
 
 def test_resuming_another_familys_checkpoint_says_what_differs_before_loading(make_cfg, tmp_path):

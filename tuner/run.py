@@ -289,18 +289,19 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.demo_assets_dir:
         ensure_demo_assets(cfg)
+    check_model_path(cfg.model.pretrained_model_name_or_path)
 
     datamodule = build_datamodule(cfg, output_dir)
     with phase("scan") as report:
         datamodule.scan()  # an unusable dataset fails here, before any weights load
         report["what"] = datamodule.summary()
-    if rank_zero:
-        write_config_dump(composed, output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
     import_family(cfg)
     with phase("load") as report:
         module = build_module(cfg)
         report["what"] = module.summary()
+    if rank_zero:  # only once the run has started for real: a refused or failed start leaves the old record
+        write_config_dump(composed, output_dir)
     from tuner.lifecycle import configure_export
 
     configure_export(module, cfg, datamodule, output_dir)
@@ -333,8 +334,47 @@ def import_family(cfg: DictConfig) -> None:
     imports_done()
 
 
+_KEY = "model.pretrained_model_name_or_path"
+
+
+def check_model_path(path: str) -> None:
+    """A local base model must be a diffusers pipeline folder: one line now, instead of the loader's
+    several about the Hub. A Hub id (``owner/name``) is tried when it loads (``build_module``)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ConfigError(f"{_KEY}={path} is a folder but not a diffusers pipeline (it has no model_index.json)")
+        return
+    if local.exists():
+        raise ConfigError(f"{_KEY}={path} is a file; point it at a diffusers pipeline folder or a Hub id")
+    if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path or path.count("/") > 1:
+        raise ConfigError(f"{_KEY}={path}: no such folder (nor is it a Hub id, owner/name)")
+
+
 def build_module(cfg: DictConfig, with_optimizer: bool = True):
-    """The family's module from ``cfg.model``, with what it needs from the other groups."""
+    """The family's module from ``cfg.model``, with what it needs from the other groups. A Hub id that cannot
+    be fetched is one line (a ConfigError) that says what was tried."""
+    try:
+        return _build_module(cfg, with_optimizer)
+    except Exception as wrapped:  # hydra's instantiate wraps what the loader raised
+        err, seen = wrapped, set()
+        while err is not None and not isinstance(err, OSError) and id(err) not in seen:
+            seen.add(id(err))
+            err = err.__cause__ or err.__context__
+        path = cfg.model.pretrained_model_name_or_path
+        if err is None or Path(path).expanduser().exists():
+            raise
+        from huggingface_hub import constants
+
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise ConfigError(
+            f"{_KEY}={path}: could not load it from the Hugging Face Hub at {constants.ENDPOINT}{offline}: "
+            f"{str(err).splitlines()[0][:200]} Check the id, the connection or HF_TOKEN, or point it at a local "
+            "pipeline folder"
+        ) from wrapped
+
+
+def _build_module(cfg: DictConfig, with_optimizer: bool):
     return instantiate(
         cfg.model,
         optimizer=instantiate(cfg.optimizer) if with_optimizer else None,
