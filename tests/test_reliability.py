@@ -355,3 +355,36 @@ def test_images_seen_counts_what_was_drawn_across_a_batch_size_change(make_cfg, 
     train(make_cfg("max_train_steps=6", "data.batch_size=1", "resume_from_checkpoint=latest", output_dir=out))
     tracker = json.loads((out / "checkpoints" / "6" / "tracker_state.json").read_text())
     assert tracker["images_seen"] == 4 * 2 + 2 * 1
+
+
+def _logged_lrs(run) -> dict[int, float]:
+    import csv
+
+    lrs = {}
+    for path in sorted(run.glob("logs/version_*/metrics.csv")):  # the resumed run logs to the next version
+        with open(path) as f:
+            lrs.update({int(r["step"]): float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")})
+    return lrs
+
+
+def test_a_resume_applies_the_configs_optimizer_settings(make_cfg, tmp_path):
+    """optimizer.lr lowered on resume was overwritten by the checkpoint's optimiser state without a word,
+    while .hydra/overrides.yaml recorded the new one."""
+    import torch
+
+    out = tmp_path / "out"
+    common = ("logger=csv", "checkpointing_steps=2", "lr_scheduler=constant")
+    train(make_cfg(*common, "optimizer.lr=1e-3", "max_train_steps=2", output_dir=out))
+    train(make_cfg(*common, "optimizer.lr=2.5e-4", "optimizer.weight_decay=0.05", "max_train_steps=4",
+                   "resume_from_checkpoint=latest", output_dir=out))
+    lrs = _logged_lrs(out)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[2] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(2.5e-4)
+    saved = torch.load(out / "checkpoints" / "4" / "checkpoint.ckpt", map_location="cpu", weights_only=False)
+    (group,) = saved["optimizer_states"][0]["param_groups"]
+    assert group["lr"] == pytest.approx(2.5e-4) and group["weight_decay"] == 0.05
+    said = [line for line in (out / "train.log").read_text().splitlines() if "resume: optimizer." in line]
+    assert any("optimizer.lr is 0.00025 in this run's config (0.001 in the checkpoint)" in m for m in said), said
+    assert any("optimizer.weight_decay is 0.05" in m for m in said), said
+    with pytest.raises(CheckpointError, match="the checkpoint's optimiser is AdamW, this run's Lion"):
+        train(make_cfg(*common, "optimizer=lion", "max_train_steps=6", "resume_from_checkpoint=latest",
+                       output_dir=out))
