@@ -178,9 +178,10 @@ def test_empty_dataset_fails_before_model_loads(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "x.png").write_bytes(b"not a png")
-    # The model path does not exist: reaching it would be a different error.
+    # A Hub id that is never fetched here: reaching the load would be a different error. (A local path that
+    # does not exist is refused before the scan, as one line of its own.)
     result = run_cli(
-        "train.py", f"data.path={empty}", "model.pretrained_model_name_or_path=/nonexistent", f"output_dir={tmp_path}"
+        "train.py", f"data.path={empty}", "model.pretrained_model_name_or_path=nobody/not-loaded", f"output_dir={tmp_path}"
     )
     assert result.returncode == 2 and "no usable images" in result.stderr
 
