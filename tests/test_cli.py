@@ -90,11 +90,14 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
 @pytest.mark.parametrize("family", list(families()))
 def test_tiny_writes_the_real_layout_and_loads(family, tmp_path):
     """Every family of conf/model/: its declared components, each in its subfolder, loaded back by
-    diffusers' own from_pretrained into the family's pipeline class."""
+    diffusers' own from_pretrained into the family's pipeline class. ``python -m tuner.tiny``'s own main,
+    in this process (a launch per family cost ~12 s of start-up each; the command line itself is launched by
+    test_tiny_rejects_unknown_family and tests/test_learnable.py)."""
     from diffusers import DiffusionPipeline
 
-    result = run_cli("-m", "tuner.tiny", family, str(tmp_path / family))
-    assert result.returncode == 0, result.stderr[-2000:]
+    from tuner.tiny import main as tiny_main
+
+    assert tiny_main([family, str(tmp_path / family)]) == 0
     root = tmp_path / family
     index = json.loads((root / "model_index.json").read_text())
     cls = family_class(family)
