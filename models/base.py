@@ -44,14 +44,6 @@ from models.experts import EXPERTS, Experts
 log = logging.getLogger(__name__)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal settings, tuples and lists alike (betas come back from a checkpoint as lists)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return bool(torch.as_tensor(a).eq(torch.as_tensor(b)).all())
-    return a == b
-
 DTYPES = trainable.DTYPES
 
 
@@ -458,51 +450,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
                 f"the checkpoint lacks {len(missing)} of this run's trainable weights (e.g. {missing[0]!r}); "
                 "was it written with another model.finetune or model.lora setting?"
             )
-        self._apply_config_to_optimizer_state(checkpoint)
-
-    # The optimisers' settings (AdamW, Lion, Adafactor, Prodigy, the 8-bit ones) a resume takes from the config.
-    # A group's other entries may be running state (Prodigy's d, d_max, k), restored as saved.
-    _RESUME_SETTINGS = frozenset({"lr", "weight_decay", "betas", "eps", "momentum", "beta3", "d_coef", "growth_rate",
-                                  "decay_rate", "clip_threshold", "d0", "decouple", "use_bias_correction"})
-
-    def _apply_config_to_optimizer_state(self, checkpoint: dict) -> None:
-        """A resume takes the optimiser's settings from the config, not the checkpoint: a lower
-        ``optimizer.lr`` set on resume used to be overwritten by the saved state without a word. Called
-        before Lightning restores the optimiser and scheduler from ``checkpoint``, whose states it edits:
-        each changed setting is set in every parameter group; a changed lr also becomes the schedule's base
-        (it continues from the resumed step, at the new rate). A different optimiser class is refused."""
-        states = checkpoint.get("optimizer_states") or []
-        if self.optimizer_factory is None or not states:
-            return
-        fresh = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
-        saved_class = checkpoint.get("tuner_optimizer")
-        if saved_class and saved_class != type(fresh).__name__:
-            from callbacks.checkpoints import CheckpointError
-
-            raise CheckpointError(
-                f"the checkpoint's optimiser is {saved_class}, this run's {type(fresh).__name__}: its saved state "
-                f"cannot carry over; resume with the optimizer it was trained with, or start a new run"
-            )
-        changed: dict[str, tuple] = {}
-        for group in states[0].get("param_groups", []):
-            for key, new in fresh.defaults.items():
-                if key not in self._RESUME_SETTINGS or key not in group or _same(group[key], new):
-                    continue
-                old = group[key]
-                changed[key] = (old, new)
-                if key == "lr":  # the current rate keeps its place in the schedule: scaled by new / old base
-                    base = group.get("initial_lr", old)
-                    group["lr"] = new * (old / base) if base else new
-                    group["initial_lr"] = new
-                else:
-                    group[key] = new
-        if "lr" in changed:
-            for scheduler in checkpoint.get("lr_schedulers") or []:
-                if "base_lrs" in scheduler:
-                    scheduler["base_lrs"] = [changed["lr"][1]] * len(scheduler["base_lrs"])
-        for key, (old, new) in changed.items():
-            log.warning("resume: optimizer.%s is %s in this run's config (%s in the checkpoint); %s", key, new, old,
-                        "the schedule continues from the resumed step at it" if key == "lr" else "applied")
+        if self.optimizer_factory is not None:  # a resume takes the optimiser's settings from the config
+            trainable.apply_config_to_optimizer_state(checkpoint, self.optimizer_factory)
 
     def pipeline(self):
         """The family's diffusers pipeline, assembled from the in-memory modules (nothing reloaded)."""
