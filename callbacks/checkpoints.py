@@ -237,6 +237,7 @@ class StepCheckpoint(Checkpoint):
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         step = trainer.global_step
+        refuse_nonfinite(trainer, pl_module, f"checkpoint {step}")
         final = self.dirpath / str(step)
         tmp = self.dirpath / f".tmp-{step}"
         if trainer.is_global_zero:
@@ -312,6 +313,23 @@ class StepCheckpoint(Checkpoint):
             log.info("checkpoint removed (checkpoints_total_limit=%d): %s", self.total_limit, old)
 
 
+def refuse_nonfinite(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
+    """Weights holding a NaN or infinity are never saved: every rank checks its own (shards included) and
+    all stop together, leaving the last checkpoint written as ``latest``."""
+    import torch
+
+    names = pl_module.nonfinite_weights() if hasattr(pl_module, "nonfinite_weights") else []
+    count = torch.tensor(float(len(names)))
+    if trainer.world_size > 1:
+        count = trainer.strategy.reduce(count.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    if float(count) > 0:
+        example = f" (e.g. {names[0]})" if names else " (on another rank)"
+        raise CheckpointError(
+            f"{what} not written: {int(count)} trainable tensors hold NaN or infinity{example}; the last checkpoint "
+            "stays latest; try a lower optimizer.lr or max_grad_norm=1.0"
+        )
+
+
 def _chain(err: BaseException):
     """The exception and its causes: torch and safetensors wrap the OSError of a full disk."""
     seen = set()
@@ -343,6 +361,7 @@ class FinalExport(L.Callback):
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from callbacks.model_card import write_model_card
 
+        refuse_nonfinite(trainer, pl_module, "the final export")
         with gathered_weights(trainer, pl_module):  # FSDP: whole weights on rank 0 (tuner/scale.py)
             if trainer.is_global_zero:
                 self.weights = pl_module.save_weights(self.output_dir)

@@ -40,6 +40,7 @@ from models import trainable
 from models.adapters import AdaptersMixin
 from models.encoders import EncodersMixin
 from models.experts import EXPERTS, Experts
+from models.guard import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         base_model_precision: str = "no_change",
         text_encoder_precision: str = "no_change",
         text_encoders: dict[str, str] | None = None,
+        on_nonfinite: str = "stop",
+        max_nonfinite_skips: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -157,6 +160,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         # Frozen weights are left out of checkpoints (on_save_checkpoint), so loading is not strict.
         self.strict_loading = False
         self.options = self.Options(**dict(options or {}))
+        self.nonfinite = NonFiniteGuard(on_nonfinite, max_nonfinite_skips)
 
         common = {"revision": revision, "variant": variant}
         for name, component in self.load_components(pretrained_model_name_or_path, common).items():
@@ -363,6 +367,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         if self.experts is not None:
             self.experts.begin_step(batch_idx)
         loss = self.compute_loss(batch, self._step_generator(batch_idx))
+        self.nonfinite.note_loss(loss)
         self.log(
             "train/loss",
             loss,
@@ -394,13 +399,19 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clipping computes the total gradient norm anyway; log that one rather than computing it twice.
         # (Lightning calls this after un-scaling fp16 gradients, so the norm is the true one.)
+        # A step whose loss or gradient is not finite is dropped here (no gradients: the optimiser leaves
+        # every parameter and its state as they were), or stops the run (models/guard.py).
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16 skips inf itself
+        if self.nonfinite.drop_step(norm, self.trainer, scaled):
+            for p in params:
+                p.grad = None
+            return
         if not params:
             return
         if gradient_clip_val:
-            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         self.log("grad_norm", norm, on_step=True, on_epoch=False)  # before clipping: spikes show here
 
     def configure_optimizers(self):
@@ -419,6 +430,10 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train, by their module path: all a checkpoint needs of the weights."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def nonfinite_weights(self) -> list[str]:
+        """The trainable parameters (this rank's shards) holding a NaN or infinity: none may be saved."""
+        return [name for name, p in self.trainable_state_dict().items() if not bool(torch.isfinite(p).all())]
 
     # ---- split-schedule experts (models/experts.py) -------------------------------------------------
     def denoiser_level(self, timestep: torch.Tensor) -> float:
@@ -440,6 +455,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         checkpoint["tuner_model"] = self.run_identity()
         if self.trainer is not None and self.trainer.optimizers:
             checkpoint["tuner_optimizer"] = type(self.trainer.optimizers[0]).__name__
+        checkpoint["tuner_nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Loading is not strict (frozen weights are not in the file), so check the other direction
@@ -450,6 +466,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
                 f"the checkpoint lacks {len(missing)} of this run's trainable weights (e.g. {missing[0]!r}); "
                 "was it written with another model.finetune or model.lora setting?"
             )
+        self.nonfinite.load_state_dict(checkpoint.get("tuner_nonfinite", {}))
         if self.optimizer_factory is not None:  # a resume takes the optimiser's settings from the config
             trainable.apply_config_to_optimizer_state(checkpoint, self.optimizer_factory)
 

@@ -16,3 +16,36 @@ class GarbageCollector(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path.write_text(json.dumps({"enabled": gc.isenabled(), "stats": gc.get_stats()}))
+
+
+def _fill_nan(value) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _fill_nan(item)
+    elif hasattr(value, "is_floating_point") and value.is_floating_point():
+        value.fill_(float("nan"))
+
+
+class NaNBatch(L.Callback):
+    """Fills the image inputs (latents or pixels) of the batches of the given optimiser steps (1-based) with NaN,
+    as a corrupt batch would arrive."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step + 1 in self.steps:
+            for key in ("encoded", "pixels"):
+                if key in batch:
+                    _fill_nan(batch[key])
+
+
+class PoisonWeights(L.Callback):
+    """Writes NaN into the first trainable tensor once the given optimiser step is done (a corrupted update)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.requires_grad).data.fill_(float("nan"))

@@ -47,6 +47,11 @@ from tuner.optim_schemas import (
 )
 
 
+class OnNonFinite(Enum):
+    stop = "stop"
+    skip = "skip"
+
+
 class MixedPrecision(Enum):
     no = "no"
     fp16 = "fp16"
@@ -177,6 +182,8 @@ class TrainConfig:
     mixed_precision: MixedPrecision = MixedPrecision.no
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
+    on_nonfinite: OnNonFinite = OnNonFinite.stop  # a step with a NaN/inf loss or gradient: stop the run, or skip it
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many dropped steps in a row
     demo_assets_dir: Optional[str] = None  # where the tiny demo's pipeline and images are written
     model: ModelConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,6 +286,8 @@ def _check_run(cfg: DictConfig, require_steps: bool) -> None:
         )
     if cfg.gradient_accumulation_steps < 1:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; it must be >= 1")
+    if cfg.max_nonfinite_skips < 1:
+        raise ConfigError(f"max_nonfinite_skips={cfg.max_nonfinite_skips}; it must be >= 1 (e.g. 10)")
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 0:
         raise ConfigError(f"checkpointing_steps={cfg.checkpointing_steps}; use a positive number, or 0/null for none")
 

@@ -223,9 +223,10 @@ def user_error(err: BaseException) -> BaseException | None:
     are one line that names the key or file and says what to do; train.py prints just that line."""
     from callbacks.checkpoints import CheckpointError
     from datamodules import EmptyDatasetError
+    from models.guard import NonFiniteError
     from tuner.lock import OutputDirLocked
 
-    kinds = (ConfigError, EmptyDatasetError, CheckpointError, OutputDirLocked)
+    kinds = (ConfigError, EmptyDatasetError, CheckpointError, OutputDirLocked, NonFiniteError)
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, kinds):
@@ -385,6 +386,8 @@ def _build_module(cfg: DictConfig, with_optimizer: bool):
         base_model_precision=cfg.quantization.base_model_precision,
         text_encoder_precision=cfg.quantization.text_encoder_precision,
         text_encoders=dict(cfg.quantization.text_encoders),
+        on_nonfinite=cfg.on_nonfinite,
+        max_nonfinite_skips=cfg.max_nonfinite_skips,
     )
 
 
