@@ -4,6 +4,11 @@ Each entry's key hashes everything that changes what it holds: for latents the i
 version, its bucket and crop, and the VAE (checkpoint, class, dtype); for text embeddings the caption
 and the text encoders. A changed input is a new key, never a stale hit. Entries are written under a
 temporary name and renamed when whole; an unreadable entry is treated as missing and recomputed.
+
+Each entry carries a checksum of its tensors (CRC-32, in the file's metadata), verified on every read:
+bytes overwritten in place (a bad disk, a copy gone wrong) keep a whole header and the right size, and
+would otherwise train as they are. An entry that fails it raises ``CorruptEntry``; the data module
+encodes it again. Entries written before checksums are recomputed once, as missing.
 """
 
 from __future__ import annotations
@@ -12,13 +17,31 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
+
+
+CHECKSUM = "tuner_crc32"
+
+
+class CorruptEntry(OSError):
+    """A cache entry whose tensors do not match the checksum written with them."""
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 over each tensor's name, dtype, shape and bytes, in name order."""
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 def cache_key(*parts) -> str:
@@ -41,6 +64,9 @@ class TensorCache:
             return False
         try:
             with safe_open(str(path), framework="pt") as f:
+                if CHECKSUM not in (f.metadata() or {}):
+                    path.unlink(missing_ok=True)  # written before checksums: computed again, once
+                    return False
                 return bool(list(f.keys()))
         except Exception:  # noqa: BLE001 - any damage means "recompute"
             log.warning("cache entry %s is damaged; it will be recomputed", path)
@@ -48,15 +74,25 @@ class TensorCache:
             return False
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
+        """The entry's tensors, checked against their checksum (``CorruptEntry`` when they differ)."""
         path = self.path(key)
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get(CHECKSUM)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as err:  # noqa: BLE001
             raise OSError(f"cache entry {path} is unreadable ({err}); delete it and run again") from err
+        if expected is not None and checksum(tensors) != expected:
+            raise CorruptEntry(f"cache entry {path} fails its checksum (its bytes changed after it was written)")
+        return tensors
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={CHECKSUM: checksum(tensors)})
         os.replace(tmp, path)
+
+    def discard(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

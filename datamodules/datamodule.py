@@ -6,18 +6,17 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from datamodules.buckets import BucketBatchSampler
 from datamodules.cache import TensorCache, cache_key
-from datamodules.images import load_rgb, resize_and_crop, to_tensor
+from datamodules.dataset import BucketedImageDataset, collate
 from datamodules.scan import DECODE_ERRORS, Sample, ScanResult, scan_source
 from datamodules.sources import Source, SourceError, open_source
 from datamodules.spec import DATASET_KEYS, SOURCE_OPTIONS
@@ -61,100 +60,6 @@ def shard_hint(path: str) -> str:
         return ""
     shown = ", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")
     return f"; {path!r} holds {len(shards)} .tar shard(s) ({shown}): to train on them set data.type=webdataset"
-
-
-class BucketedImageDataset(Dataset):
-    """Loads ``samples[index]`` resized and cropped to its bucket. Keys are ``(index, epoch)``.
-
-    An image that passed the scan but fails to decode now (changed on disk, damaged past its header)
-    is replaced by another of the same bucket, so the batch still holds one bucket; the failure is
-    logged with its path.
-    """
-
-    def __init__(
-        self,
-        samples: list[Sample],
-        sources: dict[str, Source],
-        seed: int,
-        latents: TensorCache | None = None,
-        latent_keys: list[str] | None = None,
-        embeds: TensorCache | None = None,
-        embed_identity: str | None = None,
-    ):
-        self.samples, self.sources, self.seed = samples, sources, seed
-        self.latents, self.latent_keys = latents, latent_keys
-        self.embeds, self.embed_identity = embeds, embed_identity
-        self.by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, sample in enumerate(samples):
-            self.by_bucket.setdefault(sample.bucket, []).append(index)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def pixels(self, index: int, epoch: int) -> tuple[torch.Tensor, tuple[int, int], random.Random]:
-        """The sample decoded, resized and cropped: (pixels (3, H, W), crop (top, left), its rng)."""
-        sample = self.samples[index]
-        rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
-        with self.sources[sample.dataset].open(sample.item) as fp:
-            cover = sample.bucket
-            if sample.scale_to is not None:  # a detail crop: decode at least as large as it is scaled to
-                cover = (max(cover[0], sample.scale_to[0]), max(cover[1], sample.scale_to[1]))
-            image = load_rgb(fp, cover=cover if sample.crop else None)
-        image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop, sample.scale_to)
-        return to_tensor(image), crop, rng
-
-    def _load(self, index: int, epoch: int) -> dict[str, Any]:
-        sample = self.samples[index]
-        if self.latent_keys is not None:
-            entry = self.latents.load(self.latent_keys[index])
-            out = {"encoded": entry["encoded"], "crop_top_left": tuple(entry["crop_top_left"].tolist())}
-            rng = random.Random(f"{self.seed}:{epoch}:{index}")  # cached crops are never random ones
-        else:
-            pixels, crop, rng = self.pixels(index, epoch)
-            out = {"pixels": pixels, "crop_top_left": crop}
-        caption = sample.captions[rng.randrange(len(sample.captions))] if len(sample.captions) > 1 else sample.caption
-        if self.embeds is not None:
-            out["cond"] = self.embeds.load(cache_key(caption, self.embed_identity))
-        bw, bh = sample.bucket
-        out.update(
-            caption=caption,
-            original_size=(sample.height, sample.width),
-            target_size=(bh, bw),
-            is_regularisation=sample.regularisation,
-        )
-        return out
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key
-        peers = self.by_bucket[self.samples[index].bucket]
-        start = peers.index(index)
-        for candidate in (peers[(start + k) % len(peers)] for k in range(min(len(peers), 8))):
-            try:
-                return self._load(candidate, epoch)
-            except DECODE_ERRORS as err:
-                log.warning(
-                    "could not load %s (%s); using another image of its bucket",
-                    self.samples[candidate].item.location,
-                    err,
-                )
-        raise RuntimeError(f"no image of bucket {self.samples[index].bucket} could be loaded")
-
-
-def collate(items: list[dict]) -> dict[str, Any]:
-    batch = {
-        "captions": [it["caption"] for it in items],
-        "original_size": torch.tensor([it["original_size"] for it in items]),  # (B, 2) as (h, w)
-        "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),  # (B, 2) as (y, x)
-        "target_size": torch.tensor([it["target_size"] for it in items]),  # (B, 2) as (h, w)
-        "is_regularisation": torch.tensor([it["is_regularisation"] for it in items]),  # (B,) bool
-    }
-    if "encoded" in items[0]:
-        batch["encoded"] = torch.stack([it["encoded"] for it in items])  # (B, 2C, h, w), one bucket
-    else:
-        batch["pixels"] = torch.stack([it["pixels"] for it in items])  # (B, 3, H, W), one bucket
-    if "cond" in items[0]:
-        batch["cond"] = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
-    return batch
 
 
 def split_held_out(samples: list[Sample], share: float) -> tuple[list[Sample], list[Sample]]:
@@ -375,6 +280,7 @@ class DiffusionDataModule(L.LightningDataModule):
             latent_keys=latent_keys,
             embeds=embeds,
             embed_identity=self._identity["text"],
+            encoders=None if self.num_workers else {k: self._encoders[k] for k in ("encode_pixels", "encode_prompts")},
         )
 
     def _fill_latents(self, plain, latents: TensorCache, keys: list[str], rank: int, world: int) -> int:

@@ -1,8 +1,10 @@
 """Latent and text-embedding caches: filled once, keyed on what changes them, trusted only when whole."""
 
 import csv
+import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -109,3 +111,46 @@ def test_a_swapped_vae_invalidates_latents_not_embeddings(make_cfg, demo_dir, tm
     train(make_cfg(*base, output_dir=tmp_path / "b"))
     assert len(_entries(cache, "latents") - latents) == 12
     assert _entries(cache, "text_embeds") == embeds
+
+
+def _overwrite_tensor_bytes(path: Path) -> None:
+    """NaN bytes over an entry's tensor data, its header and size intact (a bad disk, a copy gone wrong)."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[data_start:] = b"\xff" * (len(raw) - data_start)
+    path.write_bytes(bytes(raw))
+
+
+def test_entries_whose_bytes_changed_fail_their_checksum_and_are_encoded_again(make_cfg, tmp_path):
+    from datamodules.cache import CorruptEntry, TensorCache
+
+    cache = tmp_path / "cache"
+    base = ("data.crop_style=center", f"data.cache_dir={cache}", "checkpointing_steps=0")
+    train(make_cfg(*base, "max_train_steps=1", output_dir=tmp_path / "a"))
+    entries = sorted(cache.glob("*/*/*.safetensors"))
+    good = {p: {k: v.clone() for k, v in load_file(p).items()} for p in entries}
+    for path in entries:
+        _overwrite_tensor_bytes(path)
+    with pytest.raises(CorruptEntry, match="fails its checksum"):
+        TensorCache(entries[0].parents[1]).load(entries[0].stem)
+
+    loss = train(make_cfg(*base, "max_train_steps=4", output_dir=tmp_path / "b"))  # it read NaN before checksums
+    assert loss is not None and math.isfinite(loss)
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "fails its checksum (its bytes changed after it was written); encoded again" in log
+    read_again = [p for p in entries if _verifies(p)]
+    assert read_again  # every entry this run read is whole again, and as it was
+    for path in read_again:
+        assert all(torch.allclose(load_file(path)[k].float(), v.float(), atol=1e-5) for k, v in good[path].items())
+
+
+def _verifies(path: Path) -> bool:
+    from datamodules.cache import CorruptEntry, TensorCache
+
+    try:
+        TensorCache(path.parents[1]).load(path.stem)
+    except CorruptEntry:
+        return False
+    return True
