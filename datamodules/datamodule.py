@@ -26,28 +26,37 @@ log = logging.getLogger(__name__)
 PHASE = logging.getLogger("tuner.phase")  # one console line per phase (tuner/console.py)
 
 class EmptyDatasetError(ValueError):
-    """No usable image in any dataset: raised before any model weights load."""
+    """No usable image in any dataset, or none at a usable size: raised before any model weights load."""
 
 
-def warn_upscale(dataset: str, samples: list[Sample], limit: float = 2.0) -> float:
-    """Warn when the buckets enlarge the median image more than ``limit`` times along an edge: a
-    resolution far above the images (``resolution=7`` read as 7 megapixels) costs memory and time and
-    teaches blur. Returns that median factor."""
+UPSCALE_WARN, UPSCALE_REFUSE = 2.0, 4.0  # the median image's enlargement along an edge
+
+
+def check_upscale(dataset: str, samples: list[Sample], spec: dict, allow: bool = False) -> float:
+    """Warn when the buckets enlarge the median image more than 2x along an edge, and refuse more than 4x
+    unless ``data.allow_upscale=true``: a resolution far above the images (``resolution=7`` read as 7
+    megapixels) spends an hour encoding latents before the first step, costs memory, and teaches blur.
+    Returns that median factor."""
     if not samples:
         return 1.0
-    factors = sorted(max(s.bucket[0] / s.width, s.bucket[1] / s.height) for s in samples)
-    median = factors[len(factors) // 2]
-    if median > limit:
-        typical = samples[[max(s.bucket[0] / s.width, s.bucket[1] / s.height) for s in samples].index(median)]
-        log.warning(
-            "dataset %r: the buckets enlarge the median image %.1fx (e.g. %dx%d px into a %dx%d bucket); check "
-            "data.resolution (an edge in pixels, or megapixels below 16 with resolution_type=area)",
-            dataset,
-            median,
-            typical.width,
-            typical.height,
-            *typical.bucket,
+    factor = [max(s.bucket[0] / s.width, s.bucket[1] / s.height) for s in samples]
+    median = sorted(factor)[len(factor) // 2]
+    if median <= UPSCALE_WARN:
+        return median
+    typical = samples[factor.index(median)]
+    what = (
+        f"dataset {dataset!r}: the buckets enlarge the median image {median:.1f}x (e.g. {typical.width}x"
+        f"{typical.height} px into a {typical.bucket[0]}x{typical.bucket[1]} bucket)"
+    )
+    unit = "megapixels" if spec["resolution_type"] == "area" and spec["resolution"] < 16 else "px"
+    setting = f"data.resolution={spec['resolution']:g} ({unit}, resolution_type={spec['resolution_type']})"
+    if median > UPSCALE_REFUSE and not allow:
+        hint = " for an edge in pixels, set resolution_type=pixel;" if spec["resolution_type"] == "area" else ""
+        raise EmptyDatasetError(
+            f"{what}: {setting} is far above the images;{hint} or lower data.resolution; "
+            "data.allow_upscale=true trains at this size anyway"
         )
+    log.warning("%s; check %s", what, setting)
     return median
 
 
@@ -96,6 +105,7 @@ class DiffusionDataModule(L.LightningDataModule):
         cache_text_embeds: bool = True,
         num_workers: int = 0,
         allow_large_buckets: bool = False,  # checked with the config (tuner.config); nothing to do here
+        allow_upscale: bool = False,  # buckets may enlarge the median image more than 4x (check_upscale)
         seed: int = 0,
         report_path: str | None = None,
         **dataset_keys: Any,
@@ -114,11 +124,16 @@ class DiffusionDataModule(L.LightningDataModule):
             for name, entry in (datasets or {"default": {}}).items()
         }
         self.sources = self._open_sources(cache_dir)
+        for name, spec in self.specs.items():  # unset: where this kind of source keeps its captions
+            source = self.sources[name]
+            spec["caption_strategy"] = spec["caption_strategy"] or source.default_caption_strategy
+            source.options["caption_strategy"] = spec["caption_strategy"]
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.report_path = report_path
         self.report_written: str | None = None
         self.cache_dir = cache_dir
         self.validation_split = validation_split
+        self.allow_upscale = allow_upscale
         self.held_out: list[Sample] = []
         self.cache_latents, self.cache_text_embeds = cache_latents, cache_text_embeds
         self._encoders: dict | None = None
@@ -174,7 +189,7 @@ class DiffusionDataModule(L.LightningDataModule):
             hint = "".join(shard_hint(str(spec["path"])) for spec in self.specs.values() if spec["type"] != "webdataset")
             raise EmptyDatasetError(f"no usable images in {paths} ({len(skipped)} skipped; see {where}){hint}")
         for name, result in self.results.items():
-            warn_upscale(name, result.usable)
+            check_upscale(name, result.usable, self.specs[name], self.allow_upscale)
         if self.validation_split > 0:
             usable, self.held_out = split_held_out(usable, self.validation_split)
             log.info("data: %d images held out for the validation loss", len(self.held_out))

@@ -110,6 +110,7 @@ class TableSource(Source):
     """Rows of a metadata table: an image column (path or URL) and a caption column."""
 
     kind = "table"
+    default_caption_strategy = "column"
 
     @property
     def image_column(self) -> str:
@@ -136,11 +137,18 @@ class TableSource(Source):
         reader = {".jsonl": self._jsonl_rows, ".csv": self._csv_rows, ".parquet": self._parquet_rows}[suffix]
         return reader(path)
 
-    def _missing_column(self, path: Path, columns: list[str]) -> SourceError:
+    def _check_columns(self, path: Path, columns: list[str]) -> None:
+        """The image column must be there, and the caption column when the captions come from it."""
         have = ", ".join(repr(c) for c in columns) or "none"
-        return SourceError(
-            f"table {str(path)!r} has no image column {self.image_column!r} (set image_column); its columns: {have}"
-        )
+        if self.image_column not in columns:
+            raise SourceError(
+                f"table {str(path)!r} has no image column {self.image_column!r} (set image_column); its columns: {have}"
+            )
+        if self.options.get("caption_strategy") == "column" and self.caption_column not in columns:
+            raise SourceError(
+                f"table {str(path)!r} has no caption column {self.caption_column!r} (set caption_column, or "
+                f"caption_strategy=filename to caption by file name); its columns: {have}"
+            )
 
     def _jsonl_rows(self, path: Path) -> Iterator[tuple[int, Any, Any]]:
         # Parsed fully first: the missing-column check needs every row's keys, and it must fail
@@ -158,8 +166,8 @@ class TableSource(Source):
                     raise SourceError(f"table {str(path)!r}, line {number}: expected a JSON object")
                 rows.append((number, row))
         columns = list(dict.fromkeys(k for _, row in rows for k in row))
-        if rows and self.image_column not in columns:
-            raise self._missing_column(path, columns)
+        if rows:
+            self._check_columns(path, columns)
         for number, row in rows:
             yield number, row.get(self.image_column), row.get(self.caption_column)
 
@@ -168,9 +176,7 @@ class TableSource(Source):
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 return  # an empty file: no rows, so no images; the scan reports that
-            columns = list(reader.fieldnames)
-            if self.image_column not in columns:
-                raise self._missing_column(path, columns)
+            self._check_columns(path, list(reader.fieldnames))
             for row in reader:
                 # line_num counts physical lines read so far, which is where this row ends
                 yield reader.line_num, row.get(self.image_column), row.get(self.caption_column)
@@ -182,8 +188,7 @@ class TableSource(Source):
             columns = list(pq.read_schema(path).names)
         except Exception as err:  # pyarrow raises its own ArrowInvalid for a damaged file
             raise SourceError(f"table {str(path)!r} is not a readable parquet file: {err}") from err
-        if self.image_column not in columns:
-            raise self._missing_column(path, columns)
+        self._check_columns(path, columns)
         wanted = [self.image_column] + ([self.caption_column] if self.caption_column in columns else [])
         table = pq.read_table(path, columns=wanted)
         images = table.column(self.image_column).to_pylist()

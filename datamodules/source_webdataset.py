@@ -84,6 +84,7 @@ class WebDatasetSource(Source):
     """
 
     kind = "webdataset"
+    default_caption_strategy = "textfile"  # the key's .txt, or a caption field of its .json
 
     def __init__(self, path: str, options: dict | None = None):
         super().__init__(path, options)

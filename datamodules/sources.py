@@ -43,6 +43,8 @@ class Source(abc.ABC):
     """A dataset's items. Subclasses set ``kind`` and implement ``items`` and ``open``."""
 
     kind: ClassVar[str]
+    #: where captions come from when ``caption_strategy`` is left unset (null)
+    default_caption_strategy: ClassVar[str] = "filename"
 
     def __init__(self, path: str, options: dict | None = None):
         self.path = path

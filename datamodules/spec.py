@@ -46,7 +46,8 @@ class DatasetKeys:
     resolution_type: ResolutionType = ResolutionType.area
     bucket_step: int = 64
     crop_style: CropStyle = CropStyle.center
-    caption_strategy: CaptionStrategy = CaptionStrategy.filename
+    # null: the source's own: a table's caption column, webdataset's .txt/.json, else the file name
+    caption_strategy: Optional[CaptionStrategy] = None
     instance_prompt: Optional[str] = None
     minimum_image_size: int = 0
     multiline_captions: bool = True  # each line of a caption file is a caption; one is drawn per use

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from conftest import ROOT, run_cli, start_train, wait_for
 
 from callbacks.checkpoints import CheckpointError, list_checkpoints, resolve_checkpoint
+from datamodules import EmptyDatasetError
 from tuner.config import ConfigError, check
 from tuner.lock import LOCK_NAME, OutputDirLocked, RunLock
 from tuner.run import prepare, resume_checkpoint, train
@@ -304,19 +306,31 @@ def test_no_usable_images_beside_shards_names_them(make_cfg, tmp_path):
         train(cfg)
 
 
-def test_buckets_far_above_the_images_warn(make_cfg, caplog):
+def test_buckets_far_above_the_images_are_refused_before_load_unless_allowed(make_cfg, tmp_path, caplog):
     from hydra.utils import instantiate
 
-    cfg = prepare(make_cfg("data.resolution=7"))
-    datamodule = instantiate(cfg.data, seed=0, cache_dir=None)
+    # (train() takes over the logging handlers, so the warnings are checked first)
+    cfg = prepare(make_cfg("data.resolution=7", "data.allow_upscale=true"))
     with caplog.at_level("WARNING"):
-        datamodule.scan()
-    assert "the buckets enlarge the median image" in caplog.text and "check data.resolution" in caplog.text
+        instantiate(cfg.data, seed=0, cache_dir=None).scan()  # confirmed: a warning only
+    assert "the buckets enlarge the median image" in caplog.text and "check data.resolution=7" in caplog.text
     caplog.clear()
-    cfg = prepare(make_cfg("data.resolution=64"))
     with caplog.at_level("WARNING"):
-        instantiate(cfg.data, seed=0, cache_dir=None).scan()
+        instantiate(prepare(make_cfg("data.resolution=256", "data.resolution_type=pixel")).data, seed=0, cache_dir=None).scan()
+    assert re.search(r"enlarge the median image [23]\.\dx", caplog.text)  # between 2x and 4x: warned, not refused
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        instantiate(prepare(make_cfg("data.resolution=64")).data, seed=0, cache_dir=None).scan()
     assert "enlarge" not in caplog.text
+
+    # resolution=7 with resolution_type=area is 7 megapixels: 3344x2096 buckets for 128x80 px images (26x)
+    run = tmp_path / "run"
+    with pytest.raises(EmptyDatasetError) as caught:
+        train(make_cfg("data.resolution=7", output_dir=run))
+    message = str(caught.value)
+    assert "enlarge the median image 26.2x" in message and "\n" not in message
+    assert "resolution_type=pixel" in message and "data.allow_upscale=true" in message
+    assert not (run / "checkpoints").exists()  # refused at the scan, before the model loaded
 
 
 # ---- 4. smaller things ------------------------------------------------------------------------------

@@ -292,3 +292,19 @@ def test_a_failed_fetch_is_tried_again_on_the_next_scan(tmp_path, server):
     assert scan() == []  # 404 for now
     server.files["/late.png"] = png_bytes((64, 64), "red")  # the file appears
     assert [s.caption for s in scan()] == ["late"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_tables_captions_come_from_its_caption_column_unless_told_otherwise(tmp_path, kind):
+    (tmp_path / "img 000.png").write_bytes(png_bytes((64, 64), "red"))
+    rows = [{"file_name": "img 000.png", "text": "a red square"}]
+    table = write_jsonl(tmp_path / "t.jsonl", rows) if kind == "jsonl" else write_csv(tmp_path / "t.csv", rows, ["file_name", "text"])
+    scan = lambda **keys: DiffusionDataModule(path=str(table), resolution=64, bucket_step=16, **keys).scan()  # noqa: E731
+    assert [s.caption for s in scan()] == ["a red square"]  # no caption_strategy: the table's column
+    assert [s.caption for s in scan(caption_strategy="filename")] == ["img 000"]  # asked for: the file name
+
+    bare = [{"file_name": "img 000.png", "prompt": "a red square"}]
+    table = write_jsonl(tmp_path / "b.jsonl", bare) if kind == "jsonl" else write_csv(tmp_path / "b.csv", bare, ["file_name", "prompt"])
+    with pytest.raises(EmptyDatasetError, match="no caption column 'text' .*its columns: 'file_name', 'prompt'"):
+        scan()
+    assert [s.caption for s in scan(caption_column="prompt")] == ["a red square"]

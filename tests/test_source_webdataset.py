@@ -141,8 +141,7 @@ def test_end_to_end_scan_and_batch(shards, tmp_path):
         path=str(root / "shard-{000..002}.tar"),
         resolution=64,
         bucket_step=16,
-        caption_strategy="textfile",
-        report_path=str(report_path),
+        report_path=str(report_path),  # no caption_strategy: webdataset's own, the .txt/.json beside each image
     )
     samples = dm.scan()
     expected = {caption: bucket_for(*size, 64, "area", 16) for _, _, _, size, _, caption in SAMPLES}

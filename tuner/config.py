@@ -72,6 +72,7 @@ class DataConfig(DatasetKeys):
     cache_text_embeds: bool = True
     num_workers: int = 0
     allow_large_buckets: bool = False  # confirm buckets over 16 megapixels (refused otherwise, before loading)
+    allow_upscale: bool = False  # confirm buckets that enlarge the median image more than 4x (refused otherwise)
     # Entries are checked against DatasetOverrides in ``check`` (OmegaConf cannot add new typed entries to a
     # Dict[str, DatasetOverrides] from the command line, e.g. ``+data.datasets.photos.path=DIR``).
     datasets: dict[str, Any] = field(default_factory=dict)
