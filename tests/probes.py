@@ -28,13 +28,13 @@ def _fill_nan(value) -> None:
 
 class NaNBatch(L.Callback):
     """Fills the image inputs (latents or pixels) of the batches of the given optimiser steps (1-based) with NaN,
-    as a corrupt batch would arrive."""
+    as a corrupt batch would arrive: on every rank, or on ``rank`` alone."""
 
-    def __init__(self, steps: list[int]):
-        self.steps = set(steps)
+    def __init__(self, steps: list[int], rank: int | None = None):
+        self.steps, self.rank = set(steps), rank
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step + 1 in self.steps:
+        if trainer.global_step + 1 in self.steps and self.rank in (None, trainer.global_rank):
             for key in ("encoded", "pixels"):
                 if key in batch:
                     _fill_nan(batch[key])

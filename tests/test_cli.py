@@ -54,7 +54,10 @@ def test_multirun_sweep_writes_one_output_per_job(demo_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
+    """Also: a NaN batch on rank 1 alone drops step 2 on both ranks, and rank 0 knows why (on_nonfinite=skip)."""
     out = tmp_path / "ddp"
+    nan_on_rank_1 = ("+callbacks.extra.nan._target_=probes.NaNBatch", "+callbacks.extra.nan.steps=[2]",
+                     "+callbacks.extra.nan.rank=1", "on_nonfinite=skip")
     result = run_cli(
         "train.py",
         "trainer=ddp",
@@ -65,9 +68,12 @@ def test_ddp_two_cpu_processes_rank_zero_writes(demo_dir, tmp_path):
         "max_train_steps=3",
         "checkpointing_steps=3",
         "trainer.enable_progress_bar=false",
+        *nan_on_rank_1,
+        env={"PYTHONPATH": str(ROOT / "tests")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tuner: trained to step 3") == 1  # only rank 0 exports and reports
+    assert "step 2: the loss is not finite; step dropped (1 in a row" in (out / "train.log").read_text()
     names = {p.name for p in out.iterdir()}
     expected = {".hydra", "README.md", "checkpoints", "dataset_report.json", "logs", "train.log"}
     assert expected | {"pytorch_lora_weights.safetensors"} <= names
