@@ -433,7 +433,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
 
     def nonfinite_weights(self) -> list[str]:
         """The trainable parameters (this rank's shards) holding a NaN or infinity: none may be saved."""
-        return [name for name, p in self.trainable_state_dict().items() if not bool(torch.isfinite(p).all())]
+        local = {name: p.to_local() if hasattr(p, "to_local") else p for name, p in self.trainable_state_dict().items()}
+        return [name for name, p in local.items() if not bool(torch.isfinite(p).all())]
 
     # ---- split-schedule experts (models/experts.py) -------------------------------------------------
     def denoiser_level(self, timestep: torch.Tensor) -> float:

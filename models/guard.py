@@ -51,6 +51,8 @@ class NonFiniteGuard:
     def drop_step(self, grad_norm: torch.Tensor, trainer, scaled: bool) -> bool:
         """Whether this optimiser step must be dropped; raises NonFiniteError when the run must stop.
         Called once per optimiser step, after the gradients are whole (accumulated, synced, unscaled)."""
+        if hasattr(grad_norm, "full_tensor"):  # a sharded run's norm (a DTensor): the whole model's
+            grad_norm = grad_norm.full_tensor()
         loss_ok = self._loss_ok if self._loss_ok is not None else torch.tensor(True)
         self._loss_ok = None
         grad_ok = torch.tensor(True) if scaled else torch.isfinite(grad_norm)
