@@ -1,18 +1,28 @@
-"""Data pipeline benchmarks. Last line: ``scan_10k_s=… scan_10k_warm_s=… decode_speedup=… cached_step_ratio=…``.
+"""Data pipeline benchmarks. Last line: ``scan_10k_s=… scan_10k_warm_s=… decode_speedup=… cached_step_ratio=…
+checksum_step_ratio=… checksum_ms_sdxl_latent=… checksum_ms_t5_embed=…``.
 
 - scan_10k_s: header scan and bucketing of 10,000 generated JPEGs with an empty scan cache (the OS
   file cache is warm: the files were just written); scan_10k_warm_s: the same with the scan cache.
 - decode_speedup: decode + resize to the bucket, plain against JPEG draft mode (``load_rgb``), on
   3000x2000 photos-like JPEGs going to a 1024-px-area bucket.
-- cached_step_ratio: the tiny SD training step with latents and text embeddings from the cache,
-  against encoding them every step; median step times, same batch size and resolution.
+- cached_step_ratio: the tiny SD training step with latents and text embeddings from the cache (each
+  read verified against its checksum), against encoding them every step; median step times, same batch
+  size and resolution.
+- checksum_step_ratio: the same cached step with checksums on, against off. Off means
+  ``datamodules.cache.checksum`` returns a constant in this process, for writing and reading alike, with
+  entries of their own: a read parses the same metadata but computes no CRC.
+- checksum_ms_sdxl_latent, checksum_ms_t5_embed: one ``checksum`` of an entry of a real model's size, the
+  CRC every read adds: an SDXL 1024² latent (8 x 128 x 128 fp32, 0.5 MiB) and a Flux T5 prompt embedding
+  (512 x 4096 fp32, 8 MiB). The tiny model's entries are far smaller, so the step ratio shows the
+  machinery, these the cost at real sizes.
 
-    python bench/data.py [--images 10000] [--workdir DIR]
+    python bench/data.py [--images 10000] [--workdir DIR] [--step-rounds 4] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -91,84 +101,131 @@ def bench_decode(folder: Path, n: int = 40) -> float:
     return min(times[plain]) / min(times[draft])
 
 
-def bench_cached_step(workdir: Path, steps: int = 30, resolution: int = 128, batch: int = 4) -> tuple[float, float]:
+def bench_checksum(repeats: int) -> dict[str, float]:
+    """Median seconds of one ``checksum`` (what every cache read adds) over an entry of a real model's size."""
+    import torch
+
+    from datamodules.cache import checksum
+
+    entries = {
+        "sdxl_latent": {"encoded": torch.randn(8, 128, 128), "crop_top_left": torch.zeros(2, dtype=torch.long)},
+        "t5_embed": {"prompt_embeds": torch.randn(512, 4096), "pooled_prompt_embeds": torch.randn(768)},
+    }
+    medians = {}
+    for name, tensors in entries.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            checksum(tensors)
+            times.append(time.perf_counter() - start)
+        medians[name] = statistics.median(times)
+    return medians
+
+
+@contextlib.contextmanager
+def checksums_off():
+    """Inside, ``datamodules.cache.checksum`` returns a constant: entries are written with it and every read
+    matches it, so no CRC is computed on either side. Only for entries written inside (a cache of their own)."""
+    import datamodules.cache as cache
+
+    original = cache.checksum
+    cache.checksum = lambda tensors: "off"
+    try:
+        yield
+    finally:
+        cache.checksum = original
+
+
+VARIANTS = {  # name: (cache latents and text embeddings, checksums verified)
+    "cached": (True, True),
+    "unchecked": (True, False),
+    "plain": (False, True),
+}
+
+
+def bench_cached_step(
+    workdir: Path, steps: int, resolution: int, batch: int, rounds: int = 4, warmup: int = 5
+) -> dict[str, float]:
+    """Median step time of each of ``VARIANTS``, the runs interleaved (A B C A B C) so drift hits all alike;
+    the least of each variant's medians. A step is timed from one batch start to the next (bench/step_timer.py,
+    added through the config), so loading the batch counts, as it should."""
+    import json
     import logging
 
-    import lightning as L
     from common import compose_config
 
     from tuner.run import train
 
     logging.disable(logging.WARNING)
-    medians = {}
-    for cached in (True, False, True, False):
-
-        class StepTimer(L.Callback):
-            """Wall time from one batch start to the next: loading the batch counts, as it should."""
-
-            starts: list[float] = []
-
-            def on_train_batch_start(self, *a):
-                self.starts.append(time.perf_counter())
-
-        cfg = compose_config(
-            [
-                f"demo_assets_dir={workdir / 'demo'}",
-                f"output_dir={workdir / f'run-{cached}-{len(medians)}'}",
-                f"data.cache_dir={workdir / 'stepcache'}",
-                f"data.cache_latents={cached}",
-                f"data.cache_text_embeds={cached}",
-                "data.crop_style=center",
-                f"data.resolution={resolution}",
-                f"data.batch_size={batch}",
-                f"max_train_steps={steps}",
-                "checkpointing_steps=0",
-                "callbacks.ema.enabled=false",  # the tiny preset turns these on; the bench times the step alone
-                "callbacks.validation.enabled=false",
-                "logger=none",
-                "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false",
-            ]
-        )
-        import tuner.run as run
-
-        original = run.build_trainer
-
-        def with_timer(cfg, out, datamodule=None, _orig=original):
-            trainer = _orig(cfg, out, datamodule)
-            trainer.callbacks.append(StepTimer())
-            return trainer
-
-        run.build_trainer = with_timer
-        try:
-            train(cfg)
-        finally:
-            run.build_trainer = original
-        gaps = [b - a for a, b in zip(StepTimer.starts, StepTimer.starts[1:], strict=False)]
-        medians.setdefault(cached, []).append(statistics.median(gaps[5:]))
-    cached_ms, plain_ms = min(medians[True]), min(medians[False])
-    return cached_ms, plain_ms
+    medians: dict[str, list[float]] = {}
+    for i in range(rounds):
+        for name, (cached, checked) in VARIANTS.items():
+            times = workdir / f"steps-{name}-{i}.json"
+            cfg = compose_config(
+                [
+                    f"demo_assets_dir={workdir / 'demo'}",
+                    f"output_dir={workdir / f'run-{name}-{i}'}",
+                    f"data.cache_dir={workdir / f'stepcache-{name}'}",
+                    f"data.cache_latents={cached}",
+                    f"data.cache_text_embeds={cached}",
+                    "data.crop_style=center",
+                    f"data.resolution={resolution}",
+                    f"data.batch_size={batch}",
+                    f"max_train_steps={steps}",
+                    "checkpointing_steps=0",
+                    "callbacks.ema.enabled=false",  # the tiny preset turns these on; the bench times the step alone
+                    "callbacks.validation.enabled=false",
+                    "+callbacks.extra.steps._target_=bench.step_timer.StepStarts",
+                    f"+callbacks.extra.steps.path={times}",
+                    "logger=none",
+                    "trainer.accelerator=cpu",
+                    "trainer.enable_progress_bar=false",
+                ]
+            )
+            with contextlib.nullcontext() if checked else checksums_off():
+                train(cfg)
+            starts = json.loads(times.read_text())
+            gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+            medians.setdefault(name, []).append(statistics.median(gaps[warmup:]))
+    return {name: min(values) for name, values in medians.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--images", type=int, default=None, help="JPEGs to scan (default 10000; --smoke 200)")
     parser.add_argument("--workdir", default=None, help="keep generated images here between runs")
-    parser.add_argument("--step-resolution", type=int, default=128)
-    parser.add_argument("--step-batch", type=int, default=4)
+    parser.add_argument("--step-resolution", type=int, default=None, help="default 128; --smoke 64")
+    parser.add_argument("--step-batch", type=int, default=None, help="default 4; --smoke 2")
+    parser.add_argument("--step-rounds", type=int, default=4, help="runs of each step variant, interleaved")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the code path")
     args = parser.parse_args()
+    smoke = args.smoke
+    images = args.images or (200 if smoke else 10_000)
+    resolution = args.step_resolution or (64 if smoke else 128)
+    batch = args.step_batch or (2 if smoke else 4)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        make_jpegs(work / "jpegs", args.images)
+        make_jpegs(work / "jpegs", images)
         cold, warm, n = bench_scan(work / "jpegs", Path(tmp) / "scancache")
         print(f"scan of {n} JPEGs: cold {cold:.2f} s, warm {warm:.2f} s")
-        speedup = bench_decode(work / "photos")
+        speedup = bench_decode(work / "photos", n=2 if smoke else 40)
         print(f"decode + resize to bucket: draft mode {speedup:.2f}x faster")
-        cached, plain = bench_cached_step(Path(tmp), resolution=args.step_resolution, batch=args.step_batch)
-        print(f"tiny SD step: cached {cached * 1e3:.1f} ms, encoding each step {plain * 1e3:.1f} ms")
+        crc = bench_checksum(repeats=5 if smoke else 50)
+        print(
+            f"checksum of one entry: SDXL 1024² latent {crc['sdxl_latent'] * 1e3:.2f} ms, "
+            f"Flux T5 embedding {crc['t5_embed'] * 1e3:.2f} ms"
+        )
+        sizes = dict(steps=6, rounds=1, warmup=2) if smoke else dict(steps=30, rounds=args.step_rounds, warmup=5)
+        step = bench_cached_step(Path(tmp), resolution=resolution, batch=batch, **sizes)
+        print(
+            f"tiny SD step: cached {step['cached'] * 1e3:.1f} ms (checksums off {step['unchecked'] * 1e3:.1f} ms), "
+            f"encoding each step {step['plain'] * 1e3:.1f} ms"
+        )
         print(
             f"scan_10k_s={cold * 10_000 / n:.2f} scan_10k_warm_s={warm * 10_000 / n:.2f} "
-            f"decode_speedup={speedup:.2f} cached_step_ratio={cached / plain:.3f}"
+            f"decode_speedup={speedup:.2f} cached_step_ratio={step['cached'] / step['plain']:.3f} "
+            f"checksum_step_ratio={step['cached'] / step['unchecked']:.3f} "
+            f"checksum_ms_sdxl_latent={crc['sdxl_latent'] * 1e3:.3f} checksum_ms_t5_embed={crc['t5_embed'] * 1e3:.3f}"
         )
 
 

@@ -10,7 +10,8 @@ per GPU with 512 T5 tokens. The sharded side goes through tuner.scale.shard_deno
 ``fsdp_blocks``, gathering in bf16 and reducing in fp32, as DenoiserFSDP does under mixed_precision=bf16.
 Reported: the largest ``torch.cuda.max_memory_allocated`` over the ranks, and the median step time after
 the first. Last line (rank 0): ``ddp_peak_gib=… fsdp_peak_gib=… peak_ratio=… ddp_step_ms=… fsdp_step_ms=…
-step_ratio=…``. ``--tiny --cpu`` runs the same code on the tiny Flux over gloo (a smoke test of the script).
+step_ratio=…``. ``--tiny --cpu`` runs the same code on the tiny Flux over gloo (a smoke test of the script);
+``--smoke`` is that with 2 steps, and started without torchrun it runs as a group of one process.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ def run(model: torch.nn.Module, inputs: dict, steps: int, device: torch.device) 
     return float(peak), statistics.median(times[1:] or times)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4, help="double-stream blocks (FLUX.1: 19)")
@@ -92,7 +101,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="the tiny random Flux instead of FLUX.1's widths")
     parser.add_argument("--cpu", action="store_true", help="gloo on the CPU (a smoke test; no memory figures)")
+    parser.add_argument("--smoke", action="store_true", help="--tiny --cpu, 2 steps; one process without torchrun")
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.cpu, args.steps = True, True, 2
+        if "RANK" not in os.environ:  # not under torchrun: a process group of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("bench/fsdp_gpu.py needs CUDA GPUs (or --tiny --cpu for a smoke test)")
     from torch.distributed.device_mesh import init_device_mesh

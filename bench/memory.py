@@ -11,6 +11,9 @@
 3. The same weight figures for a Flux-shape transformer (real widths, fewer blocks): ``flux_int8_weight_ratio``.
 
     python bench/memory.py [--levels int8-quanto,int4-quanto,...] [--skip-sdxl] [--skip-flux] [--flux-blocks 2,4]
+
+``--smoke`` measures the tiny pipelines' denoisers (``python -m tuner.tiny``) instead of the real shapes, and
+AdamW against AdamW8bit only: the code path in seconds, not figures to quote.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import gc
 import resource
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,6 +71,18 @@ def bench_weights(levels: list[str], build, label: str) -> dict[str, int]:
         del model
         gc.collect()
     return sizes
+
+
+def tiny_denoiser(family: str):
+    """A builder of the family's tiny denoiser, in the dtype asked (``--smoke``)."""
+
+    def build(dtype):
+        from tuner.families import family_class
+
+        cls = family_class(family)
+        return getattr(cls.tiny_pipeline(family), cls.denoiser_name).to(dtype)
+
+    return build
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -121,20 +137,27 @@ def main() -> None:
     parser.add_argument("--skip-sdxl", action="store_true", help="skip the 2.6 B-parameter weight figures")
     parser.add_argument("--skip-flux", action="store_true", help="skip the Flux-shape weight figures")
     parser.add_argument("--flux-blocks", default="2,4", help="double,single blocks of the Flux-shape model (real: 19,38)")
+    parser.add_argument("--smoke", action="store_true", help="tiny denoisers, AdamW and AdamW8bit: the code path")
     args = parser.parse_args()
+    if args.smoke:
+        args.optimizers = "adamw,adamw8bit"
     figures = {}
     if not args.skip_sdxl:
         from sdxl_shapes import sdxl_unet
 
-        sizes = bench_weights(args.levels.split(","), sdxl_unet, "SDXL-shape UNet")
+        build, label = (tiny_denoiser("sdxl"), "tiny SDXL UNet") if args.smoke else (sdxl_unet, "SDXL-shape UNet")
+        sizes = bench_weights(args.levels.split(","), build, label)
         figures.update({f"{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
         figures["bf16_weight_gib"] = sizes["bf16"] / 2**30
     if not args.skip_flux:
         from flux_shapes import flux_transformer
 
         double, single = (int(n) for n in args.flux_blocks.split(","))
+        build = partial(flux_transformer, num_layers=double, num_single_layers=single)
         label = f"Flux-shape transformer ({double} double + {single} single blocks, real widths)"
-        sizes = bench_weights(args.levels.split(","), lambda d: flux_transformer(d, double, single), label)
+        if args.smoke:
+            build, label = tiny_denoiser("flux"), "tiny Flux transformer"
+        sizes = bench_weights(args.levels.split(","), build, label)
         figures.update({f"flux_{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
     figures["peak_rss_gib"] = peak_rss_gib()
     states = bench_optimizers(args.optimizers.split(","))

@@ -7,7 +7,7 @@ optimiser step ends) and ``python bench/startup_plain.py`` (the same load and on
 the medians. tuner runs with its defaults (latent and text caches on, filled before the first step, each
 round into a fresh cache), validation and EMA off, as the plain script has neither.
 
-    python bench/startup.py [--rounds 5] [--families sd15,sdxl]
+    python bench/startup.py [--rounds 5] [--families sd15,sdxl] [--smoke]
 
 Last line: ``startup_ratio_sd15=… startup_ratio_sdxl=…`` (tuner / plain; goal ≤ 1.0), after the seconds.
 """
@@ -87,7 +87,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--families", default="sd15,sdxl")
+    ap.add_argument("--smoke", action="store_true", help="SD 1.5, 1 round: checks the code path")
     args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.families = 1, "sd15"
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -98,7 +101,8 @@ def main() -> None:
                 [sys.executable, "-m", "tuner.tiny", family, str(pipeline)], cwd=ROOT, check=True, capture_output=True
             )
             times = {"tuner": [], "plain": []}
-            for i in range(args.rounds + 1):  # round 0 warms the OS file cache; not counted
+            # round 0 warms the OS file cache and is not counted (--smoke skips it)
+            for i in range(int(args.smoke), args.rounds + 1):
                 order = ["tuner", "plain"] if i % 2 else ["plain", "tuner"]
                 for who in order:
                     work = root / f"{family}-{who}-{i}"

@@ -4,7 +4,7 @@ Both run in this process on the tiny SD 1.5 pipeline, with the same batch, the s
 gradient clipping. They alternate step by step (a bare step runs between two of tuner's), so drift on
 the machine hits both alike; the figure is the ratio of median per-step times. Last line: ``key=value`` pairs.
 
-    python bench/step_overhead.py [--steps 30] [--rounds 5] [--batch 4] [--resolution 64]
+    python bench/step_overhead.py [--steps 30] [--rounds 5] [--batch 4] [--resolution 64] [--smoke]
 """
 
 from __future__ import annotations
@@ -166,7 +166,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped from the start of each run")
+    parser.add_argument("--smoke", action="store_true", help="4 steps, 1 round, batch 1: checks the code path")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds, args.batch, args.warmup = 4, 1, 1, 1
 
     import logging
 
