@@ -20,6 +20,25 @@ CONF = str(ROOT / "conf")
 register()
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (-n 2 on 2 cores) each worker, and each process it starts, computes on one thread:
+    # two workers with two threads each would oversubscribe the cores and slow every step several times.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A family's matrix runs train once per worker that asks for them: the tests reading them share a worker
+    # (pytest-xdist's --dist loadgroup), so each run still trains once a session.
+    for item in items:
+        if "matrix_run" in getattr(item, "fixturenames", ()):
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            item.add_marker(pytest.mark.xdist_group(f"matrix-{params.get('family', 'sd15')}"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tuner_home(tmp_path_factory):
     """Shared caches and demo assets go to a temp folder, never the user's ~/.cache/tuner."""
