@@ -8,10 +8,11 @@ import re
 
 # SimpleTuner's model_family -> tuner's model group (flux, sd3, deepfloyd and legacy also pick a variant)
 FAMILIES = {"sd1x": "sd15", "legacy": "sd15", "sd2x": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
-FAMILIES.update(pixart_sigma="pixart_sigma", kolors="kolors", deepfloyd="deepfloyd_if")
-PRESETS = {"sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl", "pixart_sigma": "pixart-sigma", "kolors": "kolors"}
+FAMILIES.update(pixart_sigma="pixart_sigma", kolors="kolors", deepfloyd="deepfloyd_if", chroma="chroma")
+PRESETS = {"sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl", "pixart_sigma": "pixart-sigma", "kolors": "kolors", "chroma": "chroma"}
 # the base model a SimpleTuner model_flavour stands for, when no pretrained_model_name_or_path is given
 FLAVOURS = {("flux", "dev"): "black-forest-labs/FLUX.1-dev", ("flux", "schnell"): "black-forest-labs/FLUX.1-schnell"}
+FLAVOURS.update({("chroma", "hd"): "lodestones/Chroma1-HD", ("chroma", "base"): "lodestones/Chroma1-Base"})
 FLAVOURS.update({("sd3", size): f"stabilityai/stable-diffusion-3.5-{size}" for size in ("medium", "large")})
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
