@@ -143,6 +143,10 @@ def test_deepspeed_configs_build_the_intended_strategy(make_cfg, stage):
 
 
 # ---- two processes ----------------------------------------------------------------------------------
+# the tests reading `runs` share a pytest-xdist worker (--dist loadgroup), so the DDP and FSDP runs train once
+RUNS_GROUP = pytest.mark.xdist_group("fsdp-runs")
+
+
 @pytest.fixture(scope="module")
 def runs(demo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
@@ -168,6 +172,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
+@RUNS_GROUP
 def test_lora_resume_is_exact_and_matches_ddp(runs):
     straight, resumed, ddp = runs / "sd_straight", runs / "sd_resumed", runs / "sd_ddp"
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
@@ -188,6 +193,7 @@ def _grad_norms(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
+@RUNS_GROUP
 def test_sharded_checkpoints_hold_only_what_trains_and_resume_from_latest(runs, demo_dir):
     from diffusers import StableDiffusionPipeline
     from torch.distributed.checkpoint import FileSystemReader
@@ -222,6 +228,7 @@ def test_sharded_checkpoints_hold_only_what_trains_and_resume_from_latest(runs, 
 
 
 @pytest.mark.slow
+@RUNS_GROUP
 def test_transformer_full_finetune_matches_ddp(runs, demo_dir):
     """Flux's blocks return views of one tensor (FSDP warns that an in-place op on them would skip a
     gather): sharded by its blocks, with gradient checkpointing, it trains as DDP does."""
@@ -238,6 +245,7 @@ def test_transformer_full_finetune_matches_ddp(runs, demo_dir):
 
 
 @pytest.mark.slow
+@RUNS_GROUP
 def test_full_finetune_bf16_full_checkpoints_resume_and_export_a_pipeline(runs, demo_dir):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
