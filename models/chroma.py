@@ -24,7 +24,7 @@ import torch
 
 from models.base import DiffusionModule, lazy_class
 from models.encoders import t5_with_mask
-from models.flux import dynamic_mu, image_ids, pack, unpack
+from models.flux import DEV_SCHEDULER, dynamic_mu, image_ids, pack, sample_packed, unpack
 
 # Chroma's blocks are Flux's without the modulation linears (its norms are "pruned": the approximator
 # supplies their scales and shifts), so there is no norm target.
@@ -102,16 +102,9 @@ class ChromaModule(DiffusionModule):
         )[0]
         return unpack(out, h, w)  # (B, 16, h, w)
 
-    @torch.no_grad()
     def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
-        """ChromaPipeline returns packed latents for ``output_type="latent"``: unpack, then decode outside
-        autocast. The negative prompt is kept: it is the unconditional half of Chroma's real CFG."""
-        with autocast or torch.autocast(self.device.type, enabled=False):
-            tokens = pipe(prompt, output_type="latent", max_sequence_length=self.options.t5_max_length, **kwargs).images
-        factor = pipe.vae_scale_factor * 2
-        latents = unpack(tokens, 2 * (kwargs["height"] // factor), 2 * (kwargs["width"] // factor))
-        with torch.autocast(self.device.type, enabled=False):
-            return self.decode_latents(pipe, latents)
+        """The negative prompt is kept: it is the unconditional half of Chroma's real CFG."""
+        return sample_packed(self, pipe, prompt, autocast, **kwargs)
 
     @classmethod
     def tiny_pipeline(cls, name: str, seed: int = 0):
@@ -134,19 +127,9 @@ class ChromaModule(DiffusionModule):
             approximator_hidden_dim=32,
             approximator_layers=1,
         )
-        # Chroma1-HD's scheduler config: Flux dev's dynamic shift by the image's sequence length
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        )
         return cls.pipeline_class(
             transformer=transformer,
-            scheduler=scheduler,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER),  # Chroma1-HD's is Flux dev's
             vae=tiny.vae16(shift_factor=0.1159, scaling_factor=0.3611),  # Flux's VAE, shift and scale
             text_encoder=T5EncoderModel(tiny.t5_config(32)),
             tokenizer=tiny.t5_tokenizer(model_max_length=512),

@@ -219,15 +219,9 @@ class FluxModule(DiffusionModule):
 
     @torch.no_grad()
     def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
-        """FluxPipeline returns packed latents for ``output_type="latent"``: unpack, then decode outside
-        autocast. dev's ``guidance_scale`` is its guidance embedding; there is no negative prompt."""
+        """dev's ``guidance_scale`` is its guidance embedding; there is no negative prompt."""
         kwargs.pop("negative_prompt", None)
-        with autocast or torch.autocast(self.device.type, enabled=False):
-            tokens = pipe(prompt, output_type="latent", max_sequence_length=self.options.t5_max_length, **kwargs).images
-        factor = pipe.vae_scale_factor * 2
-        latents = unpack(tokens, 2 * (kwargs["height"] // factor), 2 * (kwargs["width"] // factor))
-        with torch.autocast(self.device.type, enabled=False):
-            return self.decode_latents(pipe, latents)
+        return sample_packed(self, pipe, prompt, autocast, **kwargs)
 
     @classmethod
     def tiny_pipeline(cls, name: str, seed: int = 0):
@@ -254,15 +248,7 @@ class FluxModule(DiffusionModule):
         if schnell:
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         else:
-            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000,
-                shift=3.0,
-                use_dynamic_shifting=True,
-                base_shift=0.5,
-                max_shift=1.15,
-                base_image_seq_len=256,
-                max_image_seq_len=4096,
-            )
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
         return cls.pipeline_class(
             transformer=transformer,
             scheduler=scheduler,
@@ -272,6 +258,30 @@ class FluxModule(DiffusionModule):
             text_encoder_2=T5EncoderModel(tiny.t5_config(32)),
             tokenizer_2=tiny.t5_tokenizer(model_max_length=512),
         )
+
+
+# FLUX.1 [dev]'s scheduler config (Chroma1-HD's too): sigmas shifted by the image's sequence length
+DEV_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+@torch.no_grad()
+def sample_packed(module, pipe, prompt: str, autocast=None, **kwargs):
+    """One validation image from a pipeline that returns packed latents for ``output_type="latent"`` (Flux,
+    Chroma): the loop under ``autocast``, then unpack and decode outside it."""
+    with autocast or torch.autocast(module.device.type, enabled=False):
+        tokens = pipe(prompt, output_type="latent", max_sequence_length=module.options.t5_max_length, **kwargs).images
+    factor = pipe.vae_scale_factor * 2
+    latents = unpack(tokens, 2 * (kwargs["height"] // factor), 2 * (kwargs["width"] // factor))
+    with torch.autocast(module.device.type, enabled=False):
+        return module.decode_latents(pipe, latents)
 
 
 def is_schnell(model_cfg) -> bool:
