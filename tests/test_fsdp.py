@@ -143,11 +143,12 @@ def test_deepspeed_configs_build_the_intended_strategy(make_cfg, stage):
 
 
 # ---- two processes ----------------------------------------------------------------------------------
-# the tests reading `runs` share a pytest-xdist worker (--dist loadgroup), so the DDP and FSDP runs train once
+# The runs (~45 s of a core) live for the session, not the module: a pytest-xdist worker may run these tests apart,
+# with other modules between them. The group is meant to keep them on one worker (see tests/conftest.py).
 RUNS_GROUP = pytest.mark.xdist_group("fsdp-runs")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(demo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNER_LOG_LEVEL": "WARNING", "TORCH_SHOW_CPP_STACKTRACES": "1"}
