@@ -164,3 +164,42 @@ def t5_config(d_model: int = 64):
     return T5Config(
         vocab_size=256, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8
     )
+
+
+# Qwen3's chat template, cut to what the pipelines use (one user message, the generation prompt, and the
+# empty thinking block Qwen3 writes when thinking is off), so Z-Image and FLUX.2 [klein] template prompts
+# exactly as they do with the real tokenizer.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>", "<think>", "</think>",
+)
+
+
+def qwen_tokenizer(model_max_length: int = 32768):
+    """A Qwen2/2.5/3 tokenizer built locally: byte-level BPE with no merges (every byte a token, ids 0-255),
+    then Qwen's special tokens (ids 256 on), padding with ``<|endoftext|>`` and Qwen3's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=model_max_length,
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+    )
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
