@@ -31,13 +31,30 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # A family's matrix runs train once per worker that asks for them: the tests reading them are meant to share a
-    # worker (pytest-xdist's --dist loadgroup). pytest-xdist 3.8 applies the group through Item._nodeid, which
-    # pytest 9 ignores, so for now a run may train on both workers (correct, only slower); see pyproject.toml.
+    # A family's matrix runs train once per worker that asks for them, so the tests reading them share a worker
+    # (pytest-xdist's --dist loadgroup groups the tests of one xdist_group mark).
     for item in items:
         if "matrix_run" in getattr(item, "fixturenames", ()):
             params = getattr(getattr(item, "callspec", None), "params", {})
             item.add_marker(pytest.mark.xdist_group(f"matrix-{params.get('family', 'sd15')}"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup"):  # set on workers under --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items) -> None:
+    """Put each test's xdist group into its node id (``...::test[sd15]@matrix-sd15``), which is where the
+    controller's loadgroup scheduler reads it. pytest-xdist 3.8 does this by setting ``Item._nodeid``, which
+    pytest 9 no longer reads (the id is ``Item._id``), so without this every group was ignored and a family's
+    matrix runs trained on both workers."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        )
+        nodeid = item.nodeid.split("@")[0] if item.nodeid.rfind("@") > item.nodeid.rfind("]") else item.nodeid
+        if groups and hasattr(item, "_id"):
+            item._id = coerce_node_id(f"{nodeid}@{'_'.join(groups)}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -145,7 +162,9 @@ def _train_stages(demo_dir: Path, out: Path, family: str, kind: str) -> MatrixRu
     for overrides in MATRIX_RUNS[kind]:
         # validation still samples every prompt and measures its loss; two denoising steps serve the checks as
         # well as the preset's ten, and sampling was most of a tiny run's time
-        loss = train(tiny_cfg(demo_dir, out, f"model={family}", "callbacks.validation.num_inference_steps=2", *overrides))
+        loss = train(
+            tiny_cfg(demo_dir, out, f"model={family}", "callbacks.validation.num_inference_steps=2", *overrides)
+        )
     return MatrixRun(out, loss)
 
 

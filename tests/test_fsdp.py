@@ -144,7 +144,7 @@ def test_deepspeed_configs_build_the_intended_strategy(make_cfg, stage):
 
 # ---- two processes ----------------------------------------------------------------------------------
 # The runs (~45 s of a core) live for the session, not the module: a pytest-xdist worker may run these tests apart,
-# with other modules between them. The group is meant to keep them on one worker (see tests/conftest.py).
+# with other modules between them. The group keeps them on one worker (see tests/conftest.py).
 RUNS_GROUP = pytest.mark.xdist_group("fsdp-runs")
 
 
