@@ -8,9 +8,11 @@
    32 bits, so the LoRA rank here (128) makes every LoRA matrix large enough to be stored in 8 bits,
    as SDXL's are at rank 16.
 
-3. The same weight figures for a Flux-shape transformer (real widths, fewer blocks): ``flux_int8_weight_ratio``.
+3. One row per transformer family (bench/shapes.py: the denoiser at its real widths, one and two blocks of each
+   kind, so the full model's bytes follow exactly without holding it): bf16 and int8 weight bytes of the whole
+   model, ``<family>_bf16_gib``, ``<family>_int8_gib`` and ``<family>_int8_weight_ratio``.
 
-    python bench/memory.py [--levels int8-quanto,int4-quanto,...] [--skip-sdxl] [--skip-flux] [--flux-blocks 2,4]
+    python bench/memory.py [--levels int8-quanto,int4-quanto,...] [--skip-sdxl] [--families flux,chroma,...]
 
 ``--smoke`` measures the tiny pipelines' denoisers (``python -m tuner.tiny``) instead of the real shapes, and
 AdamW against AdamW8bit only: the code path in seconds, not figures to quote.
@@ -71,6 +73,43 @@ def bench_weights(levels: list[str], build, label: str) -> dict[str, int]:
         del model
         gc.collect()
     return sizes
+
+
+def _bf16_and_int8(shape, counts: dict[str, int]) -> dict[str, int]:
+    """Weight bytes of one real-width build in bf16, then quantised in place to int8."""
+    from models.quantize import quantize_module
+
+    model = shape.build(torch.bfloat16, counts)
+    out = {"bf16": tensor_bytes(model)}
+    out["int8"] = tensor_bytes(quantize_module(model, "int8-quanto"))
+    del model
+    gc.collect()
+    return out
+
+
+def family_rows(families: list[str]) -> dict[str, float]:
+    """bf16 and int8 weight bytes of each family's full denoiser, from real-width builds of few blocks."""
+    from shapes import SHAPES, full_bytes
+
+    figures = {}
+    for family in families:
+        shape = SHAPES[family]
+        built, full = full_bytes(shape, partial(_bf16_and_int8, shape))
+        bf16, int8, built_bf16 = full["bf16"], full["int8"], built["bf16"]
+        print(
+            f"{family}: {shape.model} at real widths ({shape.parameters_note()}, ~{bf16 / 2e9:.1f} B parameters): "
+            f"bf16 {bf16 / 2**30:.2f} GiB, "
+            f"int8 {int8 / 2**30:.2f} GiB ({int8 / bf16:.3f}); built with one and two blocks a kind "
+            f"({built_bf16 / 2**30:.2f} GiB the smallest), peak RSS {peak_rss_gib():.1f} GiB"
+        )
+        figures.update(
+            {
+                f"{family}_bf16_gib": bf16 / 2**30,
+                f"{family}_int8_gib": int8 / 2**30,
+                f"{family}_int8_weight_ratio": int8 / bf16,
+            }
+        )
+    return figures
 
 
 def tiny_denoiser(family: str):
@@ -135,8 +174,11 @@ def main() -> None:
     parser.add_argument("--levels", default="int8-quanto,int4-quanto,int2-quanto,fp8-quanto")
     parser.add_argument("--optimizers", default="adamw,adamw8bit,lion,lion8bit,stableadamw,prodigy,adafactor")
     parser.add_argument("--skip-sdxl", action="store_true", help="skip the 2.6 B-parameter weight figures")
-    parser.add_argument("--skip-flux", action="store_true", help="skip the Flux-shape weight figures")
-    parser.add_argument("--flux-blocks", default="2,4", help="double,single blocks of the Flux-shape model (real: 19,38)")
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="transformer families' rows (default: every one of bench/shapes.py; '' for none)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny denoisers, AdamW and AdamW8bit: the code path")
     args = parser.parse_args()
     if args.smoke:
@@ -149,16 +191,14 @@ def main() -> None:
         sizes = bench_weights(args.levels.split(","), build, label)
         figures.update({f"{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
         figures["bf16_weight_gib"] = sizes["bf16"] / 2**30
-    if not args.skip_flux:
-        from flux_shapes import flux_transformer
+    if args.smoke:
+        sizes = bench_weights(["int8-quanto"], tiny_denoiser("flux"), "tiny Flux transformer")
+        figures["flux_int8_weight_ratio"] = sizes["int8-quanto"] / sizes["bf16"]
+    else:
+        from shapes import SHAPES
 
-        double, single = (int(n) for n in args.flux_blocks.split(","))
-        build = partial(flux_transformer, num_layers=double, num_single_layers=single)
-        label = f"Flux-shape transformer ({double} double + {single} single blocks, real widths)"
-        if args.smoke:
-            build, label = tiny_denoiser("flux"), "tiny Flux transformer"
-        sizes = bench_weights(args.levels.split(","), build, label)
-        figures.update({f"flux_{k.split('-')[0]}_weight_ratio": v / sizes["bf16"] for k, v in sizes.items() if k != "bf16"})
+        names = list(SHAPES) if args.families is None else [f for f in args.families.split(",") if f]
+        figures.update(family_rows(names))
     figures["peak_rss_gib"] = peak_rss_gib()
     states = bench_optimizers(args.optimizers.split(","))
     figures.update({f"{k}_state_ratio": v / states["adamw"] for k, v in states.items() if k != "adamw"})

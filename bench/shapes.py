@@ -1,0 +1,78 @@
+"""Each transformer family's denoiser at its real widths (the published transformer/config.json), for
+random-weight benches that cannot hold the whole model (bench/memory.py's per-family rows).
+
+A ``Shape`` builds the denoiser with few blocks of each kind; since every block of a kind has the same
+bytes, builds with one more block of each kind give a per-block figure, from which the full model's bytes
+follow exactly (``full_bytes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flux_shapes import FLUX_TRANSFORMER
+
+CHROMA_TRANSFORMER = dict(  # lodestones/Chroma1-HD: Flux's blocks, no modulation linears; the approximator instead
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    axes_dims_rope=(16, 56, 56),
+    approximator_num_channels=64,
+    approximator_hidden_dim=5120,
+    approximator_layers=5,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str  # the diffusers class
+    config: dict
+    blocks: tuple[str, ...]  # the config keys that count blocks, one per kind
+    # the config of a build with the given block counts, where other keys depend on them (HiDream's llama_layers)
+    adjust: Callable[[dict], dict] = field(default=lambda config: config)
+
+    def real_blocks(self) -> dict[str, int]:
+        return {key: self.config[key] for key in self.blocks}
+
+    def parameters_note(self) -> str:
+        return ", ".join(f"{key}={n}" for key, n in self.real_blocks().items())
+
+    def build(self, dtype, counts: dict[str, int]):
+        """A random-weight denoiser built directly in ``dtype``, with ``counts`` blocks of each kind."""
+        import diffusers
+        import torch
+
+        config = self.adjust({**self.config, **counts})
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return getattr(diffusers, self.model)(**config).eval().requires_grad_(False)
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def full_bytes(
+    shape: Shape, measure: Callable[[dict[str, int]], dict[str, int]]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes (by whatever keys ``measure`` returns, e.g. precision) of the build with one block of each kind, and
+    of the full model: ``measure(counts)`` of that build and of builds with one more block of one kind give
+    each kind's bytes a block."""
+    base_counts = dict.fromkeys(shape.blocks, 1)
+    base = measure(base_counts)
+    total = dict(base)
+    for key, n in shape.real_blocks().items():
+        more = measure({**base_counts, key: 2})
+        for level in total:
+            total[level] += (n - 1) * (more[level] - base[level])
+    return base, total
+
+
+SHAPES: dict[str, Shape] = {
+    "flux": Shape("FluxTransformer2DModel", FLUX_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "chroma": Shape("ChromaTransformer2DModel", CHROMA_TRANSFORMER, ("num_layers", "num_single_layers")),
+}
