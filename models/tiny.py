@@ -203,3 +203,38 @@ def qwen_tokenizer(model_max_length: int = 32768):
     tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
+
+
+# Llama 3's special tokens, in their order (ids 128000 on in the real vocabulary; 256 on here).
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+)
+
+
+def llama3_tokenizer(model_max_length: int = 131072):
+    """A Llama 3.1 (Instruct) tokenizer built locally: byte-level BPE with no merges (every byte a token, ids
+    0-255), then Llama 3's special tokens; every encoding starts with ``<|begin_of_text|>`` and none ends with
+    an end token, ``<|eot_id|>`` is the end-of-sequence token and there is no padding token, as in Meta's
+    ``PreTrainedTokenizerFast`` (HiDream's pipeline pads with the end token itself)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
+    bos = len(vocab)  # <|begin_of_text|>, the first special token
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        model_max_length=model_max_length,
+    )
