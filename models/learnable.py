@@ -63,10 +63,33 @@ CLIP_TOKEN_SCALE = 20.0
 # 1/sqrt(fan-in) scale give that: the pooled vectors come ~25% apart. Before this, a full fine-tune of Kolors
 # ignored its prompt (0.25, chance), and with the embeddings alone scaled it told left from right only.
 CHATGLM_TOKEN_SCALE = 40.0
+# The decoder-only language models newer pipelines use as text encoders (Qwen3: Z-Image, FLUX.2 [klein];
+# Qwen2.5-VL: Qwen-Image; Llama 3.1: HiDream; Mistral 3: FLUX.2 [dev]) are random tiny models of the same
+# make as ChatGLM, with the same two faults (0.02-std embeddings and value/output projections, so a token's
+# state is mostly its own word), and get the same cure: unit-scale token embeddings and attention
+# projections (q/k/v/o_proj) redrawn at 1/sqrt(fan-in). The last templated token's state (second-to-last layer)
+# then differs between class prompts twice as much or more (RMS 0.04 -> 0.09 for Qwen3, 0.04 -> 0.13 for Llama;
+# tests/test_learnable.py). Their vision towers, unused by a text prompt, are left.
+DECODER_LMS = (
+    "Qwen3Model", "Qwen3ForCausalLM", "Qwen2_5_VLForConditionalGeneration", "LlamaForCausalLM",
+    "Mistral3ForConditionalGeneration",
+)
+DECODER_LM_TOKEN_SCALE = 40.0
+
+
+def _sharpen_decoder_lm(module, generator: torch.Generator) -> None:
+    module.get_input_embeddings().weight.mul_(DECODER_LM_TOKEN_SCALE)
+    for name, attention in module.named_modules():
+        if "vision" in name or "visual" in name or not hasattr(attention, "o_proj"):
+            continue
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            weight = linear.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5)
 
 
 def sharpen_text_encoders(pipe, seed: int = 0) -> None:
-    """Make the tiny CLIP and ChatGLM text encoders tell prompts apart (T5 already does: ~0.9 apart)."""
+    """Make the tiny CLIP, ChatGLM and decoder-only LM text encoders tell prompts apart (T5 already does:
+    ~0.9 apart)."""
     for name, module in pipe.components.items():
         if not name.startswith("text_encoder"):
             continue
@@ -81,6 +104,8 @@ def sharpen_text_encoders(pipe, seed: int = 0) -> None:
                     for linear in (layer.self_attention.query_key_value, layer.self_attention.dense):
                         weight = linear.weight
                         weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5)
+            elif kind in DECODER_LMS:
+                _sharpen_decoder_lm(module, torch.Generator().manual_seed(seed))
 
 
 # How much wider than the patch it reads a learnable transformer is made. Flow matching (and epsilon
@@ -119,6 +144,8 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
     changed: dict[str, float] = {}
     width = config["num_attention_heads"] * config["attention_head_dim"]
     patch = config["in_channels"] * config.get("patch_size", 1) ** 2
+    if hasattr(denoiser, "img_in"):  # Qwen-Image: in_channels is already the packed 2x2 token (patch_size names it)
+        patch = config["in_channels"]
     wanted = max(WIDTH_OVER_PATCH * patch, MIN_WIDTH)
     if width < wanted:
         heads = -(-wanted // config["attention_head_dim"])
@@ -187,6 +214,12 @@ def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
     if old is None:
         levels = deepen_unet(pipe, PIXEL_SIZE, seed)
         return {**reshaped, **({"unet_levels": levels} if levels else {})}
+    if type(old).__name__ == "AutoencoderKLQwenImage":  # a causal 3-D VAE, normalised per channel
+        from models.learnable_vae_qwen import make_qwen_vae
+
+        vae, measured = make_qwen_vae(seed)
+        pipe.register_modules(vae=vae)
+        return {**measured, **reshaped}
     config = old.config
     vae = learnable_vae(config.latent_channels, config.shift_factor is not None, bool(config.use_quant_conv), seed)
     measured = set_factors(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))

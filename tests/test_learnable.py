@@ -148,3 +148,40 @@ def test_kolors_chatglm_summarises_the_prompt_in_its_pooled_vector(learnable_dir
 
     assert pooled_gap(family_class("kolors").tiny_pipeline("kolors")) < 0.01
     assert pooled_gap(KolorsPipeline.from_pretrained(learnable_dir("kolors"))) > 0.1
+
+
+def _decoder_lm(kind: str):
+    """A tiny random decoder-only LM text encoder (two layers, Qwen's byte-level vocabulary)."""
+    import transformers
+
+    config = {"Qwen3Model": transformers.Qwen3Config, "LlamaForCausalLM": transformers.LlamaConfig}[kind]
+    torch.manual_seed(0)
+    return getattr(transformers, kind)(config(vocab_size=272, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+
+
+@pytest.mark.parametrize("kind", ["Qwen3Model", "LlamaForCausalLM"])
+def test_a_decoder_lm_text_encoder_carries_the_prompt_into_its_late_tokens(kind):
+    """Qwen3 (Z-Image, FLUX.2 [klein]), Qwen2.5-VL (Qwen-Image), Llama (HiDream) and Mistral (FLUX.2 [dev]) are
+    random tiny LMs of ChatGLM's make: their 0.02-scale embeddings and projections leave each token mostly its own
+    word, so the tokens after the words that differ (the chat template's tail) hardly differ between prompts."""
+    from types import SimpleNamespace
+
+    from models.learnable import sharpen_text_encoders
+    from models.tiny import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    texts = [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" for p in PROMPTS]
+
+    def last_token_gap(encoder) -> float:  # smallest RMS distance between prompts' last states, each RMS-normalised
+        tokens = tokenizer(texts, padding="max_length", max_length=48, return_tensors="pt")
+        with torch.no_grad():
+            states = encoder(**tokens, output_hidden_states=True).hidden_states[-2]  # the layer Z-Image takes
+        last = states[torch.arange(len(texts)), tokens.attention_mask.sum(1) - 1]
+        last = last / last.pow(2).mean(-1, keepdim=True).sqrt()
+        gaps = torch.cdist(last, last) / last.shape[1] ** 0.5
+        return float(gaps[~torch.eye(len(texts), dtype=torch.bool)].min())
+
+    plain, sharp = _decoder_lm(kind), _decoder_lm(kind)
+    sharpen_text_encoders(SimpleNamespace(components={"text_encoder": sharp}))
+    assert last_token_gap(sharp) > 2 * last_token_gap(plain)
