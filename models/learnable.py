@@ -138,6 +138,8 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
     its code from the config (``interpolation_scale``); SD3 stores its code with its weights, so the sharper
     one is written there. Returns what was changed."""
     denoiser = getattr(pipe, "transformer", None)
+    if denoiser is not None and {"dim", "n_heads", "all_patch_size"} <= set(denoiser.config):
+        return _widen_z_image(pipe, denoiser, seed)
     if denoiser is None or "num_attention_heads" not in denoiser.config:
         return {}
     config = _editable(denoiser.config)
@@ -174,6 +176,23 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
     if changed:
         pipe.register_modules(transformer=new)
     return changed
+
+
+def _widen_z_image(pipe, denoiser, seed: int) -> dict[str, float]:
+    """``reshape_transformer`` for Z-Image's transformer, whose config names its width ``dim`` and its heads
+    ``n_heads`` (and ``n_kv_heads``), its patch ``all_patch_size`` x ``all_f_patch_size``; its positions are
+    rotary, so only the width changes (more heads of the same width: the rotary axes stay)."""
+    config = _editable(denoiser.config)
+    head = config["dim"] // config["n_heads"]
+    patch = config["in_channels"] * config["all_patch_size"][0] ** 2 * config["all_f_patch_size"][0]
+    wanted = max(WIDTH_OVER_PATCH * patch, MIN_WIDTH)
+    if config["dim"] >= wanted:
+        return {}
+    heads = -(-wanted // head)
+    config.update(dim=heads * head, n_heads=heads, n_kv_heads=heads)
+    torch.manual_seed(seed)
+    pipe.register_modules(transformer=type(denoiser).from_config(config))
+    return {"transformer_width": heads * head}
 
 
 # The coarsest grid a pixel-space UNet reaches, at most. A 3x3 convolution knows where it is only from the
