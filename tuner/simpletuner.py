@@ -173,6 +173,9 @@ def _family_and_preset(st_family: str, path: str, flavour: str, model_type: str)
     if st_family == "deepfloyd":
         stage_2 = "if-ii" in text or "stage2" in text or flavour.lower().startswith("ii-")
         return ("deepfloyd_if_sr", "deepfloyd-if-sr") if stage_2 else ("deepfloyd_if", "deepfloyd-if")
+    if st_family == "z_image":  # the base samples with CFG at many steps, Turbo without at 8: a preset each
+        base = flavour.lower() == "base" or (bool(path) and "turbo" not in path.lower())
+        return "z_image", "z-image-base" if base else "z-image"
     family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
     return family, PRESETS[family]
 

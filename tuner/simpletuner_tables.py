@@ -15,6 +15,11 @@ FLAVOURS = {("flux", "dev"): "black-forest-labs/FLUX.1-dev", ("flux", "schnell")
 FLAVOURS.update({("chroma", "hd"): "lodestones/Chroma1-HD", ("chroma", "base"): "lodestones/Chroma1-Base"})
 FLAVOURS[("chroma", "flash")] = "lodestones/Chroma1-Flash"  # SimpleTuner's three Chroma flavours: base, hd, flash
 FLAVOURS.update({("sd3", size): f"stabilityai/stable-diffusion-3.5-{size}" for size in ("medium", "large")})
+# SimpleTuner's Z-Image flavours: turbo, turbo-ostris-v2 (Turbo with an assistant LoRA, which tuner has not), base;
+# ostris-de-turbo swaps in another transformer. The base has its own preset (tuner/simpletuner.py).
+FAMILIES["z_image"], PRESETS["z_image"] = "z_image", "z-image"
+FLAVOURS.update({("z_image", f): "Tongyi-MAI/Z-Image-Turbo" for f in ("turbo", "turbo-ostris-v2")})
+FLAVOURS[("z_image", "base")] = "Tongyi-MAI/Z-Image"
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
     "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
