@@ -12,9 +12,10 @@ patches, conditioned on Qwen3-4B's hidden states.
 - Its time runs the other way: it is handed ``(1000 - t) / 1000 = 1 - sigma`` (0 is pure noise), and it
   returns the *negative* velocity: the pipeline integrates ``-output``. ``denoise`` returns ``-output``, so the
   loss trains exactly the velocity ``noise - x0`` the scheduler steps with.
-- Latents are Flux's VAE's (16 channels, shift 0.1159, scale 0.3611). Turbo's scheduler has a fixed shift of 3
-  (no dynamic shifting); a checkpoint whose scheduler config asks for dynamic shifting is shifted by the
-  image's sequence length, as the pipeline does; ``model.flow_shift`` overrides both.
+- Latents are Flux's VAE's (16 channels, shift 0.1159, scale 0.3611). The schedulers shift sigmas by a fixed
+  amount (no dynamic shifting): Turbo's by 3, the base's by 6, as their configs say; a scheduler config asking for
+  dynamic shifting is followed as the pipeline follows it (by the image's sequence length); ``model.flow_shift``
+  overrides either.
 - CFG is ZImagePipeline's own: on for any ``guidance_scale`` > 0, as ``pos + s * (pos - neg)`` (so s is one
   less than the usual scale: 0 is the conditional prediction alone). Turbo is distilled to sample with
   ``guidance_scale=0`` at 8 steps; the base model with CFG (e.g. 4) and a negative prompt.
@@ -153,7 +154,7 @@ class ZImageModule(DiffusionModule):
             n_kv_heads=2,
             cap_feat_dim=32,  # the text encoder's width
             axes_dims=[4, 6, 6],  # (frame, row, column) rotary dims summing to the head dim, as 32/48/48 of 128
-            axes_lens=[1024, 512, 512],
+            axes_lens=[1536, 512, 512],  # the real checkpoints' (diffusers' default has 1024 caption positions)
         )
         # Two layers, so the second-to-last hidden state the pipeline takes is a real intermediate layer.
         text_encoder = Qwen3Model(
