@@ -46,14 +46,16 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
                 "repeats": spec["repeats"],
             }
         )
+    # a family whose checkpoint decides its pipeline and licence (FLUX.2: dev or klein, 4B or 9B) reads them there
+    checkpoint = family.checkpoint_card(model) if hasattr(family, "checkpoint_card") else {}
     return {
         "family": model.family,
         "finetune": model.finetune,
         "base_model": model.pretrained_model_name_or_path,
-        "license": cfg.callbacks.hub.license or family.license,
+        "license": cfg.callbacks.hub.license or checkpoint.get("license") or family.license,
         "license_note": family.license_note,
         "family_notes": family.card_notes(model),  # how to sample it as it was trained (family-specific)
-        "pipeline": pipeline_name(family),  # for the card's loading snippet
+        "pipeline": checkpoint.get("pipeline") or pipeline_name(family),  # for the card's loading snippet
         # the scheduler validation sampled with, as a change to the base model's (a LoRA's snippet sets it)
         "scheduler": run_scheduler_change(family.noise_schedule, model),
         "lora_load": lycoris_load_snippet(family) if model.finetune == "lycoris" else family.lora_load_snippet,
