@@ -239,6 +239,12 @@ def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
         vae, measured = make_qwen_vae(seed)
         pipe.register_modules(vae=vae)
         return {**measured, **reshaped}
+    if type(old).__name__ == "AutoencoderKLFlux2":  # FLUX.2: batch-norm statistics over 2x2 patches, no factors
+        from models.learnable_vae_flux2 import make_flux2_vae
+
+        vae, measured = make_flux2_vae(old.config, seed)
+        pipe.register_modules(vae=vae)
+        return {**measured, **reshaped}
     config = old.config
     vae = learnable_vae(config.latent_channels, config.shift_factor is not None, bool(config.use_quant_conv), seed)
     measured = set_factors(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
