@@ -105,6 +105,8 @@ RECIPES: dict[str, Recipe] = {  # where the default does not fit
     # 1.0 and FluxPipeline's true_cfg_scale=4 with an empty negative prompt, the same LoRA scored 1.00 (all
     # linear layers) and 0.88 (attention only); the full fine-tune 1.00 either way.
     "flux": Recipe(true_cfg=True, lora_targets="[all]"),
+    # Qwen-Image's CFG is true_cfg_scale with a negative prompt (its guidance_scale is for distilled checkpoints)
+    "qwen_image": Recipe(true_cfg=True),
 }
 
 
@@ -333,6 +335,8 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     size = recipe.size
     contrast = contrast_for(family, size)
     labels, images = [], []
+    if type(pipe).__name__ == "HiDreamImagePipeline":  # it rescales every size to its default area (1024 px)
+        pipe.default_sample_size = size // pipe.vae_scale_factor
     for label in range(len(CLASSES)):
         extra = cls.sampling_inputs(size, size)
         if "image" in extra:  # an upscaler: the class's own low-res image
@@ -342,7 +346,7 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
             extra.update(true_cfg_scale=recipe.guidance_scale, negative_prompt="")
         for seed in range(seeds):
             out = pipe(
-                caption(label),
+                prompt=caption(label),  # by name: FLUX.2's pipelines take an image first
                 **extra,
                 num_inference_steps=recipe.sampling_steps,
                 guidance_scale=1.0 if recipe.true_cfg else recipe.guidance_scale,
