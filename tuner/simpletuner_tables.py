@@ -15,11 +15,22 @@ FLAVOURS = {("flux", "dev"): "black-forest-labs/FLUX.1-dev", ("flux", "schnell")
 FLAVOURS.update({("chroma", "hd"): "lodestones/Chroma1-HD", ("chroma", "base"): "lodestones/Chroma1-Base"})
 FLAVOURS[("chroma", "flash")] = "lodestones/Chroma1-Flash"  # SimpleTuner's three Chroma flavours: base, hd, flash
 FLAVOURS.update({("sd3", size): f"stabilityai/stable-diffusion-3.5-{size}" for size in ("medium", "large")})
+# SimpleTuner's FLUX.2 flavours: dev, klein-4b, klein-9b (its default; the klein ones name the base checkpoints)
+FAMILIES["flux2"], PRESETS["flux2"] = "flux2", "flux2-klein"
+FLAVOURS.update({("flux2", "dev"): "black-forest-labs/FLUX.2-dev"})
+FLAVOURS.update({("flux2", f"klein-{size}"): f"black-forest-labs/FLUX.2-klein-base-{size.upper()}" for size in ("4b", "9b")})
+FAMILIES["hidream"], PRESETS["hidream"] = "hidream", "hidream"  # SimpleTuner's flavours: full (its default), dev, fast
+FLAVOURS.update({("hidream", f): f"HiDream-ai/HiDream-I1-{f.title()}" for f in ("full", "dev", "fast")})
 # SimpleTuner's Z-Image flavours: turbo, turbo-ostris-v2 (Turbo with an assistant LoRA, which tuner has not), base;
 # ostris-de-turbo swaps in another transformer. The base has its own preset (tuner/simpletuner.py).
 FAMILIES["z_image"], PRESETS["z_image"] = "z_image", "z-image"
 FLAVOURS.update({("z_image", f): "Tongyi-MAI/Z-Image-Turbo" for f in ("turbo", "turbo-ostris-v2")})
 FLAVOURS[("z_image", "base")] = "Tongyi-MAI/Z-Image"
+# SimpleTuner's Qwen-Image flavours: v1.0, v2.0 (its default, also when none is given: Qwen-Image-2512, the same
+# architecture); its edit-* flavours are Qwen-Image-Edit, an editing pipeline tuner does not train
+FAMILIES["qwen_image"], PRESETS["qwen_image"] = "qwen_image", "qwen-image"
+FLAVOURS.update({("qwen_image", "v1.0"): "Qwen/Qwen-Image", ("qwen_image", "v2.0"): "Qwen/Qwen-Image-2512"})
+FLAVOURS[("qwen_image", "")] = "Qwen/Qwen-Image-2512"
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
     "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
