@@ -176,6 +176,8 @@ def _family_and_preset(st_family: str, path: str, flavour: str, model_type: str)
     if st_family == "z_image":  # the base samples with CFG at many steps, Turbo without at 8: a preset each
         base = flavour.lower() == "base" or (bool(path) and "turbo" not in path.lower())
         return "z_image", "z-image-base" if base else "z-image"
+    if st_family == "flux2":  # dev and klein sample differently (guidance embedding vs real CFG): a preset each
+        return "flux2", "flux2-dev" if "dev" in text and "klein" not in text else "flux2-klein"
     family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
     return family, PRESETS[family]
 
