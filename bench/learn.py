@@ -75,6 +75,7 @@ class Recipe:
     size: int = SIZE  # the toy images' side in pixels
     lora_targets: str | None = None  # model.lora.target_modules for a LoRA; None: UNET_LORA_TARGETS or the family's
     true_cfg: bool = False  # sample a guidance-embedding model with real CFG, its embedding at the trained 1.0 (Flux)
+    tiny: str = ""  # one of the family's tiny variants to learn on (--recipe tiny=flux2-dev); "": the family's own
 
 
 # DDPM families train with v-prediction here. An epsilon denoiser trained from random weights for a thousand
@@ -377,7 +378,7 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     from tuner.families import write_tiny
 
     recipe = recipe or RECIPES.get(family, Recipe())
-    pipe_dir = write_tiny(family, work / "pipelines" / family, learnable=True)
+    pipe_dir = write_tiny(recipe.tiny or family, work / "pipelines" / (recipe.tiny or family), learnable=True)
     base_s = 0.0
     if finetune != "full":
         pipe_dir, base_s = pretrain(family, pipe_dir, work, recipe, extra)
