@@ -205,7 +205,11 @@ def test_simpletuner_hidream_imports_to_the_hidream_preset(tmp_path):
     from tuner.simpletuner import convert
 
     config = tmp_path / "hidream.json"
-    config.write_text(json.dumps({"model_family": "hidream", "model_flavour": "dev", "model_type": "lora", "lora_rank": 8}))
+    config.write_text(json.dumps({"model_family": "hidream", "model_flavour": "dev", "model_type": "lora", "lora_rank": 8,
+                                  "hidream_use_load_balancing_loss": True, "hidream_load_balancing_loss_weight": 0.01}))
     res = convert(config)
     assert res.defaults["model"] == "hidream" and res.defaults["preset"] == "hidream"
     assert res.get("model.pretrained_model_name_or_path") == "HiDream-ai/HiDream-I1-Dev"
+    # SimpleTuner's balancing loss is detached (it moves no gradient): not carried over as tuner's, which does
+    unmapped = dict(res.unmapped)
+    assert "detached" in unmapped["hidream_use_load_balancing_loss"] and res.get("model.options.aux_loss_weight") is None

@@ -68,6 +68,8 @@ _REASONS = {
     "flow noise levels: model.timestep_sampling (logit_normal, mode, uniform)": "flow_use_beta_schedule",
     "used only with refiner_training": "refiner_training_strength refiner_training_invert_schedule",
     "used only with lora_type=lycoris": "lycoris_config",
+    "SimpleTuner adds HiDream's load-balancing loss detached (no gradient changes); tuner's "
+    "model.options.aux_loss_weight applies it": "hidream_use_load_balancing_loss hidream_load_balancing_loss_weight",
     "tuner never deletes data: unusable images are skipped and listed in dataset_report.json": "delete_unwanted_images "
     "delete_problematic_images",
     "tuner's caches are keyed on content and reused; a re-scan reads only changed files": "vae_cache_clear_each_epoch "
