@@ -258,7 +258,7 @@ def _snippet(info: Mapping) -> list[str]:
         *load,
         *set_scheduler,
         'pipe.to("cuda")',
-        f"image = pipe({prompt!r}).images[0]",
+        f"image = pipe(prompt={prompt!r}).images[0]",  # by name: FLUX.2's pipelines take an image first
         'image.save("output.png")',
         "```",
     ]
