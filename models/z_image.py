@@ -79,8 +79,8 @@ class ZImageModule(DiffusionModule):
     fsdp_blocks = ("ZImageTransformerBlock",)
     lora_target_presets = {
         "attention": _ATTENTION,
-        "attention+ffn": _ATTENTION + _FFN,  # musubi-tuner's and ai-toolkit's choice for Z-Image
-        "all": _ATTENTION + _FFN + _PROJECTIONS,
+        "attention+ffn": _ATTENTION + _FFN,  # musubi-tuner's linears (it leaves the two refiners' blocks out)
+        "all": _ATTENTION + _FFN + _PROJECTIONS,  # nearer ai-toolkit's, which wraps every linear of the transformer
     }
 
     @classmethod
