@@ -27,6 +27,18 @@ CHROMA_TRANSFORMER = dict(  # lodestones/Chroma1-HD: Flux's blocks, no modulatio
     approximator_layers=5,
 )
 
+QWEN_IMAGE_TRANSFORMER = dict(  # Qwen/Qwen-Image (and -2512): 60 double-stream blocks, MLPs 4x wide, no guidance embed
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,  # Qwen2.5-VL-7B's width
+    axes_dims_rope=(16, 56, 56),
+    guidance_embeds=False,
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -75,4 +87,5 @@ def full_bytes(
 SHAPES: dict[str, Shape] = {
     "flux": Shape("FluxTransformer2DModel", FLUX_TRANSFORMER, ("num_layers", "num_single_layers")),
     "chroma": Shape("ChromaTransformer2DModel", CHROMA_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "qwen_image": Shape("QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER, ("num_layers",)),
 }
