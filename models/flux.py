@@ -19,14 +19,12 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
-from models.training_adapter import KEY as ADAPTER_KEY
-from models.training_adapter import TrainingAdapter, resolve_file, run_problem
+from models.training_adapter import TrainingAdapterHooks
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ def dynamic_mu(seq_len: int, config: dict) -> float:
     return lo + (hi - lo) * (seq_len - lo_len) / (hi_len - lo_len)
 
 
-class FluxModule(DiffusionModule):
+class FluxModule(TrainingAdapterHooks, DiffusionModule):
     pipeline_class = lazy_class("diffusers.FluxPipeline")
     denoiser_name = "transformer"
     denoiser_timestep_scale = 1.0  # FluxPipeline passes sigma itself
@@ -98,75 +96,17 @@ class FluxModule(DiffusionModule):
     # Attention of both the double-stream and the single-stream blocks.
     default_lora_targets = _ATTENTION
     fsdp_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # trainer=fsdp shards by these
-    lora_target_presets = {"attention": _ATTENTION, "attention+ffn": _ATTENTION + _FFN, "all": _ATTENTION + _FFN + _NORMS}
+    lora_target_presets = {
+        "attention": _ATTENTION,
+        "attention+ffn": _ATTENTION + _FFN,
+        "all": _ATTENTION + _FFN + _NORMS,
+    }
     tiny_variants = ("flux-dev", "flux-schnell")
 
-    # ---- the training adapter (models/training_adapter.py) --------------------------------------------
-    training_adapter: TrainingAdapter | None = None  # set up when model.options.training_adapter names one
-    training_adapter_file = None
-
-    @classmethod
-    def check_config(cls, model_cfg) -> None:
-        # the adapter's own checks, before the data scan and any load (a Hub id is fetched at load, not here)
-        spec = (model_cfg.options or {}).get("training_adapter")
-        if spec is None:
-            return
-        problem = run_problem(model_cfg.finetune, model_cfg.experts, model_cfg.expert_partner)
-        if problem:
-            raise ValueError(problem)
-        if Path(spec).expanduser().exists() or spec.endswith(".safetensors") or "/" not in spec:
-            resolve_file(spec)
-
-    def load_components(self, path: str, common: dict) -> dict:
-        # The adapter is checked (and fetched, when it is a Hub repo id) before the base weights load: a wrong
-        # path costs a second, not a 24 GB download.
-        spec = self.options.training_adapter
-        if spec is not None:
-            hp = self.hparams
-            problem = run_problem(hp.finetune, hp.experts, hp.expert_partner)
-            if problem:
-                raise ValueError(problem)
-            self.training_adapter_file = resolve_file(spec)
-        return super().load_components(path, common)
-
-    def _setup_trainable(self) -> None:
-        super()._setup_trainable()
-        # Loaded after the run's own adapter: the base is quantised by then (the adapter's weights must not be),
-        # and peft's adding of the run's adapter would switch a loaded one off. Frozen, it changes nothing
-        # that trains; the order only matters to peft.
-        if self.training_adapter_file is not None:
-            file = self.training_adapter_file
-            self.training_adapter = TrainingAdapter(
-                self.transformer, file, self.pipeline_class, self.denoiser_name, self.denoiser_dtype
-            )
-            log.info("training adapter %s: active while training, left out of samples and exports", file)
-        elif not self.transformer.config.guidance_embeds:  # schnell: no guidance embedding
+    # ---- the training adapter (models/training_adapter.py's hooks) ----------------------------------------
+    def without_training_adapter(self) -> None:
+        if not self.transformer.config.guidance_embeds:  # schnell: no guidance embedding
             log.warning(UNDISTILLS)
-
-    def sampling_context(self):
-        # Validation samples as users will sample the exported LoRA: on plain schnell, without the adapter (at the
-        # preset's 4 steps, guidance 0). The validation loss keeps it on: it measures the model being trained.
-        if self.training_adapter is None:
-            return super().sampling_context()
-        return self.training_adapter.left_out()
-
-    def run_identity(self) -> dict:
-        identity = super().run_identity()
-        if self.training_adapter is not None:
-            identity["training_adapter"] = self.training_adapter.fingerprint
-        return identity
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        # The check before load compares only the keys every family shares: a resume must also train with the
-        # same adapter (by content), or it would go on against another objective.
-        saved = (checkpoint.get("tuner_model") or {}).get("training_adapter")
-        current = self.run_identity().get("training_adapter")
-        if saved != current:
-            raise ValueError(
-                f"the checkpoint was trained with {ADAPTER_KEY} {saved or 'unset'}, this run has "
-                f"{current or 'none'}; resume with the same adapter file"
-            )
 
     @classmethod
     def card_notes(cls, model_cfg) -> list[str]:

@@ -19,6 +19,7 @@ the base weights:
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,9 +29,21 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 NAME = "training_adapter"  # its adapter name in the denoiser (never a name the run's own LoRA takes)
 KEY = "model.options.training_adapter"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# a file in a Hub repo that holds several (ostris/zimage_turbo_training_adapter: v1 and v2), ai-toolkit's form
+_REPO_FILE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>[\w./-]+\.safetensors)")
+
+
+def is_hub_spec(spec: str) -> bool:
+    """Whether ``spec`` names a Hub repo (or a file in one) rather than a local path: fetched at load, not at
+    the config check."""
+    if Path(spec).expanduser().exists():
+        return False
+    return bool(_REPO_FILE.fullmatch(spec)) or (bool(_REPO_ID.fullmatch(spec)) and not spec.endswith(".safetensors"))
 
 
 def run_problem(finetune: str, experts: str | None, expert_partner: str | None) -> str | None:
@@ -47,14 +60,15 @@ def run_problem(finetune: str, experts: str | None, expert_partner: str | None) 
 
 
 def resolve_file(spec: str) -> Path:
-    """The adapter's .safetensors file from ``spec``: a file, a folder holding one, or a Hub repo id
-    (downloaded here, before the base weights load). Its header is read to check it holds LoRA weights."""
+    """The adapter's .safetensors file from ``spec``: a file, a folder holding one, a Hub repo id or a file in a
+    Hub repo (``owner/repo/file.safetensors``), downloaded here, before the base weights load. Its header is read
+    to check it holds LoRA weights."""
     path = Path(spec).expanduser()
     if not path.exists():
-        if not _REPO_ID.fullmatch(spec) or spec.endswith(".safetensors"):
+        if not is_hub_spec(spec):
             raise ValueError(
-                f"{KEY}={spec}: no such file or folder (give a LoRA .safetensors file, a folder holding one, or a "
-                "Hub repo id such as ostris/FLUX.1-schnell-training-adapter)"
+                f"{KEY}={spec}: no such file or folder (give a LoRA .safetensors file, a folder holding one, a Hub "
+                "repo id such as ostris/FLUX.1-schnell-training-adapter, or a file in one: owner/repo/file.safetensors)"
             )
         path = _download(spec)
     if path.is_dir():
@@ -63,14 +77,17 @@ def resolve_file(spec: str) -> Path:
     return path
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def _download(spec: str) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
 
+    one = _REPO_FILE.fullmatch(spec)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors"]))
+        if one:
+            return Path(hf_hub_download(one["repo"], one["file"]))
+        return Path(snapshot_download(spec, allow_patterns=["*.safetensors"]))
     except Exception as err:  # the Hub's errors are long; the user needs the key and the first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{KEY}={repo_id}: not a local path, and the Hub would not give it ({first})") from None
+        raise ValueError(f"{KEY}={spec}: not a local path, and the Hub would not give it ({first})") from None
 
 
 def _weights_in(folder: Path, spec: str) -> Path:
@@ -79,7 +96,10 @@ def _weights_in(folder: Path, spec: str) -> Path:
         return folder / "pytorch_lora_weights.safetensors"
     found = sorted(folder.glob("*.safetensors"))
     if len(found) != 1:
-        raise ValueError(f"{KEY}={spec}: the folder holds {len(found)} .safetensors files; name the adapter's file")
+        raise ValueError(
+            f"{KEY}={spec}: the folder holds {len(found)} .safetensors files; name the adapter's file "
+            "(a path, or owner/repo/file.safetensors for a Hub repo)"
+        )
     return found[0]
 
 
@@ -153,3 +173,80 @@ def _use(denoiser: torch.nn.Module, names: Sequence[str], flags: dict[Any, bool]
             module.set_adapter(list(names))
     for p in denoiser.parameters():
         p.requires_grad_(flags.get(p, False))
+
+
+class TrainingAdapterHooks:
+    """The DiffusionModule hooks of a family that can train with ``model.options.training_adapter`` (its Options
+    has that field): mixed in ahead of DiffusionModule (FLUX.1 [schnell], Z-Image-Turbo). The adapter is checked
+    before anything loads, loaded after the run's own LoRA, left out of validation samples (which sample as users
+    will: without it), recorded by content in checkpoints, and a resume must bring the same one."""
+
+    training_adapter: TrainingAdapter | None = None  # set up when model.options.training_adapter names one
+    training_adapter_file: Path | None = None
+
+    @classmethod
+    def check_config(cls, model_cfg) -> None:
+        super().check_config(model_cfg)
+        spec = (model_cfg.options or {}).get("training_adapter")
+        if spec is None:
+            return
+        problem = run_problem(model_cfg.finetune, model_cfg.experts, model_cfg.expert_partner)
+        if problem:
+            raise ValueError(problem)
+        if not is_hub_spec(spec):  # a Hub id is fetched at load, not here
+            resolve_file(spec)
+
+    def load_components(self, path: str, common: dict) -> dict:
+        # The adapter is checked (and fetched, when it is on the Hub) before the base weights load: a wrong path
+        # costs a second, not a 24 GB download.
+        spec = self.options.training_adapter
+        if spec is not None:
+            hp = self.hparams
+            problem = run_problem(hp.finetune, hp.experts, hp.expert_partner)
+            if problem:
+                raise ValueError(problem)
+            self.training_adapter_file = resolve_file(spec)
+        return super().load_components(path, common)
+
+    def _setup_trainable(self) -> None:
+        super()._setup_trainable()
+        # Loaded after the run's own adapter: the base is quantised by then (the adapter's weights must not be),
+        # and peft's adding of the run's adapter would switch a loaded one off. Frozen, it changes nothing that
+        # trains; the order only matters to peft.
+        if self.training_adapter_file is not None:
+            file = self.training_adapter_file
+            denoiser = getattr(self, self.denoiser_name)
+            self.training_adapter = TrainingAdapter(
+                denoiser, file, self.pipeline_class, self.denoiser_name, self.denoiser_dtype
+            )
+            log.info("training adapter %s: active while training, left out of samples and exports", file)
+        else:
+            self.without_training_adapter()
+
+    def without_training_adapter(self) -> None:
+        """Called at set-up when the run has no training adapter (Flux warns on schnell)."""
+
+    def sampling_context(self):
+        # Validation samples as users will sample the exported LoRA: on the plain distilled model, without the
+        # adapter. The validation loss keeps it on: it measures the model being trained.
+        if self.training_adapter is None:
+            return super().sampling_context()
+        return self.training_adapter.left_out()
+
+    def run_identity(self) -> dict:
+        identity = super().run_identity()
+        if self.training_adapter is not None:
+            identity["training_adapter"] = self.training_adapter.fingerprint
+        return identity
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # The check before load compares only the keys every family shares: a resume must also train with the
+        # same adapter (by content), or it would go on against another objective.
+        saved = (checkpoint.get("tuner_model") or {}).get("training_adapter")
+        current = self.run_identity().get("training_adapter")
+        if saved != current:
+            raise ValueError(
+                f"the checkpoint was trained with {KEY} {saved or 'unset'}, this run has "
+                f"{current or 'none'}; resume with the same adapter file"
+            )
