@@ -258,6 +258,7 @@ def test_dev_trains_exports_a_lora_its_pipeline_loads_and_a_card_for_dev(make_cf
     assert np.abs(generate(pipe) - before).mean() > 1e-3
     card = (out / "README.md").read_text()
     assert "from diffusers import Flux2Pipeline" in card and "guidance-distilled" in card
+    assert "image = pipe(prompt=" in card  # by name: the pipeline's first argument is a reference image
 
 
 def test_simpletuner_flux2_imports_to_its_presets(tmp_path):
