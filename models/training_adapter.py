@@ -134,9 +134,10 @@ class TrainingAdapter:
         self.denoiser, self.path, self.fingerprint = denoiser, path, fingerprint(path)
         flags = {p: p.requires_grad for p in denoiser.parameters()}
         # The family's own LoRA reader converts other trainers' key formats (kohya, ai-toolkit, xlabs) to diffusers'.
-        state, alphas, metadata = pipeline_class.lora_state_dict(
-            str(path), return_alphas=True, return_lora_metadata=True
-        )
+        out = pipeline_class.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+        # (state, alphas, metadata) where the loader keeps alphas apart (Flux); (state, metadata) where it folds
+        # them into the weights or has none (Z-Image's loader takes no return_alphas)
+        state, alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # peft initialises the layers (random draws) before the file overwrites them, and warns that the model
             # now has two adapters: it is meant to

@@ -31,6 +31,7 @@ import torch
 
 from models.base import DiffusionModule, lazy_class
 from models.flux import dynamic_mu
+from models.training_adapter import TrainingAdapterHooks
 
 # Every block (the 30 main layers and the noise/context refiners) is the same ZImageTransformerBlock:
 # attention (diffusers' Attention: to_q/to_k/to_v/to_out.0) and a SwiGLU feed-forward (w1, w3 in; w2 out).
@@ -46,6 +47,9 @@ _PROJECTIONS = ("all_x_embedder.2-1", "cap_embedder.1", "all_final_layer.2-1.lin
 @dataclasses.dataclass
 class ZImageOptions:
     max_sequence_length: int = 512  # Qwen3 tokens per templated prompt, ZImagePipeline's default
+    # Turbo: a LoRA that de-distills it while training (ostris/zimage_turbo_training_adapter, v1 or v2 file), so the
+    # run's LoRA learns the concept alone and samples on plain Turbo at 8 steps (models/training_adapter.py)
+    training_adapter: str | None = None
 
 
 def template(tokenizer, caption: str) -> str:
@@ -61,7 +65,7 @@ def caption_features(embeds: torch.Tensor, mask: torch.Tensor, dtype: torch.dtyp
     return [e[m].to(dtype) for e, m in zip(embeds, mask.bool(), strict=True)]
 
 
-class ZImageModule(DiffusionModule):
+class ZImageModule(TrainingAdapterHooks, DiffusionModule):
     pipeline_class = lazy_class("diffusers.ZImagePipeline")
     denoiser_name = "transformer"
     denoiser_timestep_scale = 1.0  # the pipeline hands the transformer 1 - sigma (see denoiser_level)
@@ -85,13 +89,21 @@ class ZImageModule(DiffusionModule):
 
     @classmethod
     def card_notes(cls, model_cfg) -> list[str]:
-        tokens = (model_cfg.get("options") or {}).get("max_sequence_length", 512)
-        return [
+        options = model_cfg.get("options") or {}
+        tokens, spec = options.get("max_sequence_length", 512), options.get("training_adapter")
+        notes = [
             "ZImagePipeline's classifier-free guidance is on for any `guidance_scale` above 0 and computes "
             "`pos + guidance_scale * (pos - neg)`: Z-Image-Turbo samples with `guidance_scale=0.0` at 8 steps, the "
             f"Z-Image base with CFG (about 4) and a negative prompt. Sample with `max_sequence_length={tokens}`, "
             "the prompt length it was trained with."
         ]
+        if spec is not None:
+            notes.append(
+                f"Trained with the training adapter `{spec}` active (it de-distills Z-Image-Turbo while training); the "
+                "adapter is not part of these weights. Load them on plain Z-Image-Turbo and sample as Turbo: 8 steps, "
+                "`guidance_scale=0.0`. The validation images were sampled that way, without the adapter."
+            )
+        return notes
 
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(

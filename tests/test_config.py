@@ -27,9 +27,15 @@ def test_presets_set_real_hub_ids_and_family_defaults():
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "tiny"])
 def test_every_preset_trains_on_tiny_weights(preset, make_cfg, demo_dir, tmp_path):
-    family = compose_cfg([f"preset={preset}"]).model.family
+    preset_cfg = compose_cfg([f"preset={preset}"])
+    family = preset_cfg.model.family
+    # a preset's training adapter is a Hub file (tests/test_training_adapter.py fetches one from a local Hub)
+    adapter = (
+        ["model.options.training_adapter=null"] if (preset_cfg.model.options or {}).get("training_adapter") else []
+    )
     cfg = make_cfg(
         f"preset={preset}",
+        *adapter,
         f"model.pretrained_model_name_or_path={demo_dir / family}",
         f"data.path={demo_dir / 'images'}",
         "data.resolution=64",
@@ -146,7 +152,12 @@ def test_an_unknown_group_choice_is_one_line_with_the_valid_names():
     assert hint.startswith("preset=sdx: there is no preset 'sdx'") and "Did you mean 'sdxl'?" in hint
     assert "flux-dev" in hint and "\n" not in hint
     assert "Valid: " in unknown_key_hint(["+experiment=nope"], CONF)
-    for fine in (["model=sdxl"], ["model=sd15,sdxl"], ["optimizer=adamw8bit"], ["hydra.searchpath=[file:///x]", "+experiment=mine"]):
+    for fine in (
+        ["model=sdxl"],
+        ["model=sd15,sdxl"],
+        ["optimizer=adamw8bit"],
+        ["hydra.searchpath=[file:///x]", "+experiment=mine"],
+    ):
         assert unknown_key_hint(fine, CONF) is None, fine
 
 
@@ -157,7 +168,10 @@ def test_a_wrong_type_in_an_experiment_file_is_one_line_naming_the_file_and_key(
     shutil.copytree(CONF, conf)
     (conf / "experiment" / "bad.yaml").write_text('# @package _global_\nmax_train_steps: "ten"\n')
     hint = unknown_key_hint(["+experiment=bad"], str(conf))
-    assert hint == f"{conf / 'experiment' / 'bad.yaml'}: max_train_steps: Value 'ten' of type 'str' could not be converted to Integer"
+    assert (
+        hint
+        == f"{conf / 'experiment' / 'bad.yaml'}: max_train_steps: Value 'ten' of type 'str' could not be converted to Integer"
+    )
     (conf / "experiment" / "good.yaml").write_text("# @package _global_\nmax_train_steps: 10\n")
     assert unknown_key_hint(["+experiment=good"], str(conf)) is None
 
@@ -181,7 +195,10 @@ def test_empty_dataset_fails_before_model_loads(tmp_path):
     # A Hub id that is never fetched here: reaching the load would be a different error. (A local path that
     # does not exist is refused before the scan, as one line of its own.)
     result = run_cli(
-        "train.py", f"data.path={empty}", "model.pretrained_model_name_or_path=nobody/not-loaded", f"output_dir={tmp_path}"
+        "train.py",
+        f"data.path={empty}",
+        "model.pretrained_model_name_or_path=nobody/not-loaded",
+        f"output_dir={tmp_path}",
     )
     assert result.returncode == 2 and "no usable images" in result.stderr
 

@@ -167,22 +167,33 @@ def test_lora_target_presets(make_cfg, tmp_path, preset, wrapped, left):
     assert blocks == {"layers", "noise_refiner", "context_refiner"}  # every block: the main layers and both refiners
 
 
+ADAPTER = "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v{}.safetensors"
+
+
 @pytest.mark.parametrize(
-    ("flavour", "preset", "path"),
+    ("flavour", "extra", "preset", "path", "adapter"),
     [
-        ("turbo", "z-image", "Tongyi-MAI/Z-Image-Turbo"),
-        ("turbo-ostris-v2", "z-image", "Tongyi-MAI/Z-Image-Turbo"),
-        ("base", "z-image-base", "Tongyi-MAI/Z-Image"),
+        ("turbo", {}, "z-image", "Tongyi-MAI/Z-Image-Turbo", ADAPTER.format(1)),
+        ("turbo-ostris-v2", {}, "z-image", "Tongyi-MAI/Z-Image-Turbo", ADAPTER.format(2)),
+        ("turbo", {"disable_assistant_lora": True}, "z-image", "Tongyi-MAI/Z-Image-Turbo", None),
+        ("turbo", {"assistant_lora_path": "me/adapter", "assistant_lora_weight_name": "a.safetensors"}, "z-image",
+         "Tongyi-MAI/Z-Image-Turbo", "me/adapter/a.safetensors"),
+        ("base", {}, "z-image-base", "Tongyi-MAI/Z-Image", "unset"),
     ],
-)
-def test_simpletuner_z_image_imports_to_its_preset(tmp_path, flavour, preset, path):
+)  # fmt: skip
+def test_simpletuner_z_image_imports_to_its_preset_and_assistant_lora(tmp_path, flavour, extra, preset, path, adapter):
+    """SimpleTuner's Turbo flavours train with Ostris's assistant LoRA by default (v1 or v2 by flavour); tuner's
+    training adapter takes it, or none where it is disabled; the base has none."""
     from tuner.simpletuner import convert
 
     config = tmp_path / "z_image.json"
-    config.write_text(json.dumps({"model_family": "z_image", "model_flavour": flavour, "model_type": "lora"}))
+    config.write_text(json.dumps({"model_family": "z_image", "model_flavour": flavour, "model_type": "lora", **extra}))
     res = convert(config)
     assert res.defaults["model"] == "z_image" and res.defaults["preset"] == preset
     assert res.get("model.pretrained_model_name_or_path") == path
+    options = res.values.get("model", {}).get("options", {})
+    assert options.get("training_adapter", "unset") == adapter
+    assert not any("assistant" in key for key, _ in res.unmapped)
 
 
 def test_the_learnable_transformer_is_twice_as_wide_as_its_patch(tmp_path):

@@ -30,10 +30,11 @@ from tuner.simpletuner_tables import (  # the name tables: SimpleTuner's keys an
     NEAR_OPTIMIZERS,
     NEAREST_LEVEL,
     OPTIMIZERS,
-    PRESETS,
     REASONS,
     SCHEDULERS,
     SCHEMAS,
+    assistant_adapter,
+    family_and_preset,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -163,25 +164,6 @@ def _secret_home(key: str, value: Any) -> str:
 
 
 # ---- model --------------------------------------------------------------------------------------------------
-def _family_and_preset(st_family: str, path: str, flavour: str, model_type: str) -> tuple[str, str]:
-    text = f"{path} {flavour} {model_type}".lower()
-    if st_family == "flux":
-        return "flux", "flux-schnell" if "schnell" in text else "flux-dev"
-    if st_family == "sd3":
-        large = ("3.5" in path or "3_5" in path) if path else flavour.lower() in ("medium", "large")
-        return "sd3", "sd35" if large else "sd3"
-    if st_family == "deepfloyd":
-        stage_2 = "if-ii" in text or "stage2" in text or flavour.lower().startswith("ii-")
-        return ("deepfloyd_if_sr", "deepfloyd-if-sr") if stage_2 else ("deepfloyd_if", "deepfloyd-if")
-    if st_family == "z_image":  # the base samples with CFG at many steps, Turbo without at 8: a preset each
-        base = flavour.lower() == "base" or (bool(path) and "turbo" not in path.lower())
-        return "z_image", "z-image-base" if base else "z-image"
-    if st_family == "flux2":  # dev and klein sample differently (guidance embedding vs real CFG): a preset each
-        return "flux2", "flux2-dev" if "dev" in text and "klein" not in text else "flux2-klein"
-    family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
-    return family, PRESETS[family]
-
-
 def _model(args: dict, res: Imported, dirs: list[Path]) -> type:
     st_family = str(args.pop("model_family", "") or "").lower()
     if st_family not in FAMILIES:
@@ -190,7 +172,7 @@ def _model(args: dict, res: Imported, dirs: list[Path]) -> type:
     path = args.pop("pretrained_model_name_or_path", None)
     flavour = str(args.pop("model_flavour", "") or "")
     model_type = str(args.pop("model_type", "") or "").lower()
-    family, preset = _family_and_preset(st_family, str(path or ""), flavour, model_type)
+    family, preset = family_and_preset(st_family, str(path or ""), flavour, model_type)
     res.defaults.update(preset=preset, model=family)
     path = path or FLAVOURS.get((st_family, flavour.lower()))
     if path:
@@ -204,7 +186,23 @@ def _model(args: dict, res: Imported, dirs: list[Path]) -> type:
         _lycoris(args.pop("lycoris_config", None), res, dirs)
     from tuner.families import family_class
 
-    return family_class(family)
+    cls = family_class(family)
+    _assistant(args, res, cls, st_family, flavour)
+    return cls
+
+
+def _assistant(args: dict, res: Imported, cls: type, st_family: str, flavour: str) -> None:
+    """SimpleTuner's assistant LoRA (a de-distilling adapter active while training: Flux schnell, Z-Image-Turbo's
+    flavours, on by default there) -> ``model.options.training_adapter``."""
+    path, weight = args.pop("assistant_lora_path", None), args.pop("assistant_lora_weight_name", None)
+    disabled = _bool(args.pop("disable_assistant_lora", False))
+    if "training_adapter" not in {f.name for f in dataclasses.fields(cls.Options)}:
+        if path:
+            res.skip("assistant_lora_path", f"{cls.__name__} has no training adapter in tuner")
+        return
+    spec = None if disabled else assistant_adapter(st_family, flavour, str(path or ""), str(weight or ""))
+    if spec or disabled:
+        res.set("model.options.training_adapter", spec)
 
 
 def _finetune(model_type: str, lora_type: str, res: Imported) -> str | None:

@@ -9,7 +9,14 @@ import re
 # SimpleTuner's model_family -> tuner's model group (flux, sd3, deepfloyd and legacy also pick a variant)
 FAMILIES = {"sd1x": "sd15", "legacy": "sd15", "sd2x": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 FAMILIES.update(pixart_sigma="pixart_sigma", kolors="kolors", deepfloyd="deepfloyd_if", chroma="chroma")
-PRESETS = {"sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl", "pixart_sigma": "pixart-sigma", "kolors": "kolors", "chroma": "chroma"}
+PRESETS = {
+    "sd15": "sd15",
+    "sd2": "sd2",
+    "sdxl": "sdxl",
+    "pixart_sigma": "pixart-sigma",
+    "kolors": "kolors",
+    "chroma": "chroma",
+}
 # the base model a SimpleTuner model_flavour stands for, when no pretrained_model_name_or_path is given
 FLAVOURS = {("flux", "dev"): "black-forest-labs/FLUX.1-dev", ("flux", "schnell"): "black-forest-labs/FLUX.1-schnell"}
 FLAVOURS.update({("chroma", "hd"): "lodestones/Chroma1-HD", ("chroma", "base"): "lodestones/Chroma1-Base"})
@@ -18,10 +25,12 @@ FLAVOURS.update({("sd3", size): f"stabilityai/stable-diffusion-3.5-{size}" for s
 # SimpleTuner's FLUX.2 flavours: dev, klein-4b, klein-9b (its default; the klein ones name the base checkpoints)
 FAMILIES["flux2"], PRESETS["flux2"] = "flux2", "flux2-klein"
 FLAVOURS.update({("flux2", "dev"): "black-forest-labs/FLUX.2-dev"})
-FLAVOURS.update({("flux2", f"klein-{size}"): f"black-forest-labs/FLUX.2-klein-base-{size.upper()}" for size in ("4b", "9b")})
+FLAVOURS.update(
+    {("flux2", f"klein-{size}"): f"black-forest-labs/FLUX.2-klein-base-{size.upper()}" for size in ("4b", "9b")}
+)
 FAMILIES["hidream"], PRESETS["hidream"] = "hidream", "hidream"  # SimpleTuner's flavours: full (its default), dev, fast
 FLAVOURS.update({("hidream", f): f"HiDream-ai/HiDream-I1-{f.title()}" for f in ("full", "dev", "fast")})
-# SimpleTuner's Z-Image flavours: turbo, turbo-ostris-v2 (Turbo with an assistant LoRA, which tuner has not), base;
+# SimpleTuner's Z-Image flavours: turbo, turbo-ostris-v2 (Turbo with assistant LoRA v1 or v2: ASSISTANT), base;
 # ostris-de-turbo swaps in another transformer. The base has its own preset (tuner/simpletuner.py).
 FAMILIES["z_image"], PRESETS["z_image"] = "z_image", "z-image"
 FLAVOURS.update({("z_image", f): "Tongyi-MAI/Z-Image-Turbo" for f in ("turbo", "turbo-ostris-v2")})
@@ -79,3 +88,39 @@ _REASONS = {
 }
 REASONS = {key: why for why, keys in _REASONS.items() for key in keys.split()}
 GENERIC = "tuner has no equivalent setting"
+
+
+def family_and_preset(st_family: str, path: str, flavour: str, model_type: str) -> tuple[str, str]:
+    """SimpleTuner's model_family (with its path, flavour and model_type) -> tuner's family and preset."""
+    text = f"{path} {flavour} {model_type}".lower()
+    if st_family == "flux":
+        return "flux", "flux-schnell" if "schnell" in text else "flux-dev"
+    if st_family == "sd3":
+        large = ("3.5" in path or "3_5" in path) if path else flavour.lower() in ("medium", "large")
+        return "sd3", "sd35" if large else "sd3"
+    if st_family == "deepfloyd":
+        stage_2 = "if-ii" in text or "stage2" in text or flavour.lower().startswith("ii-")
+        return ("deepfloyd_if_sr", "deepfloyd-if-sr") if stage_2 else ("deepfloyd_if", "deepfloyd-if")
+    if st_family == "z_image":  # the base samples with CFG at many steps, Turbo without at 8: a preset each
+        base = flavour.lower() == "base" or (bool(path) and "turbo" not in path.lower())
+        return "z_image", "z-image-base" if base else "z-image"
+    if st_family == "flux2":  # dev and klein sample differently (guidance embedding vs real CFG): a preset each
+        return "flux2", "flux2-dev" if "dev" in text and "klein" not in text else "flux2-klein"
+    family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
+    return family, PRESETS[family]
+
+
+# SimpleTuner's default assistant LoRA per flavour (Z-Image-Turbo's: Ostris's de-distilling adapter, v1 or v2)
+ASSISTANT = {
+    ("z_image", "turbo"): "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v1.safetensors",
+    ("z_image", "turbo-ostris-v2"): "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors",
+    ("z_image", ""): "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors",  # default
+}
+
+
+def assistant_adapter(st_family: str, flavour: str, path: str, weight: str) -> str | None:
+    """The training adapter a SimpleTuner run trains with: its assistant_lora_path (+ weight name), else the
+    flavour's default; None when it has none."""
+    if path:
+        return f"{path.rstrip('/')}/{weight}" if weight else path
+    return ASSISTANT.get((st_family, flavour.lower()))
