@@ -39,6 +39,24 @@ QWEN_IMAGE_TRANSFORMER = dict(  # Qwen/Qwen-Image (and -2512): 60 double-stream 
     guidance_embeds=False,
 )
 
+Z_IMAGE_TRANSFORMER = dict(  # Tongyi-MAI/Z-Image-Turbo and Z-Image: 30 single-stream blocks + 2 noise and 2 text refiners
+    all_patch_size=[2],
+    all_f_patch_size=[1],
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-05,
+    qk_norm=True,
+    cap_feat_dim=2560,  # Qwen3-4B's width
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -87,5 +105,6 @@ def full_bytes(
 SHAPES: dict[str, Shape] = {
     "flux": Shape("FluxTransformer2DModel", FLUX_TRANSFORMER, ("num_layers", "num_single_layers")),
     "chroma": Shape("ChromaTransformer2DModel", CHROMA_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "z_image": Shape("ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER, ("n_layers", "n_refiner_layers")),
     "qwen_image": Shape("QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER, ("num_layers",)),
 }
