@@ -203,3 +203,18 @@ def test_schnell_without_an_adapter_warns_once_and_the_card_says_what_users_will
     assert "model.options.training_adapter" in notes()[0] and "blurry" in notes()[0]
     assert "not part of these weights" in notes(f"model.options.training_adapter={schnell[1]}")[0]
     assert notes(f"model.pretrained_model_name_or_path={demo_dir / 'flux'}") == []  # dev: not step-distilled
+
+
+@pytest.mark.parametrize(
+    ("extra", "adapter"),
+    [({}, "ostris/FLUX.1-schnell-training-adapter"), ({"disable_assistant_lora": "true"}, None),
+     ({"assistant_lora_path": "adapters/mine.safetensors"}, "adapters/mine.safetensors")],
+)  # fmt: skip
+def test_simpletuner_schnell_imports_its_assistant_lora_as_the_training_adapter(extra, adapter, tmp_path):
+    from tuner.simpletuner import convert
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_family": "flux", "model_flavour": "schnell", "model_type": "lora", **extra}))
+    res = convert(config)
+    assert res.defaults["preset"] == "flux-schnell"
+    assert res.values["model"]["options"]["training_adapter"] == adapter

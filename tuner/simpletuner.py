@@ -187,11 +187,11 @@ def _model(args: dict, res: Imported, dirs: list[Path]) -> type:
     from tuner.families import family_class
 
     cls = family_class(family)
-    _assistant(args, res, cls, st_family, flavour)
+    _assistant(args, res, cls, st_family, flavour, dirs)
     return cls
 
 
-def _assistant(args: dict, res: Imported, cls: type, st_family: str, flavour: str) -> None:
+def _assistant(args: dict, res: Imported, cls: type, st_family: str, flavour: str, dirs: list[Path]) -> None:
     """SimpleTuner's assistant LoRA (a de-distilling adapter active while training: Flux schnell, Z-Image-Turbo's
     flavours, on by default there) -> ``model.options.training_adapter``."""
     path, weight = args.pop("assistant_lora_path", None), args.pop("assistant_lora_weight_name", None)
@@ -200,7 +200,8 @@ def _assistant(args: dict, res: Imported, cls: type, st_family: str, flavour: st
         if path:
             res.skip("assistant_lora_path", f"{cls.__name__} has no training adapter in tuner")
         return
-    spec = None if disabled else assistant_adapter(st_family, flavour, str(path or ""), str(weight or ""))
+    path = (_locate(path, dirs) or str(path)) if path else ""  # a local one, as SimpleTuner's root sees it
+    spec = None if disabled else assistant_adapter(st_family, flavour, path, str(weight or ""))
     if spec or disabled:
         res.set("model.options.training_adapter", spec)
 

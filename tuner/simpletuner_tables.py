@@ -110,8 +110,9 @@ def family_and_preset(st_family: str, path: str, flavour: str, model_type: str) 
     return family, PRESETS[family]
 
 
-# SimpleTuner's default assistant LoRA per flavour (Z-Image-Turbo's: Ostris's de-distilling adapter, v1 or v2)
+# SimpleTuner's default assistant LoRA per flavour (Ostris's de-distilling adapters: schnell's; Turbo's v1 or v2)
 ASSISTANT = {
+    ("flux", "schnell"): "ostris/FLUX.1-schnell-training-adapter",
     ("z_image", "turbo"): "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v1.safetensors",
     ("z_image", "turbo-ostris-v2"): "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors",
     ("z_image", ""): "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors",  # default
