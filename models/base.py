@@ -309,6 +309,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         return self
 
     def on_fit_start(self) -> None:
+        # Lightning keeps the modes it finds, and from_pretrained leaves the denoiser in eval: train from step 0
+        self.train()
         self.noise.to(self.device)
         if self.experts is not None:
             self.experts.to(self.device)

@@ -181,13 +181,6 @@ class HiDreamModule(DiffusionModule):
             out = unpatchify(out, h, w)
         return -out  # the pipeline steps with -output: that is the velocity
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Train mode, whatever mode the transformer was left in (from_pretrained's eval, until validation first
-        # calls train()): in eval mode the MoE runs its experts under no_grad, so the routed experts would get no
-        # gradient and pass none back, and the routers would compute no balance term.
-        self.transformer.train()
-        return super().training_step(batch, batch_idx)
-
     def compute_loss(self, batch: dict, generator: torch.Generator, fixed_level: float | None = None) -> torch.Tensor:
         """The shared loss, plus the routers' load-balancing loss (``aux_loss_weight``) while training."""
         self._balance = []

@@ -1,7 +1,10 @@
 """EMA and validation callbacks on real tiny runs."""
 
 import csv
+import json
+from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from conftest import start_train, wait_for
@@ -156,3 +159,26 @@ def test_validation_loss_on_a_held_out_split(make_cfg, tmp_path):
         make_cfg(*VALIDATION, "data.validation_split=0.25", "max_train_steps=2", output_dir=tmp_path / "run")
     )
     assert result is not None and result > 0
+
+
+class ModeProbe(L.Callback):
+    """Records, at each training step, whether the denoiser and the text encoder are in train mode."""
+
+    def __init__(self, path: str):
+        self.path, self.modes = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.modes.append([pl_module.unet.training, pl_module.text_encoder.training])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text(json.dumps(self.modes))
+
+
+def test_the_denoiser_trains_in_train_mode_from_the_first_step(make_cfg, tmp_path):
+    """from_pretrained leaves models in eval mode and Lightning keeps the modes it finds: the denoiser must be in
+    train mode from step 0 (LoRA dropout, HiDream's experts), not only after the first validation; frozen parts
+    stay in eval (no dropout in the text encoder)."""
+    modes = tmp_path / "modes.json"
+    probe = ("+callbacks.extra.probe._target_=test_lifecycle.ModeProbe", f"+callbacks.extra.probe.path={modes}")
+    train(make_cfg("max_train_steps=3", "callbacks.validation.every_n_steps=2", *probe, output_dir=tmp_path / "out"))
+    assert json.loads(modes.read_text()) == [[True, False]] * 3
