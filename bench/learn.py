@@ -336,10 +336,8 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     size = recipe.size
     contrast = contrast_for(family, size)
     labels, images = [], []
-    if type(pipe).__name__ == "HiDreamImagePipeline":  # it rescales every size to its default area (1024 px)
-        pipe.default_sample_size = size // pipe.vae_scale_factor
     for label in range(len(CLASSES)):
-        extra = cls.sampling_inputs(size, size)
+        extra = cls.sampling_inputs(size, size, pipe)
         if "image" in extra:  # an upscaler: the class's own low-res image
             factor = size // extra["image"].shape[-1]
             extra["image"] = low_res(label, factor, contrast, size)

@@ -193,9 +193,9 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         return {}
 
     @classmethod
-    def sampling_inputs(cls, height: int, width: int) -> dict[str, Any]:
+    def sampling_inputs(cls, height: int, width: int, pipe=None) -> dict[str, Any]:
         """Keywords the family's pipeline needs to produce a ``height`` x ``width`` image beyond the prompt
-        (``sampling_kwargs``; a super-resolution stage adds the image it upscales)."""
+        (``sampling_kwargs``; IF stage II adds the image it upscales; HiDream sets ``pipe``'s default area)."""
         return dict(cls.sampling_kwargs)
 
     @classmethod

@@ -279,7 +279,7 @@ class DeepFloydIFSuperResolutionModule(DeepFloydIFModule):
         return self._stage_1.to(self.device)
 
     @classmethod
-    def sampling_inputs(cls, height: int, width: int) -> dict[str, Any]:
+    def sampling_inputs(cls, height: int, width: int, pipe=None) -> dict[str, Any]:
         """A smooth low-res image to upscale (pipelines of this family need one)."""
         f = IFSuperResolutionOptions.upscale_factor
         ramp = torch.linspace(-1, 1, width // f).expand(1, 3, height // f, width // f)

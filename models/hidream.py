@@ -199,12 +199,17 @@ class HiDreamModule(DiffusionModule):
         return loss + self.options.aux_loss_weight * torch.stack(terms).sum().to(loss.dtype)
 
     # ---- sampling -------------------------------------------------------------------------------
-    def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
-        """At the asked size: the pipeline would rescale it to its default area (1024 x 1024), so that area is
-        made the asked one (a hair over, so the size it rounds down to 16 px is the asked size itself)."""
-        height, width = kwargs.get("height"), kwargs.get("width")
-        if height and width:
+    @classmethod
+    def sampling_inputs(cls, height: int, width: int, pipe=None) -> dict:
+        """At the asked size: the pipeline would rescale it to its default area (1024 x 1024), so ``pipe``'s default
+        area is made the asked one (a hair over, so the size it rounds down to 16 px is the asked size itself)."""
+        if pipe is not None:
             pipe.default_sample_size = math.sqrt(height * width) * (1 + 1e-9) / pipe.vae_scale_factor
+        return super().sampling_inputs(height, width, pipe)
+
+    def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
+        if kwargs.get("height") and kwargs.get("width"):
+            self.sampling_inputs(kwargs["height"], kwargs["width"], pipe)
         return super().sample_image(pipe, prompt, autocast, max_sequence_length=self.options.max_sequence_length, **kwargs)
 
     @classmethod

@@ -211,9 +211,7 @@ def generate(pipe, seed: int = 0):
 
     # the exact class: IF's two stages are different pipelines
     classes = [family_class(f) for f in families()]
-    extra = next((c.sampling_inputs(64, 64) for c in classes if type(pipe) is c.pipeline_class), {})
-    if type(pipe).__name__ == "HiDreamImagePipeline":  # it rescales every size to its default area (1024 px)
-        pipe.default_sample_size = 64 // pipe.vae_scale_factor
+    extra = next((c.sampling_inputs(64, 64, pipe) for c in classes if type(pipe) is c.pipeline_class), {})
     out = pipe(
         prompt="a red circle on white",  # by name: FLUX.2's pipelines take an image first
         **extra,
