@@ -39,23 +39,47 @@ QWEN_IMAGE_TRANSFORMER = dict(  # Qwen/Qwen-Image (and -2512): 60 double-stream 
     guidance_embeds=False,
 )
 
-Z_IMAGE_TRANSFORMER = dict(  # Tongyi-MAI/Z-Image-Turbo and Z-Image: 30 single-stream blocks + 2 noise and 2 text refiners
-    all_patch_size=[2],
-    all_f_patch_size=[1],
-    in_channels=16,
-    dim=3840,
-    n_layers=30,
-    n_refiner_layers=2,
-    n_heads=30,
-    n_kv_heads=30,
-    norm_eps=1e-05,
-    qk_norm=True,
-    cap_feat_dim=2560,  # Qwen3-4B's width
-    rope_theta=256.0,
-    t_scale=1000.0,
-    axes_dims=[32, 48, 48],
-    axes_lens=[1536, 512, 512],
+Z_IMAGE_TRANSFORMER = (
+    dict(  # Tongyi-MAI/Z-Image-Turbo and Z-Image: 30 single-stream blocks + 2 noise and 2 text refiners
+        all_patch_size=[2],
+        all_f_patch_size=[1],
+        in_channels=16,
+        dim=3840,
+        n_layers=30,
+        n_refiner_layers=2,
+        n_heads=30,
+        n_kv_heads=30,
+        norm_eps=1e-05,
+        qk_norm=True,
+        cap_feat_dim=2560,  # Qwen3-4B's width
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[32, 48, 48],
+        axes_lens=[1536, 512, 512],
+    )
 )
+
+HIDREAM_TRANSFORMER = dict(  # HiDream-ai/HiDream-I1-Full: 16 double + 32 single blocks, sparse-MoE feed-forwards
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=16,
+    num_single_layers=32,
+    attention_head_dim=128,
+    num_attention_heads=20,
+    caption_channels=[4096, 4096],  # T5-XXL, Llama 3.1 8B
+    text_emb_dim=2048,  # CLIP-L 768 + CLIP-G 1280, pooled
+    num_routed_experts=4,
+    num_activated_experts=2,
+    axes_dims_rope=(64, 32, 32),
+    max_resolution=(128, 128),
+    llama_layers=list(range(32)) + [31] * 16,  # which Llama layer feeds each of the 48 blocks
+)
+
+
+def _hidream_blocks(config: dict) -> dict:
+    """A build with fewer blocks takes the first Llama layers its blocks need."""
+    return {**config, "llama_layers": config["llama_layers"][: config["num_layers"] + config["num_single_layers"]]}
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,9 @@ def full_bytes(
 SHAPES: dict[str, Shape] = {
     "flux": Shape("FluxTransformer2DModel", FLUX_TRANSFORMER, ("num_layers", "num_single_layers")),
     "chroma": Shape("ChromaTransformer2DModel", CHROMA_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "hidream": Shape(
+        "HiDreamImageTransformer2DModel", HIDREAM_TRANSFORMER, ("num_layers", "num_single_layers"), _hidream_blocks
+    ),
     "z_image": Shape("ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER, ("n_layers", "n_refiner_layers")),
     "qwen_image": Shape("QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER, ("num_layers",)),
 }
