@@ -118,6 +118,22 @@ def test_the_learnable_vae_normalises_to_unit_variance_and_inverts(tmp_path):
     assert json.loads((path / "learnable.json").read_text())["transformer_width"] >= 2 * 32  # widened past its patch
 
 
+def test_the_learnable_dev_text_encoder_carries_the_caption_past_the_system_message():
+    """FLUX.2 [dev]'s prompt follows a ~180-token system message; the learnable tiny Mistral's sharper attention
+    (models/learnable.SHARPER_ATTENTION) carries the caption into the tokens after it, as klein's Qwen3 does
+    without one: at the decoder LMs' common scale the dev fine-tune ignored its prompt."""
+    from models.learnable import sharpen_text_encoders
+    from models.tiny_flux2 import tiny_flux2
+
+    pipe = tiny_flux2(dev=True)
+    sharpen_text_encoders(pipe)
+    with torch.no_grad():
+        embeds = torch.cat([pipe.encode_prompt(p, device="cpu")[0] for p in ("top left square", "top right square")])
+    differs = (embeds[0] - embeds[1]).abs().mean(-1)  # (512,)
+    first = int((differs > 1e-4).nonzero()[0])  # the caption's first differing token, after the system message
+    assert first > 150 and float(differs[first + 20 :].mean()) > 0.2  # 0.03 at the common scale
+
+
 def test_the_klein_transformer_sees_what_the_pipeline_hands_it(make_cfg, tmp_path):
     module = _module(make_cfg, tmp_path)
     seen = _hooked(module)
