@@ -78,6 +78,11 @@ def test_fsdp_config_builds_the_strategy_for_the_module(make_cfg):
     assert fp32.mp_policy().param_dtype is None
 
 
+# Parts whose size does not shrink with a tiny model's width: Z-Image's timestep MLP is 1024 wide at any width
+# (0.3 M parameters: 85% of the tiny transformer, 0.01% of the real one)
+FIXED_SIZE = {"z_image": ("t_embedder",)}
+
+
 def test_every_family_declares_blocks_its_denoiser_has(demo_dir):
     """Each family's ``fsdp_blocks`` name classes of its real (tiny) denoiser, and they hold most of it."""
     from models.base import resolve
@@ -92,7 +97,8 @@ def test_every_family_declares_blocks_its_denoiser_has(demo_dir):
         blocks = block_classes(cls.fsdp_blocks, denoiser)
         assert {c.__name__ for c in blocks} == set(cls.fsdp_blocks), family
         inside = {id(p) for m in denoiser.modules() if type(m) in blocks for p in m.parameters()}
-        share = sum(p.numel() for p in denoiser.parameters() if id(p) in inside) / denoiser.num_parameters()
+        counted = [(n, p) for n, p in denoiser.named_parameters() if n.split(".")[0] not in FIXED_SIZE.get(family, ())]
+        share = sum(p.numel() for n, p in counted if id(p) in inside) / sum(p.numel() for _, p in counted)
         assert share > 0.5, (family, share)  # tiny models; a real one has nearly all its weights in blocks
 
 
@@ -161,8 +167,12 @@ def runs(demo_dir, tmp_path_factory) -> Path:
         # which training each rank was in, and every line that names a C++ abort or an error, before the tail
         # (a rank that aborts in C++ leaves no Python traceback of its own)
         lines = (result.stdout + result.stderr).splitlines()
-        marks = [line for line in lines if line.startswith("fsdp-worker") or any(
-            word in line for word in ("terminate called", "what():", "Abort", "Error", "error:"))]
+        marks = [
+            line
+            for line in lines
+            if line.startswith("fsdp-worker")
+            or any(word in line for word in ("terminate called", "what():", "Abort", "Error", "error:"))
+        ]
         pytest.fail("\n".join([*marks[:60], "...", *lines[-40:]]), pytrace=False)
     return out
 
@@ -214,7 +224,9 @@ def test_sharded_checkpoints_hold_only_what_trains_and_resume_from_latest(runs, 
     averages = [k for k in keys if k.startswith("callbacks.EMA/shadow/")]
     assert sorted(k.rpartition("/")[2] for k in averages) == sorted(k.removeprefix("state_dict.") for k in saved)
     meta = torch.load(sharded / "meta.pt", map_location="cpu", weights_only=False)
-    assert all(isinstance(v, str) and v.startswith("tuner:sharded:") for v in meta["callbacks"]["EMA"]["shadow"].values())
+    assert all(
+        isinstance(v, str) and v.startswith("tuner:sharded:") for v in meta["callbacks"]["EMA"]["shadow"].values()
+    )
     # a half-written newer one (no index yet) is passed over by latest
     newer = root / "6" / CKPT_NAME
     newer.mkdir(parents=True)
