@@ -82,6 +82,28 @@ def _hidream_blocks(config: dict) -> dict:
     return {**config, "llama_layers": config["llama_layers"][: config["num_layers"] + config["num_single_layers"]]}
 
 
+FLUX2_DEV_TRANSFORMER = dict(  # black-forest-labs/FLUX.2-dev: width 6144, text 3 x 5120 (Mistral Small 3's layers)
+    patch_size=1,
+    in_channels=128,
+    num_layers=8,
+    num_single_layers=48,
+    attention_head_dim=128,
+    num_attention_heads=48,
+    joint_attention_dim=15360,
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000,
+    eps=1e-6,
+    guidance_embeds=True,
+)
+# FLUX.2 [klein] 4B and 9B: width 3072 / 4096, text 3 x Qwen3-4B's 2560 / Qwen3-8B's 4096, no guidance embedding
+FLUX2_KLEIN_4B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 5, "num_single_layers": 20,
+                              "num_attention_heads": 24, "joint_attention_dim": 7680, "guidance_embeds": False}  # fmt: skip
+FLUX2_KLEIN_9B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 8, "num_single_layers": 24,
+                              "num_attention_heads": 32, "joint_attention_dim": 12288, "guidance_embeds": False}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Shape:
     model: str  # the diffusers class
@@ -129,6 +151,9 @@ def full_bytes(
 SHAPES: dict[str, Shape] = {
     "flux": Shape("FluxTransformer2DModel", FLUX_TRANSFORMER, ("num_layers", "num_single_layers")),
     "chroma": Shape("ChromaTransformer2DModel", CHROMA_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "flux2_dev": Shape("Flux2Transformer2DModel", FLUX2_DEV_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "flux2_klein_4b": Shape("Flux2Transformer2DModel", FLUX2_KLEIN_4B_TRANSFORMER, ("num_layers", "num_single_layers")),
+    "flux2_klein_9b": Shape("Flux2Transformer2DModel", FLUX2_KLEIN_9B_TRANSFORMER, ("num_layers", "num_single_layers")),
     "hidream": Shape(
         "HiDreamImageTransformer2DModel", HIDREAM_TRANSFORMER, ("num_layers", "num_single_layers"), _hidream_blocks
     ),
