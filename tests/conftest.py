@@ -222,3 +222,21 @@ def generate(pipe, seed: int = 0):
         generator=torch.Generator().manual_seed(seed),
     )
     return out.images[0]
+
+
+def point_hub_at(monkeypatch, url: str) -> None:
+    """huggingface_hub, for this test, talks to the Hub served at ``url`` (on 127.0.0.1) and to nothing else:
+    online, no proxy, no Xet, no telemetry (which would fetch a registry from the real Hub)."""
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    # huggingface_hub reads these once, at import: set the values the environment above asks for
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from huggingface_hub import constants as hf_constants
+from conftest import point_hub_at
 from lightning.pytorch.demos.boring_classes import BoringModel
 from PIL import Image
 
@@ -110,18 +110,9 @@ class FakeHub:
 @pytest.fixture
 def hub(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")  # else building headers fetches a registry from the Hub
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    # huggingface_hub reads these once, at import: set the values the environment above asks for.
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
     server = FakeHub()
     # Anything that ignores the callback's endpoint lands here (and fails the test), never on the real Hub.
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
+    point_hub_at(monkeypatch, server.url)
     yield server
     assert not server.calls_to("other"), [(c["method"], c["path"]) for c in server.calls_to("other")]
     server.close()

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import point_hub_at
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
@@ -88,22 +89,10 @@ def _adapter(pipe_dir, out, seed: int) -> bytes:
 @pytest.fixture
 def hub(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    # huggingface_hub reads these once, at import: set the values the environment above asks for
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     files = {f"{REPO}/{name}": _adapter(demo_dir / "z_image", tmp_path / name, seed) for seed, name in enumerate(FILES)}
     server = FileHub(files)
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(
-        hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    point_hub_at(monkeypatch, server.url)
     yield server
     server.close()
 
