@@ -395,12 +395,22 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
 def recipe_for(family: str, changes: list[str]) -> Recipe:
     """The family's recipe with ``field=value`` changes (from the command line)."""
     recipe = RECIPES.get(family, Recipe())
-    types = {f.name: type(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(recipe)}  # "int", "bool", "str | None", ...
     pairs = [change.split("=", 1) for change in changes]
     unknown = [key for key, _ in pairs if key not in types]
     if unknown:
         raise SystemExit(f"--recipe: unknown field(s) {unknown}; valid: {sorted(types)}")
-    return dataclasses.replace(recipe, **{key: types[key](value) for key, value in pairs})
+    return dataclasses.replace(recipe, **{key: _value(types[key], value) for key, value in pairs})
+
+
+def _value(kind: str, text: str):
+    """A command-line value as the field's type (``kind``, its annotation): bool("false") would be True, and a
+    field that defaults to None has no type to call."""
+    if "None" in kind and text.lower() in ("none", "null"):
+        return None
+    if kind.startswith("bool"):
+        return text.lower() in ("1", "true", "yes")
+    return int(text) if kind.startswith("int") else float(text) if kind.startswith("float") else text
 
 
 def main(argv: list[str] | None = None) -> int:
