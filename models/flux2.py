@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -32,6 +33,8 @@ import torch
 
 from models import trainable
 from models.base import DiffusionModule, lazy_class, resolve
+
+log = logging.getLogger(__name__)
 
 # Double-stream attention (image and text halves), then the single-stream blocks' fused QKV+MLP input.
 _ATTENTION = (
@@ -241,11 +244,15 @@ class Flux2Module(DiffusionModule):
         )[0]
         return out.transpose(1, 2).reshape(b, c, h, w)  # (B, 128, h, w)
 
+    _said_negative = False
+
     @torch.no_grad()
     def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
         """Neither pipeline takes a negative prompt (klein's CFG runs against "", dev has none): it is
         dropped. dev's ``output_type="latent"`` is its normalised tokens, klein's the VAE's own latents."""
-        kwargs.pop("negative_prompt", None)
+        if kwargs.pop("negative_prompt", None) and not self._said_negative:
+            self._said_negative = True  # once a run, not at every validation
+            log.warning("FLUX.2's pipelines take no negative prompt: callbacks.validation.negative_prompt is not used")
         with autocast or nullcontext():
             tokens = self.options.max_sequence_length
             latents = pipe(prompt=prompt, output_type="latent", max_sequence_length=tokens, **kwargs).images

@@ -175,15 +175,18 @@ def test_the_dev_transformer_gets_its_guidance_embedding(make_cfg, tmp_path, dev
         assert torch.equal(seen[1][key][0], seen[0][key]), key
 
 
-def test_klein_base_validates_with_real_cfg_against_the_empty_prompt(make_cfg, tmp_path):
+def test_klein_base_validates_with_real_cfg_against_the_empty_prompt(make_cfg, tmp_path, caplog):
     module = _module(make_cfg, tmp_path)
     seen = _hooked(module)
     pipe = module.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    image = module.sample_image(pipe, CAPTION, negative_prompt="blurry", height=64, width=64, num_inference_steps=1,
-                                guidance_scale=4.0)
-    assert image.size == (64, 64) and len(seen) == 2  # the prompt, then the unconditional pass
+    for _ in range(2):
+        image = module.sample_image(pipe, CAPTION, negative_prompt="blurry", height=64, width=64,
+                                    num_inference_steps=1, guidance_scale=4.0)  # fmt: skip
+    assert image.size == (64, 64) and len(seen) == 4  # each time the prompt, then the unconditional pass
     torch.testing.assert_close(seen[1]["encoder_hidden_states"], module.encode_prompts([""])["prompt_embeds"])
+    # the configured negative prompt cannot be used, and the run says so once
+    assert sum("take no negative prompt" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_distilled_klein_samples_without_cfg(make_cfg, tmp_path):
