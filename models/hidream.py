@@ -169,6 +169,12 @@ class HiDreamModule(DiffusionModule):
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype, (_, _, h, w) = self.denoiser_dtype, noisy.shape
+        most, tokens = self.transformer.max_seq, (h // 2) * (w // 2)
+        if h != w and tokens > most:  # its patchify pads a non-square image to that many tokens and cannot take more
+            raise ValueError(
+                f"HiDream takes at most {most} tokens of a non-square image, this bucket has {tokens} ({w * 8}x{h * 8} "
+                "px): lower data.resolution (the hidream preset's 992 keeps every area bucket within 4096)"
+            )
         out = self.transformer(
             hidden_states=noisy.to(dtype),  # (B, 16, h, w): the transformer cuts (and pads) its own patches
             timesteps=timesteps,  # sigma x 1000, as the pipeline passes the scheduler's timestep

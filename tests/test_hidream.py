@@ -46,12 +46,16 @@ def test_prompts_are_the_pipelines_encode_prompt(make_cfg, tmp_path):
     )
     torch.testing.assert_close(cond["prompt_embeds_t5"], torch.cat([t5, neg_t5]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cond["pooled_prompt_embeds"], torch.cat([pooled, neg_pooled]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cond["prompt_embeds_llama3"], torch.cat([llama, neg_llama], dim=1).transpose(0, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        cond["prompt_embeds_llama3"], torch.cat([llama, neg_llama], dim=1).transpose(0, 1), rtol=1e-5, atol=1e-6
+    )
     # Llama: the layers' outputs without the embeddings, run with the mask over a prompt padded with <|eot_id|>
     tokens = module.tokenizer_4([CAPTION], padding="max_length", max_length=128, return_tensors="pt")
     assert tokens.input_ids[0, 0] == module.tokenizer_4.bos_token_id
     assert tokens.input_ids[0, -1] == module.tokenizer_4.eos_token_id and tokens.attention_mask[0, -1] == 0
-    states = module.text_encoder_4(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True).hidden_states
+    states = module.text_encoder_4(
+        tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
+    ).hidden_states
     assert len(states) == 3 and torch.equal(cond["prompt_embeds_llama3"][0, 0], states[1][0])
     unmasked = module.text_encoder_4(tokens.input_ids, output_hidden_states=True).hidden_states
     assert not torch.allclose(unmasked[1][0], cond["prompt_embeds_llama3"][0, 0])  # the padding's states differ
@@ -96,8 +100,14 @@ def test_train_mode_patches_come_back_as_the_image_and_negated(make_cfg, tmp_pat
     noisy, t = torch.randn(2, 16, h, w), torch.tensor([300.0, 800.0])
     module.transformer.train()
     trained = module.denoise(noisy, t, cond, {})
-    raw = module.transformer(noisy, t, cond["prompt_embeds_t5"], cond["prompt_embeds_llama3"].transpose(0, 1),
-                             cond["pooled_prompt_embeds"], return_dict=False)[0]
+    raw = module.transformer(
+        noisy,
+        t,
+        cond["prompt_embeds_t5"],
+        cond["prompt_embeds_llama3"].transpose(0, 1),
+        cond["pooled_prompt_embeds"],
+        return_dict=False,
+    )[0]
     assert raw.shape == (2, 16, 16 if h == w else 64, 4)  # 64: max_resolution (16, 16) in 2x2 patches
     module.transformer.eval()
     evaluated = module.denoise(noisy, t, cond, {})
@@ -160,8 +170,13 @@ def _batch():
 def test_the_load_balancing_loss_moves_the_routers_gradients(make_cfg, tmp_path, checkpointing):
     grads, losses = {}, {}
     for weight in (0.0, 0.01):
-        module = _module(make_cfg, tmp_path / str(weight), "model.finetune=full",
-                         f"model.options.aux_loss_weight={weight}", f"model.gradient_checkpointing={checkpointing}")
+        module = _module(
+            make_cfg,
+            tmp_path / str(weight),
+            "model.finetune=full",
+            f"model.options.aux_loss_weight={weight}",
+            f"model.gradient_checkpointing={checkpointing}",
+        )
         module.train()
         loss = module.compute_loss(_batch(), torch.Generator().manual_seed(0))
         loss.backward()
@@ -174,8 +189,15 @@ def test_the_load_balancing_loss_moves_the_routers_gradients(make_cfg, tmp_path,
 
 
 def test_training_logs_the_routers_balance(make_cfg, tmp_path):
-    train(make_cfg("model=hidream", "max_train_steps=2", "checkpointing_steps=0", "callbacks.validation.enabled=false",
-                   output_dir=tmp_path))
+    train(
+        make_cfg(
+            "model=hidream",
+            "max_train_steps=2",
+            "checkpointing_steps=0",
+            "callbacks.validation.enabled=false",
+            output_dir=tmp_path,
+        )
+    )
     (metrics,) = tmp_path.glob("logs/*/metrics.csv")
     balance = [float(r["train/moe_balance"]) for r in csv.DictReader(metrics.open()) if r.get("train/moe_balance")]
     assert len(balance) == 2 and all(1.0 <= b <= 4.0 for b in balance)  # 1: balanced; 4 experts: at most 4
@@ -191,12 +213,15 @@ def test_llama_loads_from_its_own_repo_when_the_checkpoint_has_none(make_cfg, de
     (base / "model_index.json").write_text(json.dumps(index))
     shutil.copytree(demo_dir / "hidream" / "text_encoder_4", llama)
     shutil.copytree(demo_dir / "hidream" / "tokenizer_4", llama, dirs_exist_ok=True)
-    module = _module(make_cfg, tmp_path / "out", f"model.pretrained_model_name_or_path={base}",
-                     f"model.options.llama_path={llama}")
+    module = _module(
+        make_cfg, tmp_path / "out", f"model.pretrained_model_name_or_path={base}", f"model.options.llama_path={llama}"
+    )
     reference = _module(make_cfg, tmp_path / "ref")
     assert module.tokenizer_4.pad_token == "<|eot_id|>"
-    assert torch.equal(module.encode_prompts([CAPTION])["prompt_embeds_llama3"],
-                       reference.encode_prompts([CAPTION])["prompt_embeds_llama3"])
+    assert torch.equal(
+        module.encode_prompts([CAPTION])["prompt_embeds_llama3"],
+        reference.encode_prompts([CAPTION])["prompt_embeds_llama3"],
+    )
     assert module.pipeline_load_overrides() == {"text_encoder_4": None, "tokenizer_4": None}
     assert reference.pipeline_load_overrides() == {}
 
@@ -205,11 +230,47 @@ def test_simpletuner_hidream_imports_to_the_hidream_preset(tmp_path):
     from tuner.simpletuner import convert
 
     config = tmp_path / "hidream.json"
-    config.write_text(json.dumps({"model_family": "hidream", "model_flavour": "dev", "model_type": "lora", "lora_rank": 8,
-                                  "hidream_use_load_balancing_loss": True, "hidream_load_balancing_loss_weight": 0.01}))
+    config.write_text(
+        json.dumps(
+            {
+                "model_family": "hidream",
+                "model_flavour": "dev",
+                "model_type": "lora",
+                "lora_rank": 8,
+                "hidream_use_load_balancing_loss": True,
+                "hidream_load_balancing_loss_weight": 0.01,
+            }
+        )
+    )
     res = convert(config)
     assert res.defaults["model"] == "hidream" and res.defaults["preset"] == "hidream"
     assert res.get("model.pretrained_model_name_or_path") == "HiDream-ai/HiDream-I1-Dev"
     # SimpleTuner's balancing loss is detached (it moves no gradient): not carried over as tuner's, which does
     unmapped = dict(res.unmapped)
-    assert "detached" in unmapped["hidream_use_load_balancing_loss"] and res.get("model.options.aux_loss_weight") is None
+    assert (
+        "detached" in unmapped["hidream_use_load_balancing_loss"] and res.get("model.options.aux_loss_weight") is None
+    )
+
+
+def test_a_non_square_bucket_past_the_transformers_sequence_is_refused_by_name(make_cfg, tmp_path):
+    """The transformer pads a non-square image to max_resolution's tokens (64 for the tiny one, 4096 for the real):
+    a larger bucket is a clear error naming the key, and the preset's area buckets all fit the real 4096."""
+    import numpy as np
+    from conftest import compose_cfg
+
+    from datamodules.buckets import MAX_ASPECT, bucket_for
+
+    module = _module(make_cfg, tmp_path)
+    cond = module.encode_prompts([CAPTION])
+    assert module.denoise(torch.randn(1, 16, 8, 16), torch.tensor([500.0]), cond, {}).shape == (1, 16, 8, 16)  # 32
+    with pytest.raises(
+        ValueError, match=r"at most 64 tokens of a non-square image, this bucket has 72 .*data.resolution"
+    ):
+        module.denoise(torch.randn(1, 16, 16, 18), torch.tensor([500.0]), cond, {})
+    data = compose_cfg(["preset=hidream"]).data
+    tokens = {
+        (w // 16) * (h // 16)
+        for a in np.linspace(1 / MAX_ASPECT, MAX_ASPECT, 500)
+        for w, h in [bucket_for(round(1000 * a), 1000, data.resolution, data.resolution_type.value, data.bucket_step)]
+    }
+    assert max(tokens) <= 4096
