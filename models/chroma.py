@@ -17,14 +17,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
 
 from models.base import DiffusionModule, lazy_class
 from models.encoders import t5_with_mask
-from models.flux import DEV_SCHEDULER, dynamic_mu, image_ids, pack, sample_packed, unpack
+from models.flux import DEV_SCHEDULER, dynamic_shift, image_ids, pack, sample_packed, unpack
 
 # Chroma's blocks are Flux's without the modulation linears (its norms are "pruned": the approximator
 # supplies their scales and shifts), so there is no norm target.
@@ -78,11 +77,7 @@ class ChromaModule(DiffusionModule):
         hidden, mask = t5_with_mask(self.tokenizer, self.text_encoder, captions, self.options.t5_max_length, self.device)
         return {"prompt_embeds": hidden, "attention_mask": transformer_text_mask(mask)}  # (B, L, D_t5), (B, L)
 
-    def flow_shift_for(self, latents: torch.Tensor) -> float | None:
-        config = self.noise.config
-        if self.hparams.flow_shift is not None or not config.get("use_dynamic_shifting"):
-            return None  # the override, or the checkpoint's fixed shift
-        return math.exp(dynamic_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), config))
+    flow_shift_for = dynamic_shift  # by the image's sequence length, where the scheduler says so
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype, (b, _, h, w) = self.denoiser_dtype, noisy.shape

@@ -77,6 +77,16 @@ def dynamic_mu(seq_len: int, config: dict) -> float:
     return lo + (hi - lo) * (seq_len - lo_len) / (hi_len - lo_len)
 
 
+
+def dynamic_shift(module, latents: torch.Tensor) -> float | None:
+    """``flow_shift_for`` of a family whose checkpoint's scheduler may shift sigmas by the image's sequence length
+    of 2x2 tokens (FLUX.1 dev, Chroma, Qwen-Image, Z-Image's config if it asks): None for ``model.flow_shift`` (the
+    override) or a fixed shift in the scheduler."""
+    config = module.noise.config
+    if module.hparams.flow_shift is not None or not config.get("use_dynamic_shifting"):
+        return None
+    return math.exp(dynamic_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), config))
+
 class FluxModule(TrainingAdapterHooks, DiffusionModule):
     pipeline_class = lazy_class("diffusers.FluxPipeline")
     denoiser_name = "transformer"
@@ -133,11 +143,7 @@ class FluxModule(TrainingAdapterHooks, DiffusionModule):
         t5 = self.text_encoder_2(ids, output_hidden_states=False)[0]  # (B, L, D_t5)
         return {"prompt_embeds": t5, "pooled": pooled.pooler_output}  # pooled: (B, D_clip)
 
-    def flow_shift_for(self, latents: torch.Tensor) -> float | None:
-        config = self.noise.config
-        if self.hparams.flow_shift is not None or not config.get("use_dynamic_shifting"):
-            return None  # the override, or schnell's fixed shift
-        return math.exp(dynamic_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), config))
+    flow_shift_for = dynamic_shift  # by the image's sequence length, where the scheduler says so
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype, (b, _, h, w) = self.denoiser_dtype, noisy.shape

@@ -24,14 +24,13 @@ conditioned on Qwen2.5-VL-7B's last hidden states, over a Wan-style causal 3-D V
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
 from models.base import DiffusionModule, lazy_class
-from models.flux import dynamic_mu, pack, unpack
+from models.flux import dynamic_shift, pack, unpack
 
 # QwenImagePipeline's ``prompt_template_encode`` and ``prompt_template_encode_start_idx`` (instance attributes
 # there, so copied; tests/test_qwen_image.py checks they still agree), and its tokenizer's cut.
@@ -152,11 +151,7 @@ class QwenImageModule(DiffusionModule):
         embeds, mask = prompt_embeds(self.tokenizer, self.text_encoder, captions, self.options.max_sequence_length, self.device)
         return {"prompt_embeds": embeds, "prompt_mask": mask}  # (B, L, D), (B, L)
 
-    def flow_shift_for(self, latents: torch.Tensor) -> float | None:
-        config = self.noise.config
-        if self.hparams.flow_shift is not None or not config.get("use_dynamic_shifting"):
-            return None  # the override, or a fixed shift in the checkpoint's scheduler
-        return math.exp(dynamic_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), config))
+    flow_shift_for = dynamic_shift  # by the image's sequence length, where the scheduler says so
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype, (b, _, h, w) = self.denoiser_dtype, noisy.shape

@@ -24,13 +24,12 @@ patches, conditioned on Qwen3-4B's hidden states.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
 
 from models.base import DiffusionModule, lazy_class
-from models.flux import dynamic_mu
+from models.flux import dynamic_shift
 from models.training_adapter import TrainingAdapterHooks
 
 # Every block (the 30 main layers and the noise/context refiners) is the same ZImageTransformerBlock:
@@ -120,11 +119,7 @@ class ZImageModule(TrainingAdapterHooks, DiffusionModule):
         # (B, L, D) the second-to-last layer; the mask as a float, as the cache keeps every tensor
         return {"prompt_embeds": out.hidden_states[-2], "attention_mask": mask.float()}
 
-    def flow_shift_for(self, latents: torch.Tensor) -> float | None:
-        config = self.noise.config
-        if self.hparams.flow_shift is not None or not config.get("use_dynamic_shifting"):
-            return None  # the override, or the checkpoint's fixed shift (Turbo's 3.0)
-        return math.exp(dynamic_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), config))
+    flow_shift_for = dynamic_shift  # by the image's sequence length, where the scheduler says so
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype, scale = self.denoiser_dtype, self.noise.num_timesteps
