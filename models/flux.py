@@ -223,7 +223,8 @@ def sample_packed(module, pipe, prompt: str, autocast=None, **kwargs):
     """One validation image from a pipeline that returns packed latents for ``output_type="latent"`` (Flux,
     Chroma): the loop under ``autocast``, then unpack and decode outside it."""
     with autocast or torch.autocast(module.device.type, enabled=False):
-        tokens = pipe(prompt, output_type="latent", max_sequence_length=module.options.t5_max_length, **kwargs).images
+        # the prompt by name: FluxKontextPipeline takes its input image first
+        tokens = pipe(prompt=prompt, output_type="latent", max_sequence_length=module.options.t5_max_length, **kwargs).images
     factor = pipe.vae_scale_factor * 2
     latents = unpack(tokens, 2 * (kwargs["height"] // factor), 2 * (kwargs["width"] // factor))
     with torch.autocast(module.device.type, enabled=False):
