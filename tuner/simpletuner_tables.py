@@ -19,6 +19,8 @@ PRESETS = {
 }
 # the base model a SimpleTuner model_flavour stands for, when no pretrained_model_name_or_path is given
 FLAVOURS = {("flux", "dev"): "black-forest-labs/FLUX.1-dev", ("flux", "schnell"): "black-forest-labs/FLUX.1-schnell"}
+# SimpleTuner trains FLUX.1 Kontext as model_family flux, model_flavour kontext: tuner's flux_kontext family
+FLAVOURS[("flux", "kontext")] = "black-forest-labs/FLUX.1-Kontext-dev"
 FLAVOURS.update({("chroma", "hd"): "lodestones/Chroma1-HD", ("chroma", "base"): "lodestones/Chroma1-Base"})
 FLAVOURS[("chroma", "flash")] = "lodestones/Chroma1-Flash"  # SimpleTuner's three Chroma flavours: base, hd, flash
 FLAVOURS.update({("sd3", size): f"stabilityai/stable-diffusion-3.5-{size}" for size in ("medium", "large")})
@@ -94,6 +96,8 @@ def family_and_preset(st_family: str, path: str, flavour: str, model_type: str) 
     """SimpleTuner's model_family (with its path, flavour and model_type) -> tuner's family and preset."""
     text = f"{path} {flavour} {model_type}".lower()
     if st_family == "flux":
+        if "kontext" in text:  # the edit model: its own family (reference tokens) and preset
+            return "flux_kontext", "flux-kontext"
         return "flux", "flux-schnell" if "schnell" in text else "flux-dev"
     if st_family == "sd3":
         large = ("3.5" in path or "3_5" in path) if path else flavour.lower() in ("medium", "large")
