@@ -23,6 +23,15 @@ IF stage II upscales: it is given the class's own low-res image (what it conditi
 that the upscaler reproduces the image it is given rather than noise; the caption alone decides nothing
 there.
 
+**The edit task**, for a family that edits an input image (its class declares ``"reference"`` in
+``conditioning_kinds``: FLUX.1 Kontext), in place of the caption task: only the *input* image decides the class.
+Each training pair is a target and its reference (``data.conditioning.reference.path``, the same file names); every
+caption is one constant instruction (``EDIT_CAPTION``); the reference shows the faint square in one quadrant and the
+target the same square moved to the other side (left <-> right: ``EDIT_SOURCE``), jittered alike. A model that
+copies its input scores 0; one that ignores it, chance. Sampling passes the class's clean reference as ``image=``
+with the instruction, and scores the samples against the four target images as above. The LoRA's base learns to
+copy: its generic shapes are paired with themselves.
+
 ``--smoke``: SD 1.5's LoRA on a base, 2 steps each, 1 seed, 2 sampling steps, in a temporary folder: the code
 path in seconds; its accuracy means nothing.
 """
@@ -108,7 +117,25 @@ RECIPES: dict[str, Recipe] = {  # where the default does not fit
     "flux": Recipe(true_cfg=True, lora_targets="[all]"),
     # Qwen-Image's CFG is true_cfg_scale with a negative prompt (its guidance_scale is for distilled checkpoints)
     "qwen_image": Recipe(true_cfg=True),
+    # FLUX.1 Kontext learns the edit task, whose caption is constant: no CFG to sample with (the class is in the input
+    # image), so it samples as Kontext [dev] is sampled, its guidance embedding at the trained 1.0; a LoRA on every
+    # linear layer, as Flux.1's
+    "flux_kontext": Recipe(guidance_scale=1.0, lora_targets="[all]"),
 }
+
+
+# The edit task (the module docstring): one instruction for every pair; the class's target shows the square in
+# quadrant ``label``, its reference in quadrant ``EDIT_SOURCE[label]`` (the other side: a horizontal offset of half
+# the image, which rotary positions express for every token alike).
+EDIT_CAPTION = "move the square to the other side"
+EDIT_SOURCE = (1, 0, 3, 2)
+
+
+def is_edit(family: str) -> bool:
+    """Whether ``family`` edits an input image (it consumes references): it learns the edit task."""
+    from tuner.families import family_class
+
+    return "reference" in getattr(family_class(family), "conditioning_kinds", ())
 
 
 def caption(label: int) -> str:
@@ -154,6 +181,28 @@ def write_toy_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 
             dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
             shade = rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
             class_image(label, contrast, size, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
+    return path
+
+
+def write_edit_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
+    """The edit task's pairs: ``path/targets`` and ``path/references``, the same file names (each captioned
+    ``EDIT_CAPTION``); a pair's square jittered and shaded alike, the reference's on the other side."""
+    import random
+
+    targets, references = path / "targets", path / "references"
+    if targets.is_dir() and any(targets.iterdir()):
+        return path
+    targets.mkdir(parents=True, exist_ok=True)
+    references.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    jitter = max(1, JITTER_PX * size // SIZE)
+    for label in range(len(CLASSES)):
+        for i in range(per_class):
+            dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
+            shade = rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
+            name = f"{EDIT_CAPTION} ({label * per_class + i}).png"
+            class_image(label, contrast, size, dx, dy, shade).save(targets / name)
+            class_image(EDIT_SOURCE[label], contrast, size, dx, dy, shade).save(references / name)
     return path
 
 
@@ -257,8 +306,10 @@ def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) 
     out = work / "runs" / f"{family}-base"
     if (out / "pipeline" / "model_index.json").is_file():
         return out / "pipeline", 0.0
-    seconds = train(family, pipe_dir, write_generic_set(work / f"generic-{recipe.size}", recipe.size), out, "full", recipe, extra,
-                    steps=recipe.base_steps)
+    data = write_generic_set(work / f"generic-{recipe.size}", recipe.size)
+    if is_edit(family):  # an edit model's base learns to copy its input: each image is its own reference
+        extra = (*extra, f"data.conditioning.reference.path={data}")
+    seconds = train(family, pipe_dir, data, out, "full", recipe, extra, steps=recipe.base_steps)
     return out / "pipeline", seconds
 
 
@@ -336,16 +387,19 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     size = recipe.size
     contrast = contrast_for(family, size)
     labels, images = [], []
+    edit = is_edit(family)
     for label in range(len(CLASSES)):
         extra = cls.sampling_inputs(size, size, pipe)
-        if "image" in extra:  # an upscaler: the class's own low-res image
+        if edit:  # the edit task: the class's reference is the input, the instruction the same for all
+            extra["image"] = class_image(EDIT_SOURCE[label], contrast, size)
+        elif "image" in extra:  # an upscaler: the class's own low-res image
             factor = size // extra["image"].shape[-1]
             extra["image"] = low_res(label, factor, contrast, size)
         if recipe.true_cfg:
             extra.update(true_cfg_scale=recipe.guidance_scale, negative_prompt="")
         for seed in range(seeds):
             out = pipe(
-                prompt=caption(label),  # by name: FLUX.2's pipelines take an image first
+                prompt=EDIT_CAPTION if edit else caption(label),  # by name: FLUX.2's pipelines take an image first
                 **extra,
                 num_inference_steps=recipe.sampling_steps,
                 guidance_scale=1.0 if recipe.true_cfg else recipe.guidance_scale,
@@ -381,7 +435,11 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     if finetune != "full":
         pipe_dir, base_s = pretrain(family, pipe_dir, work, recipe, extra)
     contrast = contrast_for(family, recipe.size)
-    data = write_toy_set(work / f"toy-{recipe.size}-{contrast}", contrast, recipe.size)
+    if is_edit(family):
+        pairs = write_edit_set(work / f"edit-{recipe.size}-{contrast}", contrast, recipe.size)
+        data, extra = pairs / "targets", (*extra, f"data.conditioning.reference.path={pairs / 'references'}")
+    else:
+        data = write_toy_set(work / f"toy-{recipe.size}-{contrast}", contrast, recipe.size)
     out = work / "runs" / f"{family}-{finetune}"
     train_s = train(family, pipe_dir, data, out, finetune, recipe, extra)
     start = time.perf_counter()
