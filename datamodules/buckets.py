@@ -61,6 +61,14 @@ def bucket_for(
     return _align(w, step), _align(h, step)
 
 
+def _label(group: tuple) -> str:
+    """``64x48``; a group with references in their own buckets: ``64x48+48x64``."""
+    if isinstance(group[0], int):
+        return f"{group[0]}x{group[1]}"
+    bucket, own = group
+    return "+".join(_label(b) for b in (bucket, *own))
+
+
 class BucketBatchSampler:
     """Yields batches of ``(index, epoch)`` keys in which every sample shares one bucket.
 
@@ -73,7 +81,7 @@ class BucketBatchSampler:
 
     def __init__(
         self,
-        buckets: Sequence[tuple[int, int]],
+        buckets: Sequence[tuple],
         batch_size: int,
         seed: int = 0,
         rank: int = 0,
@@ -90,10 +98,12 @@ class BucketBatchSampler:
         datasets = list(datasets) if datasets is not None else ["default"] * len(buckets)
         self.repeats, self.probability = dict(repeats or {}), dict(probability or {})
         # bucket -> dataset -> sample indices
-        groups: dict[tuple[int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        # a bucket is (w, h), or (bucket, references' own buckets) for paired data (Sample.group)
+        groups: dict[tuple, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for index, (bucket, dataset) in enumerate(zip(buckets, datasets, strict=True)):
             groups[tuple(bucket)][dataset].append(index)
-        self.groups = {b: dict(sorted(by_ds.items())) for b, by_ds in sorted(groups.items())}
+        ordered = sorted(groups.items(), key=lambda kv: kv[0] if isinstance(kv[0][0], tuple) else (kv[0], ()))
+        self.groups = {b: dict(sorted(by_ds.items())) for b, by_ds in ordered}
         self.epoch = 0
         self._resume: dict | None = None
 
@@ -161,7 +171,7 @@ class BucketBatchSampler:
             "seed": self.seed,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
-            "buckets": {f"{w}x{h}": self._bucket_size(by_ds) for (w, h), by_ds in self.groups.items()},
+            "buckets": {_label(group): self._bucket_size(by_ds) for group, by_ds in self.groups.items()},
         }
 
     def state_dict(self, batches_done: int) -> dict:

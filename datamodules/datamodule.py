@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 
 from datamodules.buckets import BucketBatchSampler
 from datamodules.cache import TensorCache, cache_key
-from datamodules.dataset import BucketedImageDataset, collate
+from datamodules.dataset import BucketedImageDataset, collate, encode_entries
+from datamodules.pairs import companion_entry, open_companion_sources
+from datamodules.pairs import slots as pair_slots
 from datamodules.scan import DECODE_ERRORS, Sample, ScanResult, scan_source
 from datamodules.sources import Source, SourceError, open_source
 from datamodules.spec import DATASET_KEYS, SOURCE_OPTIONS
@@ -108,10 +110,14 @@ class DiffusionDataModule(L.LightningDataModule):
         allow_upscale: bool = False,  # buckets may enlarge the median image more than 4x (check_upscale)
         seed: int = 0,
         report_path: str | None = None,
+        references_own_bucket: bool = False,
+        reference_pixels: bool = False,
         **dataset_keys: Any,
     ):
         """``dataset_keys`` are the data-level values of the keys in datamodules/spec.py (the defaults of
-        every entry of ``datasets``)."""
+        every entry of ``datasets``). The family's (tuner/run.py): ``references_own_bucket``, a reference
+        image of another aspect ratio keeps its own bucket; ``reference_pixels``, batches carry the
+        references' pixels even when their latents are cached."""
         super().__init__()
         unknown = sorted(set(dataset_keys) - set(DATASET_KEYS))
         if unknown:
@@ -123,6 +129,9 @@ class DiffusionDataModule(L.LightningDataModule):
             name: {k: (entry.get(k) if entry.get(k) is not None else level[k]) for k in DATASET_KEYS}
             for name, entry in (datasets or {"default": {}}).items()
         }
+        for spec in self.specs.values():  # a table reads the columns that name companion images
+            spec["companion_columns"] = [v for _, _, by, v in pair_slots(spec) if by == "column"]
+        self.references_own_bucket, self.reference_pixels = references_own_bucket, reference_pixels
         self.sources = self._open_sources(cache_dir)
         for name, spec in self.specs.items():  # unset: where this kind of source keeps its captions
             source = self.sources[name]
@@ -147,15 +156,17 @@ class DiffusionDataModule(L.LightningDataModule):
         for name, spec in self.specs.items():
             if not spec["path"]:
                 raise EmptyDatasetError(f"dataset {name!r} has no path: set data.path or data.datasets.{name}.path")
+        sources: dict[str, Source] = {}
+        self.companion_sources: dict[str, dict[str, Source]] = {}
         try:
-            return {
-                name: open_source(
-                    str(spec["path"]), spec["type"], {"cache_dir": cache_dir, **{k: spec[k] for k in SOURCE_OPTIONS}}
-                )
-                for name, spec in self.specs.items()
-            }
+            for name, spec in self.specs.items():
+                options = {"cache_dir": cache_dir, **{k: spec[k] for k in (*SOURCE_OPTIONS, "companion_columns")}}
+                sources[name] = open_source(str(spec["path"]), spec["type"], options)
+                self.companion_sources[name] = open_companion_sources(name, spec, sources[name], options)
+                sources.update(self.companion_sources[name])
         except SourceError as err:
             raise EmptyDatasetError(str(err)) from err
+        return sources
 
     def scan(self) -> list[Sample]:
         """Scan every dataset once; write the report; fail clearly when nothing is usable."""
@@ -163,7 +174,14 @@ class DiffusionDataModule(L.LightningDataModule):
             return self.samples
         for name, spec in self.specs.items():
             try:
-                self.results[name] = scan_source(name, spec, self.sources[name], self.cache_dir)
+                self.results[name] = scan_source(
+                    name,
+                    spec,
+                    self.sources[name],
+                    self.cache_dir,
+                    self.companion_sources[name],
+                    self.references_own_bucket,
+                )
             except SourceError as err:
                 raise EmptyDatasetError(f"dataset {name!r}: {err}") from err
         usable = [s for r in self.results.values() for s in r.usable]
@@ -183,6 +201,17 @@ class DiffusionDataModule(L.LightningDataModule):
         )
         for item in skipped:
             log.warning("skipped %s: %s", item["path"], item["reason"])
+        for name, result in self.results.items():
+            for kind, pairs in result.pairs.items():
+                log.info(
+                    "data: dataset %r: %d %s pairs, %d images without one, %d %s images without a target",
+                    name,
+                    pairs.pairs,
+                    kind,
+                    len(pairs.missing),
+                    len(pairs.orphans),
+                    kind,
+                )
         if not usable:
             paths = ", ".join(repr(spec["path"]) for spec in self.specs.values())
             where = self.report_written or "dataset_report.json"
@@ -210,11 +239,15 @@ class DiffusionDataModule(L.LightningDataModule):
                     "dataset": s.dataset,
                     **({"captions": list(s.captions)} if len(s.captions) > 1 else {}),
                     **({"format": s.note} if s.note else {}),
+                    **({"companions": [companion_entry(c) for c in s.companions]} if s.companions else {}),
                 }
                 for s in usable
             ],
             "skipped": skipped,
         }
+        pairs = {name: {k: p.as_dict() for k, p in r.pairs.items()} for name, r in self.results.items() if r.pairs}
+        if pairs:  # per dataset and kind: pairs, targets without a companion, companions without a target
+            report["pairs"] = pairs
         path = Path(self.report_path)
         if not usable and path.exists():
             # A failed preflight in a used output_dir leaves that run's report as it was.
@@ -265,7 +298,16 @@ class DiffusionDataModule(L.LightningDataModule):
             latents = TensorCache(root / "latents")
             latent_keys = [
                 cache_key(
-                    s.item.location, s.item.version, s.bucket, s.crop_style, s.crop, s.scale_to, self._identity["vae"]
+                    s.item.location,
+                    s.item.version,
+                    s.bucket,
+                    s.crop_style,
+                    s.crop,
+                    s.scale_to,
+                    self._identity["vae"],
+                    # paired data: the entry holds the companions' encodings too, so it is keyed on them
+                    *([[c.kind, c.item.location, c.item.version, c.bucket] for c in s.companions] if s.companions else []),
+                    *(["alpha mask"] if s.mask_from_alpha else []),
                 )
                 for s in samples
             ]
@@ -296,35 +338,31 @@ class DiffusionDataModule(L.LightningDataModule):
             embeds=embeds,
             embed_identity=self._identity["text"],
             encoders=None if self.num_workers else {k: self._encoders[k] for k in ("encode_pixels", "encode_prompts")},
+            reference_pixels=self.reference_pixels,
         )
 
     def _fill_latents(self, plain, latents: TensorCache, keys: list[str], rank: int, world: int) -> int:
         # Each process takes a fixed share of all entries and fills what is missing of it. (Sharing out
         # only the missing ones would race: a process that looks later sees another's fresh entries.)
         todo = [i for i in range(len(keys))[rank::world] if not latents.has(keys[i])]
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        by_group: dict[tuple, list[int]] = {}
         for i in todo:
-            by_bucket.setdefault(plain.samples[i].bucket, []).append(i)
-        encode = self._encoders["encode_pixels"]
-        for indices in by_bucket.values():
+            by_group.setdefault(plain.samples[i].group, []).append(i)
+        for indices in by_group.values():
             for start in range(0, len(indices), self.batch_size):
-                chunk, pixels, crops, kept = indices[start : start + self.batch_size], [], [], []
-                for i in chunk:
+                paired, kept = [], []
+                for i in indices[start : start + self.batch_size]:
                     try:
-                        image, crop, _ = plain.pixels(i, epoch=0)
+                        paired.append(plain.paired(i, epoch=0))
                     except DECODE_ERRORS as err:
                         # Passed the scan but fails to decode now: left out of the cache, so loading it
                         # fails too and the dataset serves another image of its bucket instead.
                         log.warning("could not load %s (%s); not cached", plain.samples[i].item.location, err)
                         continue
-                    pixels.append(image)
-                    crops.append(crop)
                     kept.append(i)
-                if not kept:
-                    continue
-                encoded = encode(torch.stack(pixels)).float().cpu()  # (b, 2C, h, w)
-                for i, e, crop in zip(kept, encoded, crops, strict=True):
-                    latents.save(keys[i], {"encoded": e, "crop_top_left": torch.tensor(crop)})
+                if kept:
+                    for i, entry in zip(kept, encode_entries(paired, self._encoders["encode_pixels"]), strict=True):
+                        latents.save(keys[i], entry)
         if todo:
             log.info("latent cache: encoded %d images on this process", len(todo))
         return len(todo)
@@ -346,7 +384,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def make_sampler(self, rank: int = 0, world_size: int = 1) -> BucketBatchSampler:
         samples = self.scan()
         return BucketBatchSampler(
-            [s.bucket for s in samples],
+            [s.group for s in samples],
             self.batch_size,
             self.seed,
             rank,
@@ -363,7 +401,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.scan()
         if self.held_out:
             dataset = BucketedImageDataset(self.held_out, self.sources, self.seed)
-            sampler = BucketBatchSampler([s.bucket for s in self.held_out], self.batch_size, self.seed)
+            sampler = BucketBatchSampler([s.group for s in self.held_out], self.batch_size, self.seed)
         else:
             dataset = self._dataset or BucketedImageDataset(self.samples, self.sources, self.seed)
             sampler = self.make_sampler(rank=0, world_size=1)

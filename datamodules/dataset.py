@@ -8,10 +8,11 @@ import random
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.cache import CorruptEntry, TensorCache, cache_key
-from datamodules.images import load_rgb, resize_and_crop, to_tensor
+from datamodules.images import load_mask, load_rgb, mask_tensor, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample
 from datamodules.sources import Source
 
@@ -36,20 +37,26 @@ class BucketedImageDataset(Dataset):
         embeds: TensorCache | None = None,
         embed_identity: str | None = None,
         encoders: dict | None = None,
+        reference_pixels: bool = False,
     ):
         self.samples, self.sources, self.seed = samples, sources, seed
         self.latents, self.latent_keys = latents, latent_keys
         self.embeds, self.embed_identity = embeds, embed_identity
         self.encoders = encoders  # encode_pixels / encode_prompts, to encode a corrupt entry again (no workers)
-        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        self.reference_pixels = reference_pixels
+        self.by_bucket: dict[tuple, list[int]] = {}  # by group: bucket and own-bucket references' buckets
         for index, sample in enumerate(samples):
-            self.by_bucket.setdefault(sample.bucket, []).append(index)
+            self.by_bucket.setdefault(sample.group, []).append(index)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def pixels(self, index: int, epoch: int) -> tuple[torch.Tensor, tuple[int, int], random.Random]:
         """The sample decoded, resized and cropped: (pixels (3, H, W), crop (top, left), its rng)."""
+        pixels, crop, rng, _ = self._target(index, epoch)
+        return pixels, crop, rng
+
+    def _target(self, index: int, epoch: int):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         with self.sources[sample.dataset].open(sample.item) as fp:
@@ -57,15 +64,54 @@ class BucketedImageDataset(Dataset):
             if sample.scale_to is not None:  # a detail crop: decode at least as large as it is scaled to
                 cover = (max(cover[0], sample.scale_to[0]), max(cover[1], sample.scale_to[1]))
             image = load_rgb(fp, cover=cover if sample.crop else None)
+        decoded = image.size  # (a JPEG may decode reduced): what companions are brought to before the same crop
         image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop, sample.scale_to)
-        return to_tensor(image), crop, rng
+        return to_tensor(image), crop, rng, decoded
+
+    def paired(self, index: int, epoch: int) -> dict[str, Any]:
+        """The target's pixels and crop, with its companions through the same bucket and crop box (a reference
+        with a bucket of its own is centre-cropped to it): ``pixels`` (3, H, W), ``crop`` (top, left),
+        ``reference_pixels`` [(3, H_r, W_r)] by slot, ``control_pixels`` (3, H, W), ``mask`` (1, H, W) in [0, 1]."""
+        sample = self.samples[index]
+        pixels, crop, rng, decoded = self._target(index, epoch)
+        out: dict[str, Any] = {"pixels": pixels, "crop": crop, "rng": rng}
+
+        def aligned(img: Image.Image, resample: Image.Resampling) -> Image.Image:
+            img = img if img.size == decoded else img.resize(decoded, resample)
+            return resize_and_crop(img, sample.bucket, "center", rng, sample.crop, sample.scale_to, crop, resample)[0]
+
+        if sample.mask_from_alpha:
+            with self.sources[sample.dataset].open(sample.item) as fp:
+                out["mask"] = mask_tensor(aligned(load_mask(fp, from_alpha=True), Image.Resampling.NEAREST))
+        for c in sample.companions:
+            with self.sources[c.source].open(c.item) as fp:
+                if c.kind == "mask":
+                    out["mask"] = mask_tensor(aligned(load_mask(fp), Image.Resampling.NEAREST))
+                    continue
+                if c.bucket is not None:  # a reference keeping its own aspect ratio
+                    image = resize_and_crop(load_rgb(fp, cover=c.bucket), c.bucket, "center", rng)[0]
+                else:
+                    image = aligned(load_rgb(fp), Image.Resampling.LANCZOS)
+            if c.kind == "reference":
+                out.setdefault("reference_pixels", []).append(to_tensor(image))
+            else:
+                out["control_pixels"] = to_tensor(image)
+        return out
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
         sample = self.samples[index]
         if self.latent_keys is not None:
             entry = self._read(self.latents, self.latent_keys[index], lambda: self._encode_image(index))
             out = {"encoded": entry["encoded"], "crop_top_left": tuple(entry["crop_top_left"].tolist())}
+            refs = [entry[f"reference_{i}"] for i in range(sum(c.kind == "reference" for c in sample.companions))]
+            out.update({"reference_encoded": refs} if refs else {})
+            out.update({k: entry[n] for k, n in (("control_encoded", "control"), ("mask", "mask")) if n in entry})
+            if refs and self.reference_pixels:  # the family reads them too (a vision-language text encoder)
+                out["reference_pixels"] = self.paired(index, epoch=0)["reference_pixels"]
             rng = random.Random(f"{self.seed}:{epoch}:{index}")  # cached crops are never random ones
+        elif sample.companions or sample.mask_from_alpha:
+            out = self.paired(index, epoch)
+            out["crop_top_left"], rng = out.pop("crop"), out.pop("rng")
         else:
             pixels, crop, rng = self.pixels(index, epoch)
             out = {"pixels": pixels, "crop_top_left": crop}
@@ -98,9 +144,8 @@ class BucketedImageDataset(Dataset):
             return tensors
 
     def _encode_image(self, index: int) -> dict[str, torch.Tensor]:
-        pixels, crop, _ = self.pixels(index, epoch=0)  # as the cache fill encodes it (cached crops are not random)
-        encoded = self.encoders["encode_pixels"](pixels[None]).float().cpu()[0]
-        return {"encoded": encoded, "crop_top_left": torch.tensor(crop)}
+        # as the cache fill encodes it (cached crops are not random)
+        return encode_entries([self.paired(index, epoch=0)], self.encoders["encode_pixels"])[0]
 
     def _encode_caption(self, caption: str) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -109,7 +154,7 @@ class BucketedImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
-        peers = self.by_bucket[self.samples[index].bucket]
+        peers = self.by_bucket[self.samples[index].group]
         start = peers.index(index)
         for candidate in (peers[(start + k) % len(peers)] for k in range(min(len(peers), 8))):
             try:
@@ -137,4 +182,33 @@ def collate(items: list[dict]) -> dict[str, Any]:
         batch["pixels"] = torch.stack([it["pixels"] for it in items])  # (B, 3, H, W), one bucket
     if "cond" in items[0]:
         batch["cond"] = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
+    for key in ("reference_pixels", "reference_encoded"):  # a list by slot, each (B, C, h, w): one group a batch
+        if key in items[0]:
+            batch[key] = [torch.stack(slot) for slot in zip(*(it[key] for it in items), strict=True)]
+    for key in ("mask", "control_pixels", "control_encoded"):  # (B, 1 | C, h, w)
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
     return batch
+
+
+def encode_entries(paired: list[dict[str, Any]], encode) -> list[dict[str, torch.Tensor]]:
+    """Latent-cache entries for samples of one group (``BucketedImageDataset.paired`` of each): the target's
+    encoding and crop, each reference's and the control image's encoding, and the mask averaged down to the
+    encoding's grid ("area": a latent's weight is the share of its pixels that train)."""
+    encoded = encode(torch.stack([p["pixels"] for p in paired])).float().cpu()  # (b, 2C, h, w)
+    entries = [{"encoded": e, "crop_top_left": torch.tensor(p["crop"])} for e, p in zip(encoded, paired, strict=True)]
+    for slot in range(len(paired[0].get("reference_pixels", []))):
+        refs = encode(torch.stack([p["reference_pixels"][slot] for p in paired])).float().cpu()
+        for entry, ref in zip(entries, refs, strict=True):
+            entry[f"reference_{slot}"] = ref
+    if "control_pixels" in paired[0]:
+        controls = encode(torch.stack([p["control_pixels"] for p in paired])).float().cpu()
+        for entry, control in zip(entries, controls, strict=True):
+            entry["control"] = control
+    if "mask" in paired[0]:
+        masks = torch.nn.functional.interpolate(
+            torch.stack([p["mask"] for p in paired]), encoded.shape[-2:], mode="area"
+        )
+        for entry, mask in zip(entries, masks, strict=True):
+            entry["mask"] = mask
+    return entries

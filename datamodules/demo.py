@@ -44,3 +44,25 @@ def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def write_references(images: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The edit families' demo pairs: for each demo image (the target), an input image of the same name, the
+    target mirrored left to right (the edit: "mirror it back"), written atomically once."""
+    images, path = Path(images), Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for target in sorted(images.glob("*.png")):
+            with Image.open(target) as img:
+                img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp / target.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path.is_dir() and any(path.iterdir())):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -140,6 +140,8 @@ def resize_and_crop(
     rng: random.Random,
     crop: bool = True,
     scale_to: tuple[int, int] | None = None,
+    at: tuple[int, int] | None = None,
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Scale ``img`` to cover ``bucket`` (w, h), then crop to it. Returns (image, crop (top, left)).
 
@@ -148,18 +150,23 @@ def resize_and_crop(
     to that size instead, when it is larger than the cover, so the crop is a detail of the image
     (``maximum_image_size``/``target_downsample_size``). The crop offset is in the resized image's
     coordinates, which is what SDXL's crop conditioning means.
+
+    ``at`` (top, left) crops there instead of by ``crop_style``: a companion image (a mask, a control image)
+    takes its target's crop box. A mask is resized with ``resample=NEAREST``, so its edges stay hard.
     """
     bw, bh = bucket
     if not crop:
-        return (img if img.size == bucket else img.resize(bucket, Image.Resampling.LANCZOS)), (0, 0)
+        return (img if img.size == bucket else img.resize(bucket, resample)), (0, 0)
     scale = max(bw / img.width, bh / img.height)
     if scale_to is not None:
         scale = max(scale, scale_to[0] / img.width)
     size = (max(bw, math.ceil(img.width * scale - 1e-6)), max(bh, math.ceil(img.height * scale - 1e-6)))
     if size != img.size:
-        img = img.resize(size, Image.Resampling.LANCZOS)
+        img = img.resize(size, resample)
     dx, dy = img.width - bw, img.height - bh
-    if crop_style == "center":
+    if at is not None:
+        top, left = at
+    elif crop_style == "center":
         left, top = dx // 2, dy // 2
     elif crop_style == "random":
         left, top = rng.randint(0, dx), rng.randint(0, dy)
@@ -168,6 +175,27 @@ def resize_and_crop(
     else:
         raise ValueError(f"unknown crop_style {crop_style!r}; valid: {', '.join(CROP_STYLES)}")
     return img.crop((left, top, left + bw, top + bh)), (top, left)
+
+
+def load_mask(fp: BinaryIO, from_alpha: bool = False) -> Image.Image:
+    """A loss mask as a grayscale image (white = train, black = ignore; grey weighs in between), after EXIF
+    orientation: the file's luminance, or with ``from_alpha`` its alpha channel (opaque = train), as kohya's
+    and ai-toolkit's alpha masks are. An image without alpha is all opaque: all of it trains."""
+    with Image.open(fp) as img:
+        img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I") or img.mode == "F":
+            img = _to_8bit(img)
+        if not from_alpha:
+            return img.convert("L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            return img.convert("RGBA").getchannel("A")
+        return Image.new("L", img.size, 255)
+
+
+def mask_tensor(img: Image.Image) -> torch.Tensor:
+    """Grayscale mask -> float tensor in [0, 1], (1, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None].contiguous()
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

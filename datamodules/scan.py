@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
@@ -43,10 +43,19 @@ class Sample:
     regularisation: bool = False  # prior-preservation data, weighted by model.prior_loss_weight
     scale_to: tuple[int, int] | None = None  # a large image's size before its crop (detail crops)
     note: str = ""  # a format other than JPEG/PNG/WebP, and the frame used: "GIF, first of 12 frames"
+    companions: tuple = ()  # paired data (datamodules/pairs.py Companion): references, mask, control
+    mask_from_alpha: bool = False  # the loss mask is the image's own alpha channel
 
     @property
     def caption(self) -> str:
         return self.captions[0]
+
+    @property
+    def group(self) -> tuple:
+        """What a batch shares: the bucket, or with references that keep buckets of their own, (bucket,
+        their buckets)."""
+        own = tuple(c.bucket for c in self.companions if c.bucket is not None)
+        return (self.bucket, own) if own else self.bucket
 
 
 def _area(value: float) -> float:
@@ -80,6 +89,7 @@ class ScanResult:
     skipped: list[dict]  # {path, reason}
     caption_fallbacks: int  # textfile/column datasets where the file name had to serve
     probed: int  # images actually read this time (not served from the probe cache)
+    pairs: dict = field(default_factory=dict)  # companion kind -> datamodules.pairs.PairReport
 
 
 def probe_item(source: Source, item: Item) -> tuple[tuple[int, int, str] | str, bool]:
@@ -115,15 +125,16 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int, str] | str, 
 class ProbeCache:
     """``{item key: [version, width, height, reason, note]}`` in ``<cache_dir>/scan/<source hash>.json``."""
 
-    def __init__(self, cache_dir: str | None, source: Source):
+    def __init__(self, cache_dir: str | None, source: Source, tag: str = ""):
         self.path = None
         self.entries: dict[str, list] = {}
+        self.identity = source.identity() + tag  # a tag keeps a table's companion column apart from its images
         if cache_dir:
-            digest = hashlib.sha256(source.identity().encode()).hexdigest()[:16]
+            digest = hashlib.sha256(self.identity.encode()).hexdigest()[:16]
             self.path = Path(cache_dir) / "scan" / f"{digest}.json"
             try:
                 saved = json.loads(self.path.read_text())
-                if saved.get("format") == _CACHE_FORMAT and saved.get("source") == source.identity():
+                if saved.get("format") == _CACHE_FORMAT and saved.get("source") == self.identity:
                     self.entries = saved["entries"]
             except (OSError, ValueError, KeyError):
                 self.entries = {}  # missing or damaged: probe everything again
@@ -134,7 +145,7 @@ class ProbeCache:
             return None
         return hit[3] if hit[3] else (hit[1], hit[2], hit[4])
 
-    def save(self, source: Source, results: dict[str, tuple[Item, tuple[int, int, str] | str, bool]]) -> None:
+    def save(self, results: dict[str, tuple[Item, tuple[int, int, str] | str, bool]]) -> None:
         """Remember the verdicts marked to keep (not passing failures to fetch the bytes)."""
         if self.path is None:
             return
@@ -150,7 +161,7 @@ class ProbeCache:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "source": source.identity(), "entries": entries}))
+        tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "source": self.identity, "entries": entries}))
         os.replace(tmp, self.path)
 
 
@@ -161,8 +172,16 @@ def _fetch_sidecar(source: Source, item: Item) -> bytes | None | Exception:
         return err
 
 
-def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = None) -> ScanResult:
-    """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``."""
+def scan_source(
+    name: str,
+    spec: dict,
+    source: Source,
+    cache_dir: str | None = None,
+    companions: dict[str, Source] | None = None,
+    own_bucket: bool = False,
+) -> ScanResult:
+    """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``; with
+    ``companions`` (datamodules/pairs.py), pair each with its companion images, whose sources these are."""
     items = list(source.items())
     results, sidecars, probed = _probe_all(source, items, cache_dir, spec["caption_strategy"] == "textfile")
     usable, skipped, fallbacks = [], [], 0
@@ -193,13 +212,22 @@ def scan_source(name: str, spec: dict, source: Source, cache_dir: str | None = N
             continue
         fallbacks += fell_back
         usable.append(_sample(name, spec, item, width, height, captions, note))
-    return ScanResult(usable, skipped, fallbacks, probed)
+    reports = {}
+    if companions:
+        from datamodules.pairs import pair
+
+        def probe(src: Source, wanted: list[Item]) -> dict:
+            found = _probe_all(src, wanted, cache_dir, False, tag=":companions")[0]
+            return {key: result for key, (_, result, _) in found.items()}
+
+        usable, reports = pair(name, spec, usable, skipped, companions, own_bucket, probe)
+    return ScanResult(usable, skipped, fallbacks, probed, reports)
 
 
-def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_sidecars: bool):
+def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_sidecars: bool, tag: str = ""):
     """Every item's probe result (recalled from the probe cache, or probed now), and the caption
     sidecars of the usable ones when asked; with the number probed now."""
-    cache = ProbeCache(cache_dir, source)
+    cache = ProbeCache(cache_dir, source, tag)
     results: dict[str, tuple[Item, tuple[int, int, str] | str, bool]] = {}
     todo = []
     for item in items:
@@ -217,7 +245,7 @@ def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_si
             wanted = [it for it in items if isinstance(results[it.key][1], tuple)]
             for item, raw in zip(wanted, pool.map(lambda it: _fetch_sidecar(source, it), wanted), strict=True):
                 sidecars[item.key] = raw
-    cache.save(source, results)
+    cache.save(results)
     return results, sidecars, len(todo)
 
 
@@ -243,4 +271,5 @@ def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions
         spec["is_regularisation_data"],
         downsample_size(width, height, spec),
         note,
+        mask_from_alpha=spec["mask_from_alpha"],
     )

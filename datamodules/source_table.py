@@ -9,6 +9,7 @@ Relative paths are relative to the table's own folder. URLs are fetched lazily, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -126,8 +127,13 @@ class TableSource(Source):
 
     # --- reading the table -------------------------------------------------------------------------
 
-    def _rows(self) -> Iterator[tuple[int, Any, Any]]:
-        """(row number, image cell, caption cell) for every row, in table order."""
+    @property
+    def companion_columns(self) -> list[str]:
+        """Columns that name each row's companion images (``conditioning.<kind>.column``)."""
+        return list(self.options.get("companion_columns") or [])
+
+    def _rows(self) -> Iterator[tuple[int, Any, Any, dict]]:
+        """(row number, image cell, caption cell, companion cells) for every row, in table order."""
         path = self.table_path
         suffix = path.suffix.lower()
         if suffix not in TABLE_EXTENSIONS:
@@ -144,6 +150,9 @@ class TableSource(Source):
             raise SourceError(
                 f"table {str(path)!r} has no image column {self.image_column!r} (set image_column); its columns: {have}"
             )
+        for column in self.companion_columns:
+            if column not in columns:
+                raise SourceError(f"table {str(path)!r} has no companion column {column!r}; its columns: {have}")
         if self.options.get("caption_strategy") == "column" and self.caption_column not in columns:
             raise SourceError(
                 f"table {str(path)!r} has no caption column {self.caption_column!r} (set caption_column, or "
@@ -169,7 +178,7 @@ class TableSource(Source):
         if rows:
             self._check_columns(path, columns)
         for number, row in rows:
-            yield number, row.get(self.image_column), row.get(self.caption_column)
+            yield number, row.get(self.image_column), row.get(self.caption_column), self._extras(row)
 
     def _csv_rows(self, path: Path) -> Iterator[tuple[int, Any, Any]]:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -179,7 +188,7 @@ class TableSource(Source):
             self._check_columns(path, list(reader.fieldnames))
             for row in reader:
                 # line_num counts physical lines read so far, which is where this row ends
-                yield reader.line_num, row.get(self.image_column), row.get(self.caption_column)
+                yield reader.line_num, row.get(self.image_column), row.get(self.caption_column), self._extras(row)
 
     def _parquet_rows(self, path: Path) -> Iterator[tuple[int, Any, Any]]:
         import pyarrow.parquet as pq  # optional: only tables in parquet need it
@@ -189,36 +198,49 @@ class TableSource(Source):
         except Exception as err:  # pyarrow raises its own ArrowInvalid for a damaged file
             raise SourceError(f"table {str(path)!r} is not a readable parquet file: {err}") from err
         self._check_columns(path, columns)
-        wanted = [self.image_column] + ([self.caption_column] if self.caption_column in columns else [])
-        table = pq.read_table(path, columns=wanted)
+        has_caption = self.caption_column in columns
+        wanted = [self.image_column] + ([self.caption_column] if has_caption else []) + self.companion_columns
+        table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
         images = table.column(self.image_column).to_pylist()
-        captions = table.column(self.caption_column).to_pylist() if len(wanted) > 1 else [None] * len(images)
+        captions = table.column(self.caption_column).to_pylist() if has_caption else [None] * len(images)
+        extras = {c: table.column(c).to_pylist() for c in self.companion_columns}
         for number, (image, caption) in enumerate(zip(images, captions, strict=True), start=1):
-            yield number, image, caption
+            yield number, image, caption, {c: values[number - 1] for c, values in extras.items()}
+
+    def _extras(self, row: dict) -> dict:
+        return {c: row.get(c) for c in self.companion_columns}
 
     # --- the Source API ----------------------------------------------------------------------------
 
     def items(self) -> Iterator[Item]:
-        root = self.table_path.parent
-        for number, image, caption in self._rows():
+        for number, image, caption, extras in self._rows():
             value = _cell(image)
             if value is None:
                 log.warning("%s row %d: empty %r; row skipped", self.table_path, number, self.image_column)
                 continue
-            if is_url(value):
-                yield self._url_item(value, _caption(caption))
-                continue
-            path = Path(value).expanduser()
-            if not path.is_absolute():
-                path = root / path
-            location = os.path.abspath(path)
-            try:
-                st = os.stat(location)
-                size, version = st.st_size, f"{st.st_mtime_ns}:{st.st_size}"
-            except OSError:
-                # Kept, not dropped: opening it fails in the scan, which reports it as skipped.
-                size, version = -1, "missing"
-            yield Item(key=value, location=location, size=size, version=version, caption=_caption(caption))
+            cells = tuple((c, _cell(v)) for c, v in extras.items())
+            yield dataclasses.replace(self._item(value), caption=_caption(caption), extras=cells)
+
+    def companion(self, item: Item, column: str) -> Item | None:
+        """The companion image the row of ``item`` names in ``column`` (None: the cell is empty)."""
+        value = dict(item.extras).get(column)
+        return None if value is None else self._item(value)
+
+    def _item(self, value: str) -> Item:
+        """The item of an image cell: a URL, or a path relative to the table's folder."""
+        if is_url(value):
+            return self._url_item(value, None)
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = self.table_path.parent / path
+        location = os.path.abspath(path)
+        try:
+            st = os.stat(location)
+            size, version = st.st_size, f"{st.st_mtime_ns}:{st.st_size}"
+        except OSError:
+            # Kept, not dropped: opening it fails in the scan, which reports it as skipped.
+            size, version = -1, "missing"
+        return Item(key=value, location=location, size=size, version=version)
 
     def _url_item(self, url: str, caption: str | None) -> Item:
         cache_dir = self.options.get("cache_dir")

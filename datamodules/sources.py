@@ -37,6 +37,7 @@ class Item:
     size: int
     version: str
     caption: str | None = None  # a caption the source carries itself (a table's caption column)
+    extras: tuple = ()  # (column, cell) pairs: a table row's companion-image cells (datamodules/pairs.py)
 
 
 class Source(abc.ABC):

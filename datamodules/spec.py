@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 
 class ResolutionType(Enum):
@@ -36,6 +36,29 @@ class CaptionStrategy(Enum):
     textfile = "textfile"
     instanceprompt = "instanceprompt"
     column = "column"  # a metadata table's caption column
+
+
+# Companion images a training image may have (paired data), by kind: ``reference`` (an edit model's input),
+# ``mask`` (white = train: model.masked_loss weights the loss by it) and ``control`` (a control image).
+CONDITIONING_KINDS = ("reference", "mask", "control")
+
+
+@dataclass
+class ConditioningKeys:
+    """Where one kind of companion comes from: a folder (``path``) holding a file of the same relative path and
+    stem as each training image (any image extension), or, for a table source, a ``column`` of file paths or URLs.
+    Either may be a list, one companion per entry, in order: several references per target (Qwen-Image-Edit-Plus
+    takes up to 3)."""
+
+    path: Any = None  # str | list[str]
+    column: Any = None  # str | list[str]
+
+
+@dataclass
+class Conditioning:
+    reference: ConditioningKeys = field(default_factory=ConditioningKeys)
+    mask: ConditioningKeys = field(default_factory=ConditioningKeys)
+    control: ConditioningKeys = field(default_factory=ConditioningKeys)
 
 
 @dataclass
@@ -66,6 +89,8 @@ class DatasetKeys:
     endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, R2); credentials come from the environment
     image_column: str = "file_name"  # metadata tables: the HF imagefolder convention
     caption_column: str = "text"
+    conditioning: Conditioning = field(default_factory=Conditioning)  # companion images (paired data)
+    mask_from_alpha: bool = False  # the loss mask is each image's alpha channel (opaque = train; none: all trains)
 
 
 DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetKeys))
@@ -83,5 +108,7 @@ def defaults() -> dict:
     out = {}
     for f in dataclasses.fields(DatasetKeys):
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
         out[f.name] = value.value if isinstance(value, Enum) else tuple(value) if isinstance(value, list) else value
     return out

@@ -41,6 +41,8 @@ from models.adapters import AdaptersMixin
 from models.encoders import EncodersMixin
 from models.experts import EXPERTS, Experts
 from models.guard import NonFiniteGuard
+from models.optimization import OptimizationMixin
+from models.paired import PairedMixin
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def pipeline_name(cls: type) -> str:
     return inspect.getattr_static(cls, "pipeline_class").__name__
 
 
-class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
+class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMixin, L.LightningModule):
     # ---- declarations (see the module docstring) ------------------------------------------------
     pipeline_class: ClassVar[type]
     denoiser_name: ClassVar[str] = "unet"
@@ -141,6 +143,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
         min_snr_gamma: float | None = None,
         zero_terminal_snr: bool = False,
         prior_loss_weight: float = 1.0,
+        masked_loss: bool = False,
         options: dict | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
@@ -349,7 +352,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
             cond = {**cond, **self.image_conditioning(latents, generator)}
         pred = self.denoise(noisy, timesteps, cond, batch)
         tgt = self.noise.target(latents, noise, timesteps)
-        return obj.weighted_mse(pred, tgt, self.loss_weights(batch, timesteps))
+        return obj.weighted_mse(pred, tgt, self.loss_weights(batch, timesteps), self.loss_mask(batch, pred))
 
     def loss_weights(self, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights (B,), float32, on the timesteps' (the loss's) device: the schedule's
@@ -380,53 +383,6 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, L.LightningModule):
             batch_size=len(batch["captions"]),
         )
         return loss
-
-    def on_train_start(self) -> None:
-        # A resume restores the learning rate the old run last set. If the run's length changed
-        # (max_train_steps raised to train on), the schedule is a new curve: take its value at this step
-        # now, not one step late. With an unchanged length this is the very value restored.
-        from torch.optim.lr_scheduler import LambdaLR
-
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if isinstance(scheduler, LambdaLR) and scheduler.last_epoch > 0:
-                lrs = [
-                    base * fn(scheduler.last_epoch)
-                    for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-                ]
-                for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-                    group["lr"] = lr
-                scheduler._last_lr = lrs
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Clipping computes the total gradient norm anyway; log that one rather than computing it twice.
-        # (Lightning calls this after un-scaling fp16 gradients, so the norm is the true one.)
-        # A step whose loss or gradient is not finite is dropped here (no gradients: the optimiser leaves
-        # every parameter and its state as they were), or stops the run (models/guard.py).
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16 skips inf itself
-        if self.nonfinite.drop_step(norm, self.trainer, scaled):
-            for p in params:
-                p.grad = None
-            return
-        if not params:
-            return
-        if gradient_clip_val:
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
-        self.log("grad_norm", norm, on_step=True, on_epoch=False)  # before clipping: spikes show here
-
-    def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            raise ValueError("no optimizer configured")
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(
-            optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # ---- checkpoints and export -------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -117,9 +117,21 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     raise ValueError(f"unknown prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
-def weighted_mse(pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error per sample, optionally weighted per sample, averaged over the batch."""
-    per_sample = (pred.float() - tgt.float()).pow(2).flatten(1).mean(1)  # (B,)
+def weighted_mse(
+    pred: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error per sample, optionally weighted per sample, averaged over the batch.
+
+    ``mask`` (B, 1, h, w), in [0, 1], weights each element (masked loss: white = train) and each sample's error
+    is normalised by its mask's area, so a small subject counts as much as a large one; an all-black mask
+    contributes nothing (and no gradient)."""
+    squared = (pred.float() - tgt.float()).pow(2)  # (B, C, h, w)
+    if mask is None:
+        per_sample = squared.flatten(1).mean(1)  # (B,)
+    else:
+        mask = mask.to(squared)
+        area = mask.expand_as(squared).flatten(1).sum(1)  # (B,)
+        per_sample = (squared * mask).flatten(1).sum(1) / area.clamp_min(1e-6)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()

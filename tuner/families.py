@@ -90,6 +90,10 @@ def check_family(cfg) -> None:
     except ValueError as err:
         raise ConfigError(f"model.family: {err}") from None
     _check_requirements(model.family, cls)
+    from tuner.paired import check_paired, wire_demo_references
+
+    wire_demo_references(cfg, cls)
+    check_paired(cfg, cls)
     valid = [f.name for f in dataclasses.fields(cls.Options)]
     for key in model.options:
         if key not in valid:

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from tuner.config import ConfigError, register, unknown_key_hint
 
@@ -31,6 +30,11 @@ def report(datamodule, batch_size: int, world_size: int, accumulation: int) -> s
         lines.append(f"  usable {len(result.usable)}, skipped {len(result.skipped)}, read this time {result.probed}")
         for kind, n in Counter(_reason_kind(s["reason"]) for s in result.skipped).most_common():
             lines.append(f"    skipped, {kind}: {n}")
+        for kind, pairs in result.pairs.items():  # paired data (datamodules/pairs.py)
+            lines.append(
+                f"  {kind}: {pairs.pairs} pairs, {len(pairs.missing)} images without one, "
+                f"{len(pairs.orphans)} {kind} images without a target"
+            )
     samples = datamodule.samples
     buckets = Counter(s.bucket for s in samples)
     lines.append("buckets (w x h: images):")
@@ -54,7 +58,7 @@ def report(datamodule, batch_size: int, world_size: int, accumulation: int) -> s
 
 def main(argv: list[str] | None = None) -> int:
     from datamodules import EmptyDatasetError
-    from tuner.run import prepare
+    from tuner.run import build_datamodule, ensure_demo_assets, prepare
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     register()
@@ -68,15 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = prepare(cfg, require_steps=False)
         output_dir = Path(cfg.output_dir)
         if cfg.demo_assets_dir:
-            from datamodules.demo import write_images
-
-            write_images(Path(cfg.demo_assets_dir) / "images")
-        datamodule = instantiate(
-            cfg.data,
-            seed=cfg.seed,
-            report_path=str(output_dir / "dataset_report.json"),
-            cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),
-        )
+            ensure_demo_assets(cfg, pipeline=False)
+        datamodule = build_datamodule(cfg, output_dir)
         datamodule.scan()
     except (ConfigError, EmptyDatasetError) as err:
         print(f"tuner: error: {err}", file=sys.stderr)

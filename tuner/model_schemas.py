@@ -101,4 +101,5 @@ class ModelConfig:
     min_snr_gamma: float | None = None
     zero_terminal_snr: bool = False
     prior_loss_weight: float = 1.0  # loss weight of regularisation (prior-preservation) images
+    masked_loss: bool = False  # weight the loss by each image's mask (data.conditioning.mask or data.mask_from_alpha)
     options: dict[str, Any] = field(default_factory=dict)  # family-only knobs, checked against the family's Options

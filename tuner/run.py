@@ -205,17 +205,21 @@ def check_precision_for_device(cfg: DictConfig) -> None:
             raise ConfigError(f"quantization.{key}: {problem}")
 
 
-def ensure_demo_assets(cfg: DictConfig) -> None:
-    """Write the tiny demo pipeline and images under ``demo_assets_dir`` if they are not there yet."""
-    from datamodules.demo import write_images
+def ensure_demo_assets(cfg: DictConfig, pipeline: bool = True) -> None:
+    """Write the tiny demo pipeline (unless ``pipeline`` is off: the dataset doctor) and images under
+    ``demo_assets_dir`` if they are not there yet."""
+    from datamodules.demo import write_images, write_references
     from tuner.families import write_tiny
+    from tuner.paired import DEMO_REFERENCES
 
     root = Path(cfg.demo_assets_dir)
     # only what this run uses (a run of the tiny preset on its own model or data writes neither)
-    if Path(cfg.model.pretrained_model_name_or_path) == root / cfg.model.family:
+    if pipeline and Path(cfg.model.pretrained_model_name_or_path) == root / cfg.model.family:
         write_tiny(cfg.model.family, root / cfg.model.family)
     if cfg.data.path and Path(cfg.data.path) == root / "images":
         write_images(root / "images")
+        if cfg.data.conditioning.reference.path == str(root / DEMO_REFERENCES):  # an edit family's demo
+            write_references(root / "images", root / DEMO_REFERENCES)
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -315,8 +319,15 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
 
 
 def build_datamodule(cfg: DictConfig, output_dir: Path):
+    from hydra.utils import get_class
+
+    needs = get_class(cfg.model._target_).data_requirements()  # a class attribute: nothing loads
+    if cfg.data.cache_text_embeds and needs.get("cache_text_embeds") is False:
+        log.info("text-embedding cache off: %s encodes each prompt with its input image", cfg.model.family)
+    needs["cache_text_embeds"] = cfg.data.cache_text_embeds and needs.get("cache_text_embeds", True)
     return instantiate(
         cfg.data,
+        **needs,
         seed=cfg.seed,
         report_path=str(output_dir / "dataset_report.json"),
         cache_dir=cfg.data.cache_dir or str(output_dir / "cache"),

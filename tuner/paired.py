@@ -1,0 +1,99 @@
+"""Paired-data settings against what the family consumes, checked before anything loads (from
+``tuner.families.check_family``): a family that trains on (target, reference) pairs needs references; a
+control image or a reference goes only to a family that reads it; a mask goes with ``model.masked_loss``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datamodules.spec import CONDITIONING_KINDS
+
+DEMO_REFERENCES = "references"  # under demo_assets_dir: one input image per demo image (datamodules/demo.py)
+
+
+def _given(keys) -> dict[str, list[str]]:
+    """``{"path" | "column": [values]}`` of one kind's settings, only those set."""
+    out = {}
+    for by in ("path", "column"):
+        value = (keys or {}).get(by)
+        if value is not None:
+            out[by] = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return out
+
+
+def dataset_settings(cfg) -> dict[str, tuple[str, dict, bool]]:
+    """Each dataset's (where its keys are, its conditioning, mask_from_alpha), entries over the data level."""
+    data = cfg.data
+    level = (data.get("conditioning") or {}, bool(data.get("mask_from_alpha")))
+    if not data.datasets:
+        return {"default": ("data", *level)}
+    out = {}
+    for name, entry in data.datasets.items():
+        conditioning = entry.get("conditioning")
+        alpha = entry.get("mask_from_alpha")
+        where = f"data.datasets.{name}" if conditioning is not None else "data"
+        out[name] = (
+            where,
+            conditioning if conditioning is not None else level[0],
+            level[1] if alpha is None else alpha,
+        )
+    return out
+
+
+def wire_demo_references(cfg, cls) -> None:
+    """The built-in demo of an edit family trains on the demo's pairs: its images, and the input images
+    ``datamodules/demo.py`` writes beside them (a run on the user's own data names its references itself)."""
+    demo = cfg.get("demo_assets_dir")
+    if not demo or "reference" not in cls.conditioning_kinds or cfg.data.datasets:
+        return
+    if cfg.data.path and Path(cfg.data.path) == Path(demo) / "images" and not _given(cfg.data.conditioning.reference):
+        cfg.data.conditioning.reference.path = str(Path(demo) / DEMO_REFERENCES)
+
+
+def check_paired(cfg, cls) -> None:
+    """Raises ConfigError naming the key when the paired-data settings do not fit the family."""
+    from tuner.config import ConfigError
+
+    family, masked = cfg.model.family, bool(cfg.model.get("masked_loss"))
+    for _name, (where, conditioning, alpha) in dataset_settings(cfg).items():
+        given = {kind: _given(conditioning.get(kind)) for kind in CONDITIONING_KINDS}
+        for kind, settings in given.items():
+            if len(settings) > 1:
+                raise ConfigError(f"{where}.conditioning.{kind}: set path or column, not both")
+        for kind in ("reference", "control"):
+            if given[kind] and kind not in cls.conditioning_kinds:
+                takers = _families_taking(kind)
+                raise ConfigError(
+                    f"{where}.conditioning.{kind} is set, but model={family} does not take {kind} images"
+                    f" (families that do: {', '.join(takers) or 'none'})"
+                )
+        for kind in cls.conditioning_kinds:
+            if not given[kind]:
+                raise ConfigError(
+                    f"model={family} trains on (target, {kind}) pairs: set {where}.conditioning.{kind}.path to a "
+                    f"folder of {kind} images with the targets' relative paths and stems (or .column for a table)"
+                )
+        count = sum(len(v) for v in given["reference"].values())
+        if count > cls.max_references:
+            raise ConfigError(
+                f"{where}.conditioning.reference lists {count} references a target; model={family} takes at most "
+                f"{cls.max_references}"
+            )
+        has_mask = bool(given["mask"]) or alpha
+        if given["mask"] and alpha:
+            raise ConfigError(f"{where}: conditioning.mask and mask_from_alpha=true are both set; choose one")
+        if masked and not has_mask:
+            raise ConfigError(
+                f"model.masked_loss=true needs a mask for every image: set {where}.conditioning.mask.path (white = "
+                f"train) or {where}.mask_from_alpha=true"
+            )
+        if has_mask and not masked:
+            what = "conditioning.mask" if given["mask"] else "mask_from_alpha=true"
+            raise ConfigError(f"{where}.{what} gives masks, but model.masked_loss is false: set model.masked_loss=true")
+
+
+def _families_taking(kind: str) -> list[str]:
+    from tuner.families import families, family_class
+
+    return [f for f in families() if kind in family_class(f).conditioning_kinds]
