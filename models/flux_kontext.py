@@ -71,9 +71,9 @@ class FluxKontextModule(FluxModule):
         return [
             *super().card_notes(model_cfg),
             "FLUX.1 Kontext edits an input image: sample with `FluxKontextPipeline`, the image to edit as `image=` and "
-            f"the instruction as `prompt=`, `guidance_scale=2.5` (its embedding; no negative prompt), "
-            f"`max_sequence_length={tokens}`. The input was given as it came from the dataset (its own aspect ratio); "
-            "by default the pipeline resizes it and the output to about 1 megapixel.",
+            f"the instruction as `prompt=`, `max_sequence_length={tokens}`; its guidance scale is an embedding (Kontext's "
+            "usual 2.5) and there is no negative prompt. Training saw each input at its own aspect ratio and at the "
+            "training resolution's area; by default the pipeline resizes input and output to about 1 megapixel.",
         ]
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:

@@ -161,3 +161,12 @@ def test_simpletuner_flux_kontext_imports_to_its_family_and_preset(tmp_path, giv
     res = convert(config)
     assert res.defaults["model"] == "flux_kontext" and res.defaults["preset"] == "flux-kontext"
     assert res.get("model.pretrained_model_name_or_path") == "black-forest-labs/FLUX.1-Kontext-dev"
+
+
+def test_the_card_says_how_to_sample_an_edit():
+    from models.flux_kontext import FluxKontextModule
+
+    (note,) = FluxKontextModule.card_notes(
+        {"pretrained_model_name_or_path": "unused", "options": {"t5_max_length": 256}}
+    )
+    assert "`FluxKontextPipeline`" in note and "`image=`" in note and "max_sequence_length=256" in note
