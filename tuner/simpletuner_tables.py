@@ -38,10 +38,14 @@ FAMILIES["z_image"], PRESETS["z_image"] = "z_image", "z-image"
 FLAVOURS.update({("z_image", f): "Tongyi-MAI/Z-Image-Turbo" for f in ("turbo", "turbo-ostris-v2")})
 FLAVOURS[("z_image", "base")] = "Tongyi-MAI/Z-Image"
 # SimpleTuner's Qwen-Image flavours: v1.0, v2.0 (its default, also when none is given: Qwen-Image-2512, the same
-# architecture); its edit-* flavours are Qwen-Image-Edit, an editing pipeline tuner does not train
+# architecture); its edit-* flavours (or an Edit checkpoint's path) are tuner's qwen_image_edit family
 FAMILIES["qwen_image"], PRESETS["qwen_image"] = "qwen_image", "qwen-image"
 FLAVOURS.update({("qwen_image", "v1.0"): "Qwen/Qwen-Image", ("qwen_image", "v2.0"): "Qwen/Qwen-Image-2512"})
 FLAVOURS[("qwen_image", "")] = "Qwen/Qwen-Image-2512"
+# edit-v1 is Qwen-Image-Edit; edit-v2 and edit-v2+ are -2509 (v2+ also reads the inputs at timestep 0, which
+# diffusers' transformer does where its config says zero_cond_t: -2511, SimpleTuner's edit-v3)
+FLAVOURS.update({("qwen_image", "edit-v1"): "Qwen/Qwen-Image-Edit", ("qwen_image", "edit-v3"): "Qwen/Qwen-Image-Edit-2511"})
+FLAVOURS.update({("qwen_image", f): "Qwen/Qwen-Image-Edit-2509" for f in ("edit-v2", "edit-v2+")})
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
     "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
@@ -99,6 +103,8 @@ def family_and_preset(st_family: str, path: str, flavour: str, model_type: str) 
         if "kontext" in text:  # the edit model: its own family (reference tokens) and preset
             return "flux_kontext", "flux-kontext"
         return "flux", "flux-schnell" if "schnell" in text else "flux-dev"
+    if st_family == "qwen_image" and "edit" in text:  # the edit models: their own family (the VL reads the input)
+        return "qwen_image_edit", "qwen-image-edit"
     if st_family == "sd3":
         large = ("3.5" in path or "3_5" in path) if path else flavour.lower() in ("medium", "large")
         return "sd3", "sd35" if large else "sd3"
