@@ -51,6 +51,21 @@ def load_prompts(prompts: list[str], library: str | None) -> dict[str, str]:
     return named
 
 
+def load_inputs(paths: list[str], names: list[str]) -> dict[str, Image.Image]:
+    """``{prompt shortname: its input image}``, RGB, one path per prompt in order; read once, here, so a missing
+    or unreadable file fails at the start of the run, not at its first validation."""
+    if paths and len(paths) != len(names):
+        raise ValueError(f"callbacks.validation.inputs lists {len(paths)} images for {len(names)} prompts")
+    inputs = {}
+    for name, path in zip(names, paths, strict=True):
+        try:
+            with Image.open(path) as img:
+                inputs[name] = img.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"callbacks.validation.inputs: cannot read {path!r} ({err})") from err
+    return inputs
+
+
 def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
@@ -78,12 +93,16 @@ class Validation(L.Callback):
         loss_batches: int = 4,
         loss_levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
         loss_timesteps: tuple[int, ...] | None = None,
+        inputs: list[str] | None = None,
     ):
+        """``inputs``: an edit model's input image for each prompt (paths, in the prompts' order), handed to the
+        pipeline as ``image=``; the grid then shows each input beside its output."""
         if use_ema not in USE_EMA:
             raise ValueError(f"callbacks.validation.use_ema={use_ema!r}; valid: {', '.join(USE_EMA)}")
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.prompts = load_prompts(list(prompts or []), prompt_library)
+        self.inputs = load_inputs(list(inputs or []), list(self.prompts))
         self.negative_prompt, self.guidance_scale = negative_prompt, guidance_scale
         self.num_inference_steps, self.width, self.height, self.seed = num_inference_steps, width, height, seed
         self.use_ema, self.loss_batches, self.loss_levels = use_ema, loss_batches, tuple(loss_levels)
@@ -166,12 +185,15 @@ class Validation(L.Callback):
                 pipe = pl_module.pipeline()
                 pipe.set_progress_bar_config(disable=True)
                 produced: list[tuple[str, Image.Image]] = []
+                shown: list[Image.Image] = []  # the grid: each output after its input image, if it has one
                 for suffix, context in variants:
                     with context:
                         for name, prompt in self.prompts.items():
+                            given = {"image": self.inputs[name]} if self.inputs else {}
                             image = pl_module.sample_image(
                                 pipe,
                                 prompt,
+                                **given,
                                 autocast=trainer.precision_plugin.forward_context(),
                                 negative_prompt=self.negative_prompt or None,
                                 num_inference_steps=self.num_inference_steps,
@@ -182,9 +204,10 @@ class Validation(L.Callback):
                             )
                             image.save(folder / f"{name}{suffix}.png")
                             produced.append((f"{name}{suffix}", image))
+                            shown += [self.inputs[name], image] if self.inputs else [image]
         finally:
             restore()
-        grid([img for _, img in produced], columns=len(self.prompts)).save(folder / "grid.png")
+        grid(shown, columns=(2 if self.inputs else 1) * len(self.prompts)).save(folder / "grid.png")
         self._publish(trainer, produced)
         log.info("validation images: %s", folder)
 

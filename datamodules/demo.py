@@ -16,6 +16,16 @@ _SHAPES = ("circle", "square")
 _SIZES = ((96, 96), (128, 80), (80, 128))
 
 
+def image_names(count: int = 12) -> list[str]:
+    """The demo images' file names, in order: their captions, numbered (``a red circle on white (0).png``)."""
+    names = []
+    for i in range(count):
+        colour = list(_COLOURS)[i % len(_COLOURS)]
+        shape = _SHAPES[(i // len(_COLOURS)) % len(_SHAPES)]
+        names.append(f"a {colour} {shape} on white ({i}).png")
+    return names
+
+
 def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Path:
     """Write ``count`` PNGs named by their caption (e.g. ``a red circle on white.png``) atomically."""
     path = Path(path)
@@ -25,7 +35,7 @@ def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     rng = random.Random(seed)
     try:
-        for i in range(count):
+        for i, name in enumerate(image_names(count)):
             colour = list(_COLOURS)[i % len(_COLOURS)]
             shape = _SHAPES[(i // len(_COLOURS)) % len(_SHAPES)]
             w, h = _SIZES[i % len(_SIZES)]
@@ -35,7 +45,7 @@ def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Pat
             cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
             box = (cx - r, cy - r, cx + r, cy + r)
             (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=_COLOURS[colour])
-            img.save(tmp / f"a {colour} {shape} on white ({i}).png")
+            img.save(tmp / name)
         try:
             os.replace(tmp, path)
         except OSError:

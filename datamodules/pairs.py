@@ -14,6 +14,7 @@ then holds one (target bucket, reference buckets) group (``Sample.group``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -55,7 +56,7 @@ def as_list(value) -> list[str]:
     """A ``path``/``column`` setting as a list (one entry per slot)."""
     if value is None:
         return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else [str(value)]
 
 
 def slots(spec: dict) -> list[tuple[str, int, str, str]]:

@@ -129,6 +129,7 @@ class ValidationConfig:
     loss_batches: int = 4  # validation loss: this many fixed batches...
     loss_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # ...at these noise levels
     loss_timesteps: Optional[list[int]] = None  # DDPM alias of loss_levels, in timesteps (0..T-1 of the schedule)
+    inputs: list[str] = field(default_factory=list)  # an edit model's input image for each prompt (paths, in order)
 
 
 @dataclass
@@ -342,6 +343,11 @@ def _check_callbacks(callbacks: DictConfig) -> None:
     val = callbacks.validation
     if val.prompt_library and not os.path.isfile(val.prompt_library):
         raise ConfigError(f"callbacks.validation.prompt_library={val.prompt_library!r} is not a file")
+    if val.inputs and not val.prompt_library and len(val.inputs) != len(val.prompts):
+        raise ConfigError(
+            f"callbacks.validation.inputs lists {len(val.inputs)} images for {len(val.prompts)} prompts: give one "
+            "input image per prompt, in the prompts' order"
+        )
     for name, spec in callbacks.extra.items():
         _check_extra_callback(f"callbacks.extra.{name}", spec)
 

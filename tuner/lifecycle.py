@@ -106,6 +106,7 @@ def validation_callback(cfg: DictConfig, output_dir: Path):
         loss_batches=val.loss_batches,
         loss_levels=tuple(val.loss_levels),
         loss_timesteps=tuple(val.loss_timesteps) if val.loss_timesteps else None,
+        inputs=list(val.inputs),
     )
 
 

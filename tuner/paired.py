@@ -5,6 +5,7 @@ control image or a reference goes only to a family that reads it; a mask goes wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.spec import CONDITIONING_KINDS
@@ -18,7 +19,9 @@ def _given(keys) -> dict[str, list[str]]:
     for by in ("path", "column"):
         value = (keys or {}).get(by)
         if value is not None:
-            out[by] = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            out[by] = (
+                [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else [str(value)]
+            )
     return out
 
 
@@ -48,15 +51,27 @@ def wire_demo_references(cfg, cls) -> None:
     if not demo or "reference" not in cls.conditioning_kinds or cfg.data.datasets:
         return
     if cfg.data.path and Path(cfg.data.path) == Path(demo) / "images" and not _given(cfg.data.conditioning.reference):
+        from datamodules.demo import image_names
+
         cfg.data.conditioning.reference.path = str(Path(demo) / DEMO_REFERENCES)
+        val = cfg.callbacks.validation
+        if not val.inputs and not val.prompt_library:  # each prompt's input: a demo pair of its caption
+            names = image_names()
+            picked = [next((n for n in names if n.startswith(f"{p} (")), names[0]) for p in val.prompts]
+            val.inputs = [str(Path(demo) / DEMO_REFERENCES / n) for n in picked]
 
 
 def check_paired(cfg, cls) -> None:
     """Raises ConfigError naming the key when the paired-data settings do not fit the family."""
-    from tuner.config import ConfigError
+    from tuner.config import ConfigError, suggest
 
     family, masked = cfg.model.family, bool(cfg.model.get("masked_loss"))
     for _name, (where, conditioning, alpha) in dataset_settings(cfg).items():
+        for kind in conditioning:
+            if kind not in CONDITIONING_KINDS:
+                raise ConfigError(
+                    f"unknown config key '{where}.conditioning.{kind}'.{suggest(str(kind), list(CONDITIONING_KINDS))}"
+                )
         given = {kind: _given(conditioning.get(kind)) for kind in CONDITIONING_KINDS}
         for kind, settings in given.items():
             if len(settings) > 1:
@@ -91,6 +106,12 @@ def check_paired(cfg, cls) -> None:
         if has_mask and not masked:
             what = "conditioning.mask" if given["mask"] else "mask_from_alpha=true"
             raise ConfigError(f"{where}.{what} gives masks, but model.masked_loss is false: set model.masked_loss=true")
+    val = cfg.callbacks.validation
+    if "reference" in cls.conditioning_kinds and val.enabled and (val.prompts or val.prompt_library) and not val.inputs:
+        raise ConfigError(
+            f"model={family} samples from an input image: set callbacks.validation.inputs to one image path per "
+            "validation prompt"
+        )
 
 
 def _families_taking(kind: str) -> list[str]:
