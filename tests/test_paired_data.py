@@ -57,7 +57,13 @@ def _module(root: Path, **keys) -> DiffusionDataModule:
 
 
 def test_companions_go_through_their_targets_bucket_and_crop_box(tmp_path):
-    dm = _module(_pairs(tmp_path), crop_style="random", crop_aspect="square")  # room for the crop to move
+    root = _pairs(tmp_path)
+    conditioning = {
+        "reference": {"path": str(root / "references")},
+        "mask": {"path": str(root / "masks")},
+        "control": {"path": str(root / "references")},
+    }
+    dm = _module(root, conditioning=conditioning, crop_style="random", crop_aspect="square")  # room to move
     samples = dm.scan()
     assert sorted(s.item.key for s in samples) == ["one.png", "sub/two.png"]
     dataset = BucketedImageDataset(samples, dm.sources, seed=0)
@@ -68,6 +74,7 @@ def test_companions_go_through_their_targets_bucket_and_crop_box(tmp_path):
             pixels, (reference,), mask = item["pixels"], item["reference_pixels"], item["mask"]
             crops.add(item["crop_top_left"])
             assert torch.equal(reference, pixels)  # the same picture, so the same pixels
+            assert torch.equal(item["control_pixels"], pixels)
             assert mask.shape == (1, *pixels.shape[1:]) and set(mask.unique().tolist()) <= {0.0, 1.0}  # nearest
             red = (pixels[0] > 0.5) & (pixels[1] < -0.5)  # (H, W)
             agree = (red == (mask[0] > 0.5)).float().mean()
