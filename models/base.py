@@ -144,6 +144,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         zero_terminal_snr: bool = False,
         prior_loss_weight: float = 1.0,
         masked_loss: bool = False,
+        control: str | None = None,
         options: dict | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,

@@ -31,6 +31,8 @@ class PairedMixin:
     reference_pixels_in_batch: ClassVar[bool] = False
     #: the prompt's encoding depends on the reference image, so it cannot be cached by caption (Qwen-Image-Edit)
     prompt_uses_references: ClassVar[bool] = False
+    #: the class that trains this family's control LoRA (``model.control=lora``), by dotted path; None: it has none
+    control_class: ClassVar[str | None] = None
 
     @classmethod
     def data_requirements(cls) -> dict[str, Any]:

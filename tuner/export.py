@@ -59,7 +59,7 @@ def lora_source(run: Path) -> Source:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from tuner.families import family_class
+    from tuner.families import run_class
 
     recorded = run / ".hydra" / "config.yaml"
     if not recorded.is_file():
@@ -71,7 +71,7 @@ def lora_source(run: Path) -> Source:
     except OmegaConfBaseException as err:
         raise ExportError(f"{recorded}: {err}".splitlines()[0]) from None
     try:
-        class_name = family_class(family).pipeline_class.__name__
+        class_name = run_class(model).pipeline_class.__name__
     except ValueError as err:
         raise ExportError(f"{recorded}: {err}") from None
     check_supported(class_name, f"{run} (model={family})")

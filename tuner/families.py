@@ -36,6 +36,15 @@ def family_class(family: str) -> type:
     return resolve(known[family])
 
 
+def run_class(model_cfg) -> type:
+    """The class a run of ``model_cfg`` trains: its family's, or with ``model.control`` set the family's
+    control-LoRA class (Flux.1's ``FluxControlPipeline``), which ``check_family`` puts in ``model._target_``."""
+    from models.base import resolve
+
+    cls = family_class(model_cfg.family)
+    return resolve(cls.control_class) if model_cfg.get("control") and cls.control_class else cls
+
+
 def tiny_names() -> dict[str, str]:
     """What ``python -m tuner.tiny`` accepts: every family, and each family's declared tiny variants
     (flux-dev, flux-schnell, ...), mapped to their family."""
@@ -90,6 +99,15 @@ def check_family(cfg) -> None:
     except ValueError as err:
         raise ConfigError(f"model.family: {err}") from None
     _check_requirements(model.family, cls)
+    if model.get("control"):
+        if not cls.control_class:
+            takers = [f for f in families() if family_class(f).control_class]
+            raise ConfigError(
+                f"model.control={model.control}: model={model.family} has no control LoRA (families that do: "
+                f"{', '.join(takers) or 'none'})"
+            )
+        model._target_ = cls.control_class
+        cls = run_class(model)
     from tuner.paired import check_paired, wire_demo_references
 
     wire_demo_references(cfg, cls)

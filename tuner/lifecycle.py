@@ -30,10 +30,10 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
     """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
     from models.base import pipeline_name
     from models.noise import run_scheduler_change
-    from tuner.families import family_class
+    from tuner.families import run_class
 
     model, data = cfg.model, cfg.data
-    family = family_class(model.family)
+    family = run_class(model)
     datasets = []
     for name, result in getattr(datamodule, "results", {}).items():
         spec = datamodule.specs[name]

@@ -16,6 +16,10 @@ class Finetune(Enum):
     lycoris = "lycoris"  # LoKr / LoHa through the lycoris-lora library (model.lycoris.*), as SimpleTuner offers
 
 
+class ControlMode(Enum):
+    lora = "lora"  # a control LoRA: the control image's latents concatenated on channels (FluxControlPipeline)
+
+
 class LycorisAlgo(Enum):
     lokr = "lokr"  # Kronecker product (factor)
     loha = "loha"  # Hadamard product of two low-rank pairs
@@ -102,4 +106,5 @@ class ModelConfig:
     zero_terminal_snr: bool = False
     prior_loss_weight: float = 1.0  # loss weight of regularisation (prior-preservation) images
     masked_loss: bool = False  # weight the loss by each image's mask (data.conditioning.mask or data.mask_from_alpha)
+    control: ControlMode | None = None  # lora: train a control LoRA on data.conditioning.control (Flux.1 dev)
     options: dict[str, Any] = field(default_factory=dict)  # family-only knobs, checked against the family's Options

@@ -45,15 +45,16 @@ def dataset_settings(cfg) -> dict[str, tuple[str, dict, bool]]:
 
 
 def wire_demo_references(cfg, cls) -> None:
-    """The built-in demo of an edit family trains on the demo's pairs: its images, and the input images
-    ``datamodules/demo.py`` writes beside them (a run on the user's own data names its references itself)."""
+    """The built-in demo of an edit family (or a control LoRA) trains on the demo's pairs: its images, and the
+    input images ``datamodules/demo.py`` writes beside them (a run on the user's own data names its own)."""
     demo = cfg.get("demo_assets_dir")
-    if not demo or "reference" not in cls.conditioning_kinds or cfg.data.datasets:
+    kind = next((k for k in ("reference", "control") if k in cls.conditioning_kinds), None)
+    if not demo or kind is None or cfg.data.datasets:
         return
-    if cfg.data.path and Path(cfg.data.path) == Path(demo) / "images" and not _given(cfg.data.conditioning.reference):
+    if cfg.data.path and Path(cfg.data.path) == Path(demo) / "images" and not _given(cfg.data.conditioning[kind]):
         from datamodules.demo import image_names
 
-        cfg.data.conditioning.reference.path = str(Path(demo) / DEMO_REFERENCES)
+        cfg.data.conditioning[kind].path = str(Path(demo) / DEMO_REFERENCES)  # the mirrored images serve either
         val = cfg.callbacks.validation
         if not val.inputs and not val.prompt_library:  # each prompt's input: a demo pair of its caption
             names = image_names()
@@ -107,10 +108,10 @@ def check_paired(cfg, cls) -> None:
             what = "conditioning.mask" if given["mask"] else "mask_from_alpha=true"
             raise ConfigError(f"{where}.{what} gives masks, but model.masked_loss is false: set model.masked_loss=true")
     val = cfg.callbacks.validation
-    if "reference" in cls.conditioning_kinds and val.enabled and (val.prompts or val.prompt_library) and not val.inputs:
+    if cls.conditioning_kinds and val.enabled and (val.prompts or val.prompt_library) and not val.inputs:
         raise ConfigError(
-            f"model={family} samples from an input image: set callbacks.validation.inputs to one image path per "
-            "validation prompt"
+            f"model={family} samples from an input ({' or '.join(cls.conditioning_kinds)}) image: set "
+            "callbacks.validation.inputs to one image path per validation prompt"
         )
 
 

@@ -218,7 +218,7 @@ def ensure_demo_assets(cfg: DictConfig, pipeline: bool = True) -> None:
         write_tiny(cfg.model.family, root / cfg.model.family)
     if cfg.data.path and Path(cfg.data.path) == root / "images":
         write_images(root / "images")
-        if cfg.data.conditioning.reference.path == str(root / DEMO_REFERENCES):  # an edit family's demo
+        if str(root / DEMO_REFERENCES) in (cfg.data.conditioning.reference.path, cfg.data.conditioning.control.path):
             write_references(root / "images", root / DEMO_REFERENCES)
 
 
