@@ -154,6 +154,31 @@ def test_datamodule_end_to_end(server, tmp_path):
     pickle.dumps(dm.sources)
 
 
+def test_masks_on_s3_pair_with_their_images_by_stem(server, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=server["url"], region_name="us-east-1")
+    white = _image((64, 64), "PNG", (255, 255, 255))
+    for key in ("a_red_square.png", "b_wide.png"):  # b_wide.jpg's mask is a PNG: the stem pairs them
+        s3.put_object(Bucket=BUCKET, Key=f"masks/{key}", Body=white)
+    report = tmp_path / "r.json"
+    dm = DiffusionDataModule(
+        path=f"s3://{BUCKET}/{PREFIX}",
+        endpoint_url=server["url"],
+        resolution=64,
+        bucket_step=16,
+        conditioning={"mask": {"path": f"s3://{BUCKET}/masks/"}},
+        report_path=str(report),
+    )
+    samples = dm.scan()
+    assert {s.item.key: s.companions[0].item.location for s in samples} == {
+        "a_red_square.png": f"s3://{BUCKET}/masks/a_red_square.png",
+        "b_wide.jpg": f"s3://{BUCKET}/masks/b_wide.png",
+    }
+    skipped = {s["path"]: s["reason"] for s in json.loads(report.read_text())["skipped"]}
+    assert skipped[f"s3://{BUCKET}/{PREFIX}sub/c_tall_blue.png"].startswith("no mask image")
+    for batch in dm.train_dataloader():  # read over S3, brought to the image's bucket: all white, all trains
+        assert batch["mask"].shape[-2:] == batch["pixels"].shape[-2:] and bool((batch["mask"] == 1).all())
+
+
 def test_missing_bucket_is_a_clear_error(server):
     dm = DiffusionDataModule(path="s3://no-such-tuner-bucket/x/", endpoint_url=server["url"])
     with pytest.raises(EmptyDatasetError, match="no-such-tuner-bucket") as info:
