@@ -19,8 +19,10 @@ pipelines apart, as FLUX.2's does. What the edit pipelines add, and so what trai
   The transformer's output over the reference tokens is dropped: the loss covers the target's tokens only.
   (2511's ``zero_cond_t`` transformer reads the references' timestep as 0 from ``img_shapes`` itself.)
 - Sampling: both pipelines resize every input to about 1 MP for the VAE (``calculate_dimensions``), whatever
-  the output's size, with no keyword to stop it; validation scopes that area to the output's (``input_area``),
-  which is the size training buckets a reference at. At the presets' 1024 px it is the pipelines' own 1 MP.
+  the output's size, with no keyword or attribute to stop it. ``sampling_inputs(height, width, pipe)`` prepares
+  ``pipe`` (as HiDream's sets its default area) to bring them to the asked area instead, the size training
+  buckets a reference at: validation, the tests and the learning benchmark sample so. At the presets' 1024 px
+  that is the pipelines' own 1 MP.
 - Processor: the pipelines' ``Qwen2VLProcessor`` needs torchvision in transformers 5 (its video half), even for
   images alone. Training loads the checkpoint's ``processor/`` folder through ``Qwen2VLImageTextProcessor``,
   the same class less its video processor (its image processor: the torchvision one where installed, else the
@@ -30,6 +32,7 @@ pipelines apart, as FLUX.2's does. What the edit pipelines add, and so what trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -80,6 +83,26 @@ def input_area(pipe, area: int) -> Iterator[None]:
 
     with mock.patch.object(module, "calculate_dimensions", scoped):
         yield
+
+
+def sample_inputs_at_area(pipe, area: int) -> None:
+    """Make ``pipe`` bring its inputs to ``area`` pixels for the VAE on every call (``input_area``). The
+    pipelines read their 1 MP in module code and build ``img_shapes`` from it, so no attribute of an instance
+    can change it: the pipeline class's ``__call__`` is wrapped once to scope the area for instances that set
+    ``input_area`` (this one now); any other instance samples as before, and ``pipe`` keeps its own class."""
+    pipeline = type(pipe)
+    if not getattr(pipeline.__call__, "scopes_input_area", False):
+        original = pipeline.__call__
+
+        @functools.wraps(original)
+        def __call__(self, *args, **kwargs):
+            scoped = vars(self).get("input_area")
+            with input_area(self, scoped) if scoped else contextlib.nullcontext():
+                return original(self, *args, **kwargs)
+
+        __call__.scopes_input_area = True
+        pipeline.__call__ = __call__
+    pipe.input_area = area
 
 
 def input_image(height: int, width: int):
@@ -199,14 +222,16 @@ class QwenImageEditModule(QwenImageModule):
     # ---- sampling -------------------------------------------------------------------------------------------
     @classmethod
     def sampling_inputs(cls, height: int, width: int, pipe=None) -> dict[str, Any]:
-        """A fixed input image of the asked size to edit (the pipeline brings it to 1 MP for its VAE)."""
+        """A fixed input image of the asked size to edit; ``pipe`` made to keep inputs at the asked area."""
+        if pipe is not None:
+            sample_inputs_at_area(pipe, height * width)
         return {**cls.sampling_kwargs, "image": input_image(height, width)}
 
     @torch.no_grad()
     def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
         """Qwen-Image's sampling (real CFG against the negative prompt, "" by default) with validation's input
         images (``image=``: one, or a list for Plus), each brought to the asked area for the VAE as training
-        buckets a reference (``input_area``); without one, the fixed ``input_image``."""
+        buckets a reference (``sampling_inputs``); without one, the fixed ``input_image``."""
         height, width = kwargs["height"], kwargs["width"]
         image = kwargs.pop("image", None) or input_image(height, width)
         images = [i.convert("RGB") for i in (image if isinstance(image, (list, tuple)) else [image])]
@@ -214,7 +239,8 @@ class QwenImageEditModule(QwenImageModule):
         scale = kwargs.pop("guidance_scale", 1.0)
         negative = kwargs.pop("negative_prompt", None)
         kwargs.update(true_cfg_scale=scale, negative_prompt=(negative or "") if scale > 1 else None)
-        with input_area(pipe, height * width), autocast or contextlib.nullcontext():
+        sample_inputs_at_area(pipe, height * width)
+        with autocast or contextlib.nullcontext():
             image = images if self.plus else images[0]
             tokens = pipe(image=image, prompt=prompt, output_type="latent", **kwargs).images  # the target's tokens
         latents = pipe._unpack_latents(tokens, height, width, pipe.vae_scale_factor)  # (B, 16, 1, h, w)

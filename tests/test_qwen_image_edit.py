@@ -7,7 +7,6 @@ SimpleTuner import."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -195,12 +194,21 @@ def test_simpletuner_qwen_edit_flavours_import_to_the_edit_family(tmp_path):
     assert convert(config).defaults["model"] == "qwen_image"  # the text-to-image flavours stay Qwen-Image
 
 
-def test_the_stock_pipeline_samples_64_px_with_its_input(demo_dir):
-    """The tests' generate(): the stock pipeline (its input at 1 MP for the VAE) with sampling_inputs' image."""
+def test_sampling_inputs_keep_a_loaded_pipelines_input_at_the_asked_area(demo_dir, tmp_path):
+    """The tests' generate() and the learning benchmark call the pipeline itself, with ``sampling_inputs``: it
+    prepares the pipeline so that its input stays at 64 x 64 (the pipeline's own 1 MP otherwise), and the
+    pipeline stays what it was: its class, LoRA loading, its saved layout."""
     from conftest import generate
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, QwenImageEditPipeline
 
     pipe = DiffusionPipeline.from_pretrained(demo_dir / "qwen_image_edit")
     pipe.set_progress_bar_config(disable=True)
-    image = generate(pipe)
-    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    seen = _hooked(pipe)
+    with torch.no_grad():
+        pipe(image=input_image(64, 64), prompt=CAPTION, height=64, width=64, num_inference_steps=1, output_type="latent")
+    assert seen[-1]["img_shapes"] == [[(1, 4, 4), (1, 64, 64)]]  # unprepared: the input at 1024 x 1024
+    assert generate(pipe).shape == (64, 64, 3)
+    assert seen[-1]["img_shapes"] == [[(1, 4, 4), (1, 4, 4)]]  # the input's tokens at the output's size
+    assert type(pipe) is QwenImageEditPipeline  # its own class: generate() finds its family by it
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "QwenImageEditPipeline"
