@@ -54,7 +54,9 @@ def load_prompts(prompts: list[str], library: str | None) -> dict[str, str]:
 def load_inputs(paths: list[str], names: list[str]) -> dict[str, Image.Image]:
     """``{prompt shortname: its input image}``, RGB, one path per prompt in order; read once, here, so a missing
     or unreadable file fails at the start of the run, not at its first validation."""
-    if paths and len(paths) != len(names):
+    if not paths:
+        return {}
+    if len(paths) != len(names):
         raise ValueError(f"callbacks.validation.inputs lists {len(paths)} images for {len(names)} prompts")
     inputs = {}
     for name, path in zip(names, paths, strict=True):
