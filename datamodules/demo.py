@@ -26,15 +26,30 @@ def image_names(count: int = 12) -> list[str]:
     return names
 
 
-def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Path:
-    """Write ``count`` PNGs named by their caption (e.g. ``a red circle on white.png``) atomically."""
-    path = Path(path)
+def _write_once(path: Path, fill) -> Path:
+    """A folder written whole or not at all: ``fill(tmp)`` writes into a temporary sibling, which is renamed to
+    ``path``; a folder already there (another process's, a run before) is kept."""
     if path.is_dir() and any(path.iterdir()):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    rng = random.Random(seed)
     try:
+        fill(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path.is_dir() and any(path.iterdir())):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Path:
+    """Write ``count`` PNGs named by their caption (e.g. ``a red circle on white.png``) atomically."""
+
+    def fill(tmp: Path) -> None:
+        rng = random.Random(seed)
         for i, name in enumerate(image_names(count)):
             colour = list(_COLOURS)[i % len(_COLOURS)]
             shape = _SHAPES[(i // len(_COLOURS)) % len(_SHAPES)]
@@ -46,33 +61,17 @@ def write_images(path: str | os.PathLike, count: int = 12, seed: int = 0) -> Pat
             box = (cx - r, cy - r, cx + r, cy + r)
             (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=_COLOURS[colour])
             img.save(tmp / name)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path.is_dir() and any(path.iterdir())):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return _write_once(Path(path), fill)
 
 
 def write_references(images: str | os.PathLike, path: str | os.PathLike) -> Path:
     """The edit families' demo pairs: for each demo image (the target), an input image of the same name, the
     target mirrored left to right (the edit: "mirror it back"), written atomically once."""
-    images, path = Path(images), Path(path)
-    if path.is_dir() and any(path.iterdir()):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        for target in sorted(images.glob("*.png")):
+
+    def fill(tmp: Path) -> None:
+        for target in sorted(Path(images).glob("*.png")):
             with Image.open(target) as img:
                 img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp / target.name)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path.is_dir() and any(path.iterdir())):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return _write_once(Path(path), fill)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from datamodules.buckets import bucket_for
+from datamodules.scan import spec_bucket
 from datamodules.sources import Item, Source, SourceError, open_source
 from datamodules.spec import CONDITIONING_KINDS
 
@@ -122,7 +122,7 @@ def pair(
                 lacking.setdefault(index, reason)
                 continue
             width, height, _ = result
-            bucket = _own_bucket(width, height, spec) if kind == "reference" and own_bucket else None
+            bucket = spec_bucket(width, height, spec) if kind == "reference" and own_bucket else None
             found[index].append(Companion(kind, slot, key, item, width, height, bucket))
             report.pairs += 1
         report.orphans += orphans
@@ -153,15 +153,3 @@ def _match_by_stem(source: Source, samples: list) -> tuple[dict[int, Item | None
         {"path": it.location, "reason": f"another file has its stem ({by_stem[stem(it.key)].location} is used)"}
         for it in extra
     ]
-
-
-def _own_bucket(width: int, height: int, spec: dict) -> tuple[int, int]:
-    return bucket_for(
-        width,
-        height,
-        spec["resolution"],
-        spec["resolution_type"],
-        spec["bucket_step"],
-        spec["crop_aspect"],
-        spec["crop_aspect_buckets"],
-    )

@@ -249,21 +249,18 @@ def _probe_all(source: Source, items: list[Item], cache_dir: str | None, with_si
     return results, sidecars, len(todo)
 
 
+def spec_bucket(width: int, height: int, spec: dict) -> tuple[int, int]:
+    """The bucket a dataset's settings give an image of this size."""
+    keys = ("resolution", "resolution_type", "bucket_step", "crop_aspect", "crop_aspect_buckets")
+    return bucket_for(width, height, *(spec[k] for k in keys))
+
+
 def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions, note: str = "") -> Sample:
-    bucket = bucket_for(
-        width,
-        height,
-        spec["resolution"],
-        spec["resolution_type"],
-        spec["bucket_step"],
-        spec["crop_aspect"],
-        spec["crop_aspect_buckets"],
-    )
     return Sample(
         item,
         width,
         height,
-        bucket,
+        spec_bucket(width, height, spec),
         captions,
         name,
         spec["crop_style"],
