@@ -112,6 +112,7 @@ class FluxModule(TrainingAdapterHooks, DiffusionModule):
         "all": _ATTENTION + _FFN + _NORMS,
     }
     tiny_variants = ("flux-dev", "flux-schnell")
+    control_class = "models.flux_control.FluxControlModule"  # model.control=lora: FluxControlPipeline's control LoRA
 
     # ---- the training adapter (models/training_adapter.py's hooks) ----------------------------------------
     def without_training_adapter(self) -> None:
