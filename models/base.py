@@ -302,6 +302,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         """One line for the console: what loaded and what trains."""
         hp = self.hparams
         what = f"{hp.finetune} ({hp.experts})" if hp.experts else hp.finetune
+        what += f", control {hp.control}" if hp.control else ""
         return f"{hp.family} from {hp.pretrained_model_name_or_path}, {what}, {self.n_trainable:,} trainable parameters"
 
     def train(self, mode: bool = True):
