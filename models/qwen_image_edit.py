@@ -44,6 +44,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from models.base import NoOptions, lazy_class, resolve
 from models.flux import pack, unpack
+from models.flux_kontext import input_image  # a fixed input to edit when none is given (a blue square)
 from models.qwen_image import QwenImageModule, tiny_text_encoder
 
 PLUS_PIPELINE = "diffusers.QwenImageEditPlusPipeline"
@@ -103,13 +104,6 @@ def sample_inputs_at_area(pipe, area: int) -> None:
         __call__.scopes_input_area = True
         pipeline.__call__ = __call__
     pipe.input_area = area
-
-
-def input_image(height: int, width: int):
-    """A fixed input image for sampling without one given (the tests' ``generate``): a blue square on white."""
-    from models.flux_kontext import input_image as kontext_input
-
-    return kontext_input(height, width)
 
 
 class QwenImageEditModule(QwenImageModule):
