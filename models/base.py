@@ -342,7 +342,10 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
             if "cond" in batch:  # text embeddings from the cache
                 cond = self.drop_cond(batch["cond"], dropped)
             else:
-                cond = self.encode_prompts(["" if d else c for c, d in zip(batch["captions"], dropped, strict=True)])
+                captions = ["" if d else c for c, d in zip(batch["captions"], dropped, strict=True)]
+                # a prompt read with its input image (Qwen-Image-Edit) is encoded with the batch's references
+                given = (batch["reference_pixels"],) if self.prompt_uses_references else ()
+                cond = self.encode_prompts(captions, *given)
         noise = obj.offset_noise(obj.randn(latents.shape, generator, latents), hp.noise_offset, generator)
         n = latents.shape[0]
         if fixed_level is None:

@@ -35,6 +35,12 @@ class PairedMixin:
     control_class: ClassVar[str | None] = None
 
     @classmethod
+    def max_references_for(cls, model_cfg) -> int:
+        """How many references a target may have with this checkpoint (``model_cfg``: the settled ``cfg.model``);
+        a family whose checkpoints differ (Qwen-Image-Edit vs -Plus) reads it there."""
+        return cls.max_references
+
+    @classmethod
     def data_requirements(cls) -> dict[str, Any]:
         """What the data module must know of this family before anything loads (tuner/run.py); a prompt read
         with its input image is encoded in the step, not cached by caption."""

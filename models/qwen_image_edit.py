@@ -117,6 +117,18 @@ class QwenImageEditModule(QwenImageModule):
     Options = NoOptions  # the edit pipelines do not cut the prompt: no max_sequence_length
 
     @classmethod
+    def max_references_for(cls, model_cfg) -> int:
+        """Edit's pipeline takes one input image, Plus's three: read from the checkpoint's model_index.json before
+        anything loads (a checkpoint that cannot be read now is checked on the first batch instead)."""
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(model_cfg.pretrained_model_name_or_path, revision=model_cfg.get("revision"))
+        except (OSError, ValueError):
+            return cls.max_references
+        return cls.max_references if index.get("_class_name") == PLUS_PIPELINE.rpartition(".")[2] else 1
+
+    @classmethod
     def card_notes(cls, model_cfg) -> list[str]:
         return [
             "Qwen-Image-Edit edits input images: sample with the pipeline this checkpoint names (`QwenImageEditPipeline`"
@@ -157,12 +169,11 @@ class QwenImageEditModule(QwenImageModule):
         return images
 
     def encode_prompts(self, captions: Sequence[str], references: Sequence[torch.Tensor] | None = None) -> dict:
-        """The prompts read with their input images (``references``: one (B, 3, H, W) in [-1, 1] per slot), each
-        sample alone as the pipelines encode it, zero-padded to the batch's longest: ``prompt_embeds`` (B, L, D)
-        and ``prompt_mask`` (B, L). The shared step calls this without the images (a prompt here cannot be encoded
-        without them): the captions, as caption dropout left them, then wait for ``denoise``."""
+        """The prompts read with their input images (``references``: one (B, 3, H, W) in [-1, 1] per slot; the
+        shared step passes the batch's, as ``prompt_uses_references`` asks), each sample alone as the pipelines
+        encode it, zero-padded to the batch's longest: ``prompt_embeds`` (B, L, D) and ``prompt_mask`` (B, L)."""
         if references is None:
-            return {"captions": list(captions)}
+            raise ValueError("Qwen-Image-Edit reads each prompt with its input image: pass the references")
         self._check_references(len(references))
         pipe = self.pipeline_class(
             scheduler=None, vae=None, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
@@ -196,9 +207,6 @@ class QwenImageEditModule(QwenImageModule):
     # ---- the denoiser call ------------------------------------------------------------------------------------
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
         dtype, (b, _, h, w) = self.denoiser_dtype, noisy.shape
-        if "captions" in cond:  # from the shared step: read with the input images now
-            with torch.no_grad():
-                cond = {**cond, **self.encode_prompts(cond["captions"], batch["reference_pixels"])}
         references = self.reference_latents(batch)  # each (B, 16, h_r, w_r)
         mask = cond["prompt_mask"].to(self.device)  # (B, L)
         tokens = [pack(noisy.to(dtype))] + [pack(r.to(dtype)) for r in references]

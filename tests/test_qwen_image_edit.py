@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.qwen_image_edit import Qwen2VLImageTextProcessor, input_area, input_image
+from tuner.config import ConfigError
 from tuner.run import build_module, prepare
 
 CAPTION = "move the square to the other side"
@@ -63,7 +64,7 @@ def test_the_transformer_sees_what_the_pipeline_hands_it(plus, make_cfg, tmp_pat
     theirs = seen[1]
     sigma = float(theirs["timestep"][0])
     batch = {"reference_pixels": [_pixels(pipe, image)]}
-    cond = module.encode_prompts([CAPTION])  # as the shared step calls it: without the images
+    cond = module.encode_prompts([CAPTION], batch["reference_pixels"])  # as the shared step calls it
     pred = module.denoise(torch.randn(1, 16, 8, 8), torch.tensor([sigma * 1000]), cond, batch)
     ours = seen[-1]
     assert pred.shape == (1, 16, 8, 8)
@@ -111,13 +112,13 @@ def test_the_prediction_covers_the_target_tokens_and_reads_the_reference(make_cf
 
 
 @torch.no_grad()
-def test_a_dropped_caption_is_read_as_the_empty_prompt_with_the_image(make_cfg, tmp_path):
-    """The shared step hands ``denoise`` the captions as dropout left them; they are read with each input."""
+def test_the_step_reads_each_prompt_with_its_input_a_dropped_caption_as_the_empty_prompt(make_cfg, tmp_path):
+    """The shared step encodes the captions, as dropout left them, with the batch's input images."""
     module = _module(make_cfg, tmp_path)
     seen = _hooked(module)
     refs = torch.rand(2, 3, 64, 64) * 2 - 1
-    noisy, t = torch.randn(2, 16, 8, 8), torch.tensor([500.0, 500.0])
-    module.denoise(noisy, t, module.encode_prompts(["", CAPTION]), {"reference_pixels": [refs]})
+    batch = {"captions": ["", CAPTION], "pixels": torch.rand(2, 3, 64, 64) * 2 - 1, "reference_pixels": [refs]}
+    module.compute_loss(batch, torch.Generator().manual_seed(0))
     expected = module.encode_prompts(["", CAPTION], [refs])
     n = int(expected["prompt_mask"].sum(1).max())
     torch.testing.assert_close(seen[-1]["encoder_hidden_states"], expected["prompt_embeds"][:, :n], rtol=0, atol=0)
@@ -145,9 +146,15 @@ def test_qwen_image_edit_takes_one_input_and_plus_up_to_three(make_cfg, tmp_path
     module = _plus(make_cfg, tmp_path / "plus", plus_dir)
     seen = _hooked(module)
     with torch.no_grad():
-        module.denoise(torch.randn(1, 16, 8, 8), torch.tensor([500.0]), module.encode_prompts([CAPTION]), {"reference_pixels": refs})
+        cond = module.encode_prompts([CAPTION], refs)
+        module.denoise(torch.randn(1, 16, 8, 8), torch.tensor([500.0]), cond, {"reference_pixels": refs})
     assert seen[-1]["img_shapes"] == [[(1, 4, 4)] * 3] and seen[-1]["hidden_states"].shape[1] == 48
     assert type(module).max_references == 3
+    # refused before anything loads, from the checkpoint's pipeline class
+    with pytest.raises(ConfigError, match="takes at most 1"):
+        prepare(make_cfg("model=qwen_image_edit", f"data.conditioning.reference.path=[{tmp_path},{tmp_path}]"))
+    prepare(make_cfg("model=qwen_image_edit", f"model.pretrained_model_name_or_path={plus_dir}",
+                     f"data.conditioning.reference.path=[{tmp_path},{tmp_path}]", "callbacks.validation.enabled=false"))
 
 
 def test_the_processor_loads_a_checkpoints_processor_folder_without_torchvision(tmp_path):

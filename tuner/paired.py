@@ -91,10 +91,10 @@ def check_paired(cfg, cls) -> None:
                     f"folder of {kind} images with the targets' relative paths and stems (or .column for a table)"
                 )
         count = sum(len(v) for v in given["reference"].values())
-        if count > cls.max_references:
+        if count > (most := cls.max_references_for(cfg.model)):
             raise ConfigError(
-                f"{where}.conditioning.reference lists {count} references a target; model={family} takes at most "
-                f"{cls.max_references}"
+                f"{where}.conditioning.reference lists {count} references a target; model={family} with "
+                f"{cfg.model.pretrained_model_name_or_path} takes at most {most}"
             )
         has_mask = bool(given["mask"]) or alpha
         if given["mask"] and alpha:
