@@ -135,7 +135,8 @@ def _prompt_for(info: Mapping, image: Path) -> str:
 
 
 def _front_matter(info: Mapping, images: list[Path], output_dir: Path) -> dict:
-    tags = ["text-to-image", "diffusers", "diffusers-training", _finetune(info)]
+    # an edit model or a control LoRA turns an input image into another: image-to-image
+    tags = [str(info.get("task") or "text-to-image"), "diffusers", "diffusers-training", _finetune(info)]
     if info.get("family"):
         tags.append(str(info["family"]))
     extra = info.get("tags") or []

@@ -206,7 +206,7 @@ class Validation(L.Callback):
                             )
                             image.save(folder / f"{name}{suffix}.png")
                             produced.append((f"{name}{suffix}", image))
-                            shown += [self.inputs[name], image] if self.inputs else [image]
+                            shown += [self.inputs[name].resize(image.size), image] if self.inputs else [image]
         finally:
             restore()
         grid(shown, columns=(2 if self.inputs else 1) * len(self.prompts)).save(folder / "grid.png")

@@ -62,6 +62,7 @@ class FluxKontextModule(FluxModule):
     conditioning_kinds: ClassVar[tuple[str, ...]] = ("reference",)  # a run without references is a config error
     references_own_bucket: ClassVar[bool] = True  # Kontext takes an input of any aspect ratio
     max_references: ClassVar[int] = 1  # FluxKontextPipeline takes one image
+    control_class: ClassVar[str | None] = None  # FLUX.1's control LoRA is model=flux's, not Kontext's
     license = "other"  # the FLUX.1 [dev] non-commercial licence
     tiny_variants = ("flux-kontext",)
 

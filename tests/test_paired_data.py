@@ -281,3 +281,15 @@ def test_paired_settings_are_checked_against_the_family_before_anything_loads(ma
         prepare(make_cfg("callbacks.validation.inputs=[a.png]", "callbacks.validation.prompts=[a,b]"))
     with pytest.raises(ConfigError, match="Did you mean 'reference'"):
         prepare(make_cfg(f"+data.conditioning.refrence.path={tmp_path}"))
+
+
+def test_an_edit_runs_grid_shows_each_input_beside_its_output_and_its_card_says_image_to_image(matrix_run, demo_dir):
+    out = matrix_run("flux_kontext", "lora").dir  # the demo's pairs, its inputs wired in by the tiny preset
+    with Image.open(out / "validation" / "step_6" / "grid.png") as grid:
+        # two prompts, each an (input, output) pair; the EMA's row and the live weights' row
+        assert grid.size == (2 * 2 * 64, 2 * 64)
+        cell = np.asarray(grid.convert("RGB").crop((0, 0, 64, 64)))
+    with Image.open(demo_dir / "references" / "a red circle on white (0).png") as given:  # the first prompt's input
+        assert np.array_equal(cell, np.asarray(given.convert("RGB").resize((64, 64))))
+    card = (out / "README.md").read_text()
+    assert "- image-to-image" in card and "- text-to-image" not in card

@@ -55,6 +55,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
         "license": cfg.callbacks.hub.license or checkpoint.get("license") or family.license,
         "license_note": family.license_note,
         "family_notes": family.card_notes(model),  # how to sample it as it was trained (family-specific)
+        "task": "image-to-image" if family.conditioning_kinds else "text-to-image",
         "pipeline": checkpoint.get("pipeline") or pipeline_name(family),  # for the card's loading snippet
         # the scheduler validation sampled with, as a change to the base model's (a LoRA's snippet sets it)
         "scheduler": run_scheduler_change(family.noise_schedule, model),
