@@ -62,11 +62,19 @@ def bucket_for(
 
 
 def _label(group: tuple) -> str:
-    """``64x48``; a group with references in their own buckets: ``64x48+48x64``."""
+    """``64x48``; a group with references in their own buckets: ``64x48+48x64``; clips of 17 frames: ``64x48x17f``."""
     if isinstance(group[0], int):
         return f"{group[0]}x{group[1]}"
-    bucket, own = group
-    return "+".join(_label(b) for b in (bucket, *own))
+    bucket, own, *frames = group
+    return "+".join(_label(b) for b in (bucket, *own)) + "".join(f"x{f}f" for f in frames)
+
+
+def _sort_key(group: tuple) -> tuple:
+    """Every kind of group as (bucket, own buckets, frames), so they sort together (and plain buckets as before)."""
+    if isinstance(group[0], int):
+        return group, (), 1
+    bucket, own, *frames = group
+    return bucket, own, frames[0] if frames else 1
 
 
 class BucketBatchSampler:
@@ -102,7 +110,7 @@ class BucketBatchSampler:
         groups: dict[tuple, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for index, (bucket, dataset) in enumerate(zip(buckets, datasets, strict=True)):
             groups[tuple(bucket)][dataset].append(index)
-        ordered = sorted(groups.items(), key=lambda kv: kv[0] if isinstance(kv[0][0], tuple) else (kv[0], ()))
+        ordered = sorted(groups.items(), key=lambda kv: _sort_key(kv[0]))
         self.groups = {b: dict(sorted(by_ds.items())) for b, by_ds in ordered}
         self.epoch = 0
         self._resume: dict | None = None

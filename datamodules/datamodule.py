@@ -62,6 +62,19 @@ def check_upscale(dataset: str, samples: list[Sample], spec: dict, allow: bool =
     return median
 
 
+def clip_entry(sample: Sample) -> dict:
+    """A clip as the report lists it: what the file holds, and what a use of it takes."""
+    clip = sample.clip
+    return {
+        "fps": round(clip.fps, 3),
+        "frames": clip.frames,
+        "duration": round(clip.duration, 3),
+        "num_frames": sample.num_frames,
+        "frame_rate": sample.frame_rate or round(clip.fps, 3),
+        "frame_sampling": sample.frame_sampling,
+    }
+
+
 def shard_hint(path: str) -> str:
     """For a folder read as images that holds ``.tar`` shards: the hint to read it as webdataset."""
     if not os.path.isdir(path):
@@ -112,12 +125,14 @@ class DiffusionDataModule(L.LightningDataModule):
         report_path: str | None = None,
         references_own_bucket: bool = False,
         reference_pixels: bool = False,
+        video: bool = False,
         **dataset_keys: Any,
     ):
         """``dataset_keys`` are the data-level values of the keys in datamodules/spec.py (the defaults of
         every entry of ``datasets``). The family's (tuner/run.py): ``references_own_bucket``, a reference
         image of another aspect ratio keeps its own bucket; ``reference_pixels``, batches carry the
-        references' pixels even when their latents are cached."""
+        references' pixels even when their latents are cached; ``video``, it trains on clips (else a clip is
+        skipped with the reason)."""
         super().__init__()
         unknown = sorted(set(dataset_keys) - set(DATASET_KEYS))
         if unknown:
@@ -132,6 +147,7 @@ class DiffusionDataModule(L.LightningDataModule):
         for spec in self.specs.values():  # a table reads the columns that name companion images
             spec["companion_columns"] = [v for _, _, by, v in pair_slots(spec) if by == "column"]
         self.references_own_bucket, self.reference_pixels = references_own_bucket, reference_pixels
+        self.video = video
         self.sources = self._open_sources(cache_dir)
         for name, spec in self.specs.items():  # unset: where this kind of source keeps its captions
             source = self.sources[name]
@@ -181,6 +197,7 @@ class DiffusionDataModule(L.LightningDataModule):
                     self.cache_dir,
                     self.companion_sources[name],
                     self.references_own_bucket,
+                    self.video,
                 )
             except SourceError as err:
                 raise EmptyDatasetError(f"dataset {name!r}: {err}") from err
@@ -240,6 +257,7 @@ class DiffusionDataModule(L.LightningDataModule):
                     **({"captions": list(s.captions)} if len(s.captions) > 1 else {}),
                     **({"format": s.note} if s.note else {}),
                     **({"companions": [companion_entry(c) for c in s.companions]} if s.companions else {}),
+                    **({"clip": clip_entry(s)} if s.clip is not None else {}),
                 }
                 for s in usable
             ],
@@ -287,12 +305,13 @@ class DiffusionDataModule(L.LightningDataModule):
             return plain
         root = Path(self.cache_dir)
         latent_keys = embeds = None
-        random_crops = any(s.crop and s.crop_style == "random" for s in samples)
+        # a random crop or frame window differs per use, so it is not cached
+        random_crops = any((s.crop and s.crop_style == "random") or (s.clip and s.frame_sampling == "random") for s in samples)
         pixel_space = self._encoders["encode_pixels"] is None
         if self.cache_latents and pixel_space:
             log.info("latent cache off: the model trains in pixel space (text embeddings are still cached)")
         elif self.cache_latents and random_crops:
-            log.info("latent cache off: a dataset crops at random, so each use needs a fresh crop")
+            log.info("latent cache off: a dataset crops (or takes clip frames) at random, so each use needs a fresh draw")
         started, encoded_images, encoded_captions = time.monotonic(), 0, 0
         if self.cache_latents and not random_crops and not pixel_space:
             latents = TensorCache(root / "latents")
@@ -308,6 +327,7 @@ class DiffusionDataModule(L.LightningDataModule):
                     # paired data: the entry holds the companions' encodings too, so it is keyed on them
                     *([[c.kind, c.item.location, c.item.version, c.bucket] for c in s.companions] if s.companions else []),
                     *(["alpha mask"] if s.mask_from_alpha else []),
+                    *([s.num_frames, s.frame_rate, s.frame_sampling] if s.clip is not None else []),
                 )
                 for s in samples
             ]

@@ -15,6 +15,7 @@ from datamodules.cache import CorruptEntry, TensorCache, cache_key
 from datamodules.images import load_mask, load_rgb, mask_tensor, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample
 from datamodules.sources import Source
+from datamodules.video import decode, window
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class BucketedImageDataset(Dataset):
     def _target(self, index: int, epoch: int):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
+        if sample.clip is not None:
+            return self._clip(sample, rng)
         with self.sources[sample.dataset].open(sample.item) as fp:
             cover = sample.bucket
             if sample.scale_to is not None:  # a detail crop: decode at least as large as it is scaled to
@@ -67,6 +70,22 @@ class BucketedImageDataset(Dataset):
         decoded = image.size  # (a JPEG may decode reduced): what companions are brought to before the same crop
         image, crop = resize_and_crop(image, sample.bucket, sample.crop_style, rng, sample.crop, sample.scale_to)
         return to_tensor(image), crop, rng, decoded
+
+    def _clip(self, sample: Sample, rng: random.Random):
+        """A clip's window (its frames drawn first, then one crop box for all of them): (3, F, H, W)."""
+        indices = window(sample.clip, sample.num_frames, sample.frame_rate, sample.frame_sampling, rng)
+        crop: list[tuple[int, int]] = []
+
+        def fit(frame: Image.Image) -> Image.Image:  # the first frame draws the box; the others take it
+            at = crop[0] if crop else None
+            image, box = resize_and_crop(frame, sample.bucket, sample.crop_style, rng, sample.crop, sample.scale_to, at)
+            crop.append(box)
+            return image
+
+        with self.sources[sample.dataset].open(sample.item) as fp:
+            frames = decode(fp, sample.clip, indices, fit)
+        pixels = torch.stack([to_tensor(f) for f in frames], dim=1)  # (3, F, H, W)
+        return pixels, crop[0], rng, (sample.width, sample.height)
 
     def paired(self, index: int, epoch: int) -> dict[str, Any]:
         """The target's pixels and crop, with its companions through the same bucket and crop box (a reference

@@ -121,7 +121,7 @@ def pair(
                 report.missing.append({"path": samples[index].item.location, "reason": reason})
                 lacking.setdefault(index, reason)
                 continue
-            width, height, _ = result
+            width, height, *_ = result
             bucket = spec_bucket(width, height, spec) if kind == "reference" and own_bucket else None
             found[index].append(Companion(kind, slot, key, item, width, height, bucket))
             report.pairs += 1

@@ -23,6 +23,7 @@ from datamodules.buckets import bucket_for
 from datamodules.captions import caption_for
 from datamodules.images import HEIF_EXTENSIONS, UNSUPPORTED_IMAGES, probe, truncation
 from datamodules.sources import Item, Source
+from datamodules.video import VIDEO_EXTENSIONS, Clip, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class Sample:
     note: str = ""  # a format other than JPEG/PNG/WebP, and the frame used: "GIF, first of 12 frames"
     companions: tuple = ()  # paired data (datamodules/pairs.py Companion): references, mask, control
     mask_from_alpha: bool = False  # the loss mask is the image's own alpha channel
+    clip: Clip | None = None  # a video clip's frame rate and count (datamodules/video.py); None: an image
+    num_frames: int = 1  # frames a use yields: data.num_frames for a clip, 1 for an image
+    frame_rate: float | None = None
+    frame_sampling: str = "start"
 
     @property
     def caption(self) -> str:
@@ -52,9 +57,11 @@ class Sample:
 
     @property
     def group(self) -> tuple:
-        """What a batch shares: the bucket, or with references that keep buckets of their own, (bucket,
-        their buckets)."""
+        """What a batch shares: the bucket, or with references that keep buckets of their own or several
+        frames, (bucket, their buckets[, frames])."""
         own = tuple(c.bucket for c in self.companions if c.bucket is not None)
+        if self.num_frames > 1:  # clips batch with clips of their frame count
+            return self.bucket, own, self.num_frames
         return (self.bucket, own) if own else self.bucket
 
 
@@ -106,6 +113,8 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int, str] | str, 
         return f"unsupported format ({suffix}) without pillow-heif: pip install -e \".[heic]\", or convert it", True
     if suffix in UNSUPPORTED_IMAGES:
         return f"unsupported format ({suffix}); convert it to PNG, JPEG or WebP", True
+    if suffix in VIDEO_EXTENSIONS:
+        return probe_video(source, item)
     try:
         fp = source.open_header(item)
     except OSError as err:
@@ -120,6 +129,22 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int, str] | str, 
         return str(err), True  # refused on its header alone: decoding it would need gigabytes
     except DECODE_ERRORS as err:
         return f"unreadable image: {err}", True
+
+
+def probe_video(source: Source, item: Item) -> tuple[tuple | str, bool]:
+    """A clip's (width, height, note, fps, frames), or why it is unusable; PyAV missing is not remembered (an
+    install fixes it)."""
+    from datamodules.video import probe_clip
+
+    try:
+        with source.open(item) as fp:
+            width, height, clip = probe_clip(fp)
+    except OSError as err:
+        return f"unreadable video: {err}", "PyAV" not in str(err)
+    except Exception as err:  # noqa: BLE001 - FFmpeg's own errors (av.error.*) for a damaged or unknown container
+        return f"unreadable video: {err}", True
+    note = f"video, {clip.frames} frames at {clip.fps:g} fps ({clip.duration:.2f} s)"
+    return (width, height, note, clip.fps, clip.frames), True
 
 
 class ProbeCache:
@@ -143,7 +168,7 @@ class ProbeCache:
         hit = self.entries.get(item.key)
         if not hit or hit[0] != item.version:
             return None
-        return hit[3] if hit[3] else (hit[1], hit[2], hit[4])
+        return hit[3] if hit[3] else (hit[1], hit[2], hit[4], *hit[5:])  # a clip's fps and frames follow
 
     def save(self, results: dict[str, tuple[Item, tuple[int, int, str] | str, bool]]) -> None:
         """Remember the verdicts marked to keep (not passing failures to fetch the bytes)."""
@@ -155,6 +180,7 @@ class ProbeCache:
                 *(result[:2] if isinstance(result, tuple) else (0, 0)),
                 None if isinstance(result, tuple) else result,
                 result[2] if isinstance(result, tuple) else "",
+                *(result[3:] if isinstance(result, tuple) else ()),
             ]
             for key, (item, result, keep) in results.items()
             if keep
@@ -179,9 +205,11 @@ def scan_source(
     cache_dir: str | None = None,
     companions: dict[str, Source] | None = None,
     own_bucket: bool = False,
+    video: bool = False,
 ) -> ScanResult:
     """Probe (or recall) every item, then caption and bucket the usable ones by ``spec``; with
-    ``companions`` (datamodules/pairs.py), pair each with its companion images, whose sources these are."""
+    ``companions`` (datamodules/pairs.py), pair each with its companion images, whose sources these are.
+    ``video``: the family trains on clips (otherwise a clip is skipped, with the reason)."""
     items = list(source.items())
     results, sidecars, probed = _probe_all(source, items, cache_dir, spec["caption_strategy"] == "textfile")
     usable, skipped, fallbacks = [], [], 0
@@ -190,7 +218,12 @@ def scan_source(
         if isinstance(result, str):
             skipped.append({"path": item.location, "reason": result})
             continue
-        width, height, note = result
+        width, height, note, *clip = result
+        if clip:
+            why = _clip_problem(spec, Clip(*clip), video)
+            if why:
+                skipped.append({"path": item.location, "reason": why})
+                continue
         if min(width, height) < spec["minimum_image_size"]:
             reason = f"too small: {width}x{height} < minimum_image_size={spec['minimum_image_size']}"
             skipped.append({"path": item.location, "reason": reason})
@@ -211,7 +244,7 @@ def scan_source(
             skipped.append({"path": item.location, "reason": f"unreadable caption: {err}"})
             continue
         fallbacks += fell_back
-        usable.append(_sample(name, spec, item, width, height, captions, note))
+        usable.append(_sample(name, spec, item, width, height, captions, note, Clip(*clip) if clip else None))
     reports = {}
     if companions:
         from datamodules.pairs import pair
@@ -255,7 +288,16 @@ def spec_bucket(width: int, height: int, spec: dict) -> tuple[int, int]:
     return bucket_for(width, height, *(spec[k] for k in keys))
 
 
-def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions, note: str = "") -> Sample:
+def _clip_problem(spec: dict, clip: Clip, video: bool) -> str | None:
+    """Why a clip cannot serve this dataset (None: it can)."""
+    if not video:
+        return "a video clip, and this model trains on images (video families: see the README's Video section)"
+    if not spec["num_frames"]:
+        return "a video clip, and data.num_frames is not set (the frames a sample takes, e.g. 81 for Wan)"
+    return shortfall(clip, spec["num_frames"], spec["frame_rate"], spec["frame_sampling"])
+
+
+def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions, note: str = "", clip=None) -> Sample:
     return Sample(
         item,
         width,
@@ -269,4 +311,8 @@ def _sample(name: str, spec: dict, item: Item, width: int, height: int, captions
         downsample_size(width, height, spec),
         note,
         mask_from_alpha=spec["mask_from_alpha"],
+        clip=clip,
+        num_frames=spec["num_frames"] if clip is not None else 1,
+        frame_rate=spec["frame_rate"],
+        frame_sampling=spec["frame_sampling"],
     )

@@ -15,8 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from datamodules.images import IMAGE_EXTENSIONS
-from datamodules.sources import Item, Source, SourceError, register
+from datamodules.sources import MEDIA_EXTENSIONS, Item, Source, SourceError, register
 
 _READ_ATTEMPTS = 4  # GET + body read, on top of botocore's own retries of the request
 _BACKOFF_S = 0.5
@@ -137,7 +136,7 @@ class S3Source(Source):
                     ext = posixpath.splitext(relative)[1].lower()
                     if ext == ".txt":
                         texts.add(key)
-                    elif ext in IMAGE_EXTENSIONS:
+                    elif ext in MEDIA_EXTENSIONS:
                         objects.append((key, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"')))
         except (ClientError, BotoCoreError) as err:
             raise self._listing_error(err) from None

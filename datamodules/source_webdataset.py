@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from datamodules.images import IMAGE_EXTENSIONS
-from datamodules.sources import Item, Source, SourceError, register
+from datamodules.sources import MEDIA_EXTENSIONS, Item, Source, SourceError, register
 
 log = logging.getLogger(__name__)
 
-_IMAGE_EXTS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_IMAGE_EXTS = frozenset(ext.lstrip(".") for ext in MEDIA_EXTENSIONS)  # a sample's image or clip member
 _JSON_CAPTION_FIELDS = ("caption", "text", "prompt")
 _COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.lz4")
 # Magic numbers of compressed streams, for a compressed shard that is named plain ``.tar``.

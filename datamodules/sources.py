@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from datamodules.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGES
+from datamodules.video import VIDEO_EXTENSIONS
+
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what a source lists as samples
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _only_tars(path: str) -> bool:
     entries = [e for e in os.listdir(path) if not e.startswith(".")]
     if not any(e.endswith(".tar") for e in entries):
         return False
-    images = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGES
+    images = MEDIA_EXTENSIONS | UNSUPPORTED_IMAGES
     return not any(os.path.splitext(e)[1].lower() in images or os.path.isdir(os.path.join(path, e)) for e in entries)
 
 
@@ -149,7 +152,7 @@ class FolderSource(Source):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in sorted(filenames):
                 suffix = Path(filename).suffix.lower()
-                if filename.startswith(".") or (suffix not in IMAGE_EXTENSIONS and suffix not in UNSUPPORTED_IMAGES):
+                if filename.startswith(".") or (suffix not in MEDIA_EXTENSIONS and suffix not in UNSUPPORTED_IMAGES):
                     continue  # hidden files and non-image clutter (captions, notes) are not images
                 path = Path(dirpath) / filename
                 try:

@@ -31,6 +31,12 @@ class CropAspect(Enum):
     closest = "closest"  # the nearest of crop_aspect_buckets
 
 
+class FrameSampling(Enum):
+    start = "start"  # a clip's first frames
+    uniform = "uniform"  # num_frames spread evenly over the whole clip
+    random = "random"  # a window at a random start each use (not latent-cached)
+
+
 class CaptionStrategy(Enum):
     filename = "filename"
     textfile = "textfile"
@@ -91,6 +97,10 @@ class DatasetKeys:
     caption_column: str = "text"
     conditioning: Conditioning = field(default_factory=Conditioning)  # companion images (paired data)
     mask_from_alpha: bool = False  # the loss mask is each image's alpha channel (opaque = train; none: all trains)
+    # Video clips (a video family): frames a sample takes (Wan 4k+1, LTX 8k+1), at frame_rate (null: the clip's own)
+    num_frames: Optional[int] = None
+    frame_rate: Optional[float] = None
+    frame_sampling: FrameSampling = FrameSampling.start
 
 
 DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetKeys))

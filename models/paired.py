@@ -31,6 +31,10 @@ class PairedMixin:
     reference_pixels_in_batch: ClassVar[bool] = False
     #: the prompt's encoding depends on the reference image, so it cannot be cached by caption (Qwen-Image-Edit)
     prompt_uses_references: ClassVar[bool] = False
+    #: the family trains on video clips (B, 3, F, H, W); an image is then a 1-frame clip
+    video: ClassVar[bool] = False
+    #: a clip's frame count must be frame_multiple * k + 1 (Wan 4, LTX 8)
+    frame_multiple: ClassVar[int] = 1
     #: the class that trains this family's control LoRA (``model.control=lora``), by dotted path; None: it has none
     control_class: ClassVar[str | None] = None
 
@@ -44,7 +48,11 @@ class PairedMixin:
     def data_requirements(cls) -> dict[str, Any]:
         """What the data module must know of this family before anything loads (tuner/run.py); a prompt read
         with its input image is encoded in the step, not cached by caption."""
-        needs = {"references_own_bucket": cls.references_own_bucket, "reference_pixels": cls.reference_pixels_in_batch}
+        needs = {
+            "references_own_bucket": cls.references_own_bucket,
+            "reference_pixels": cls.reference_pixels_in_batch,
+            "video": cls.video,
+        }
         return {**needs, "cache_text_embeds": False} if cls.prompt_uses_references else needs
 
     def reference_inputs(self, encoded: torch.Tensor) -> torch.Tensor:

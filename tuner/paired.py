@@ -1,4 +1,4 @@
-"""Paired-data settings against what the family consumes, checked before anything loads (from
+"""Paired-data and video settings against what the family consumes, checked before anything loads (from
 ``tuner.families.check_family``): a family that trains on (target, reference) pairs needs references; a
 control image or a reference goes only to a family that reads it; a mask goes with ``model.masked_loss``.
 """
@@ -119,3 +119,21 @@ def _families_taking(kind: str) -> list[str]:
     from tuner.families import families, family_class
 
     return [f for f in families() if kind in family_class(f).conditioning_kinds]
+
+
+def check_frames(cfg, cls) -> None:
+    """``data.num_frames`` (and each dataset's) against the family: a video family's frame multiple; an image
+    family takes none."""
+    from tuner.config import ConfigError
+
+    family = cfg.model.family
+    given = {"data.num_frames": cfg.data.get("num_frames")}
+    given.update({f"data.datasets.{k}.num_frames": v.get("num_frames") for k, v in cfg.data.datasets.items()})
+    for key, frames in given.items():
+        if frames is None:
+            continue
+        if not cls.video and frames > 1:
+            raise ConfigError(f"{key}={frames}, but model={family} trains on images (one frame)")
+        if frames < 1 or (frames - 1) % cls.frame_multiple:
+            m = cls.frame_multiple
+            raise ConfigError(f"{key}={frames}; model={family} takes {m}k+1 frames (e.g. {m * 4 + 1} or {m * 20 + 1})")

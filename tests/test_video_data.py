@@ -1,0 +1,149 @@
+"""The video data path: clips probed, their frame windows drawn and decoded, bucketed with their frame count."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+av = pytest.importorskip("av")
+
+from datamodules import DiffusionDataModule  # noqa: E402
+from datamodules.dataset import BucketedImageDataset  # noqa: E402
+from datamodules.video import Clip, decode, probe_clip, shortfall, window  # noqa: E402
+
+STEP = 8  # grey levels between frames: frame i is a flat grey of 8 * i, so a decoded frame names its number
+
+
+def write_clip(path, frames: int, fps: int, size=(64, 48), codec: str = "mpeg4") -> None:
+    """A clip whose frame i is a flat grey of level STEP * i (lossy codecs keep a flat field's level)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            image = Image.new("RGB", size, (STEP * i,) * 3)
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def frame_numbers(frames) -> list[int]:
+    return [round(float(np.asarray(f, dtype=np.float32).mean()) / STEP) for f in frames]
+
+
+@pytest.mark.parametrize(("name", "codec"), [("a.mp4", "mpeg4"), ("b.webm", "libvpx-vp9"), ("c.mkv", "ffv1")])
+def test_a_clip_is_probed_from_its_headers(tmp_path, name, codec):
+    write_clip(tmp_path / name, frames=20, fps=10, codec=codec)
+    with open(tmp_path / name, "rb") as fp:
+        width, height, clip = probe_clip(fp)
+    assert (width, height) == (64, 48) and clip.fps == 10 and clip.frames == 20 and clip.duration == 2.0
+
+
+def test_windows_start_uniform_and_random_resample_to_the_frame_rate(tmp_path):
+    write_clip(tmp_path / "a.mp4", frames=30, fps=30)
+    clip = Clip(30.0, 30)
+    assert window(clip, 5, 10, "start", random.Random(0)) == [0, 3, 6, 9, 12]  # 10 fps from 30
+    assert window(clip, 5, None, "start", random.Random(0)) == [0, 1, 2, 3, 4]  # the clip's own rate
+    assert window(clip, 5, 10, "uniform", random.Random(0)) == [0, 7, 14, 22, 29]  # over the whole clip
+    draws = {tuple(window(clip, 5, 10, "random", random.Random(seed))) for seed in range(20)}
+    assert len(draws) > 3 and all(w[0] <= 17 and list(w) == list(range(w[0], w[0] + 13, 3)) for w in draws)
+    assert window(clip, 5, 10, "random", random.Random(7)) == window(clip, 5, 10, "random", random.Random(7))
+    with open(tmp_path / "a.mp4", "rb") as fp:  # decoding takes exactly those frames, a repeat included
+        assert frame_numbers(decode(fp, clip, [6, 9, 12, 12, 29], lambda f: f)) == [6, 9, 12, 12, 29]
+
+
+def test_a_clip_too_short_for_its_window_says_what_it_needs():
+    assert shortfall(Clip(16.0, 81), 81, None, "start") is None
+    assert shortfall(Clip(24.0, 48), 81, 16, "start") == (
+        "too short: 2.00 s at 24 fps; data.num_frames=81 at 16 fps needs 5.06 s"
+    )
+    assert shortfall(Clip(24.0, 48), 49, None, "uniform") == "too short: 48 frames, data.num_frames=49"
+
+
+def _folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_clip(data / "walk.mp4", frames=24, fps=8)
+    write_clip(data / "short.mp4", frames=4, fps=8)
+    write_clip(data / "wide.mp4", frames=24, fps=8, size=(96, 48))
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(data / "still.png")
+    (data / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    return data
+
+
+def test_images_and_clips_mix_each_batch_one_bucket_and_frame_count(tmp_path):
+    report = tmp_path / "report.json"
+    dm = DiffusionDataModule(
+        path=str(_folder(tmp_path)),
+        resolution=32,
+        resolution_type="pixel",
+        bucket_step=16,
+        num_frames=5,
+        frame_rate=4,
+        video=True,
+        batch_size=1,
+        report_path=str(report),
+    )
+    samples = {s.item.key: s for s in dm.scan()}
+    assert sorted(samples) == ["still.png", "walk.mp4", "wide.mp4"]
+    assert samples["walk.mp4"].group == ((48, 32), (), 5) and samples["still.png"].group == (48, 32)
+    written = json.loads(report.read_text())
+    skipped = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in written["skipped"]}
+    assert skipped["short.mp4"].startswith("too short: 0.50 s at 8 fps") and "unreadable video" in skipped["broken.mp4"]
+    clip = next(u for u in written["usable"] if u["path"].endswith("walk.mp4"))["clip"]
+    assert clip == {
+        "fps": 8.0,
+        "frames": 24,
+        "duration": 3.0,
+        "num_frames": 5,
+        "frame_rate": 4,
+        "frame_sampling": "start",
+    }
+    shapes = sorted(tuple(b["pixels"].shape) for b in dm.train_dataloader())
+    assert shapes == [(1, 3, 5, 32, 48), (1, 3, 5, 32, 64), (1, 3, 32, 48)]
+    walk = BucketedImageDataset(dm.samples, dm.sources, 0)[(dm.samples.index(samples["walk.mp4"]), 0)]["pixels"]
+    levels = ((walk.mean(dim=(0, 2, 3)) + 1) * 127.5 / STEP).round().tolist()  # frames 0, 2, 4, 6, 8 at 4 fps
+    assert levels == [0, 2, 4, 6, 8]
+
+
+def test_an_image_family_skips_clips_with_the_reason(tmp_path):
+    dm = DiffusionDataModule(path=str(_folder(tmp_path)), resolution=32, bucket_step=16, num_frames=5)
+    assert [s.item.key for s in dm.scan()] == ["still.png"]
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in dm.results["default"].skipped}
+    assert reasons["walk.mp4"].startswith("a video clip, and this model trains on images")
+
+
+def test_random_windows_repeat_per_epoch_and_are_not_cached(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_clip(data / "walk.mp4", frames=40, fps=8)
+    dm = DiffusionDataModule(
+        path=str(data),
+        resolution=32,
+        bucket_step=16,
+        num_frames=5,
+        frame_sampling="random",
+        video=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.attach_encoders(
+        lambda p: torch.cat([p, p], 1),
+        lambda c: {"e": torch.zeros(len(c), 2)},
+        {"vae": "v", "text": "t"},
+        lambda **_: None,
+    )
+    dataset = dm._build_dataset(0, 1)
+    assert dataset.latent_keys is None  # a fresh window each use: nothing to cache
+    firsts = [float(dataset[(0, epoch)]["pixels"][:, 0].mean()) for epoch in range(6)]
+    assert len(set(firsts)) > 1 and firsts == [float(dataset[(0, e)]["pixels"][:, 0].mean()) for e in range(6)]
+
+
+def test_the_frame_count_is_checked_against_the_family(make_cfg):
+    from tuner.config import ConfigError
+    from tuner.run import prepare
+
+    with pytest.raises(ConfigError, match="trains on images"):
+        prepare(make_cfg("data.num_frames=17"))
