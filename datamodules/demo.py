@@ -75,3 +75,44 @@ def write_references(images: str | os.PathLike, path: str | os.PathLike) -> Path
                 img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp / target.name)
 
     return _write_once(Path(path), fill)
+
+
+_MOTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+
+
+def write_clips(path: str | os.PathLike, count: int = 8, frames: int = 17, fps: int = 8, seed: int = 0) -> Path:
+    """The video families' demo: ``count`` MP4 clips of a shape moving across white, named by their caption
+    (``a red circle moving right (0).mp4``), and two of the demo's still images beside them, so the demo trains
+    on a mixed folder (a still is a 1-frame sample). Needs PyAV (the ``video`` extra); written atomically once."""
+
+    def fill(tmp: Path) -> None:
+        import av
+
+        rng = random.Random(seed)
+        for i in range(count):
+            colour = list(_COLOURS)[i % len(_COLOURS)]
+            shape = _SHAPES[(i // len(_COLOURS)) % len(_SHAPES)]
+            motion = list(_MOTIONS)[i % len(_MOTIONS)]
+            w, h = _SIZES[i % 2]  # square and landscape: two buckets
+            r = min(w, h) // 6
+            x, y = rng.randint(2 * r, w - 2 * r), rng.randint(2 * r, h - 2 * r)
+            dx, dy = _MOTIONS[motion]
+            with av.open(str(tmp / f"a {colour} {shape} moving {motion} ({i}).mp4"), "w") as container:
+                stream = container.add_stream("mpeg4", rate=fps)
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+                for f in range(frames):
+                    img = Image.new("RGB", (w, h), (250, 250, 250))
+                    cx, cy = x + dx * f * (w // 3) // frames, y + dy * f * (h // 3) // frames
+                    box = (cx - r, cy - r, cx + r, cy + r)
+                    (ImageDraw.Draw(img).ellipse if shape == "circle" else ImageDraw.Draw(img).rectangle)(
+                        box, fill=_COLOURS[colour]
+                    )
+                    for packet in stream.encode(av.VideoFrame.from_image(img)):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+        stills = write_images(Path(tmp).parent / "images")
+        for name in image_names()[:2]:
+            shutil.copyfile(stills / name, tmp / name)
+
+    return _write_once(Path(path), fill)

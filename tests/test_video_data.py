@@ -107,6 +107,11 @@ def test_images_and_clips_mix_each_batch_one_bucket_and_frame_count(tmp_path):
     walk = BucketedImageDataset(dm.samples, dm.sources, 0)[(dm.samples.index(samples["walk.mp4"]), 0)]["pixels"]
     levels = ((walk.mean(dim=(0, 2, 3)) + 1) * 127.5 / STEP).round().tolist()  # frames 0, 2, 4, 6, 8 at 4 fps
     assert levels == [0, 2, 4, 6, 8]
+    from tuner.inspect import report as doctor
+
+    assert "clips: 2 of 3 samples; duration min 3.00 s, median 3.00 s, max 3.00 s; fps 8; 5 frames a sample" in doctor(
+        dm, 1, 1, 1
+    )
 
 
 def test_an_image_family_skips_clips_with_the_reason(tmp_path):
@@ -139,6 +144,16 @@ def test_random_windows_repeat_per_epoch_and_are_not_cached(tmp_path):
     assert dataset.latent_keys is None  # a fresh window each use: nothing to cache
     firsts = [float(dataset[(0, epoch)]["pixels"][:, 0].mean()) for epoch in range(6)]
     assert len(set(firsts)) > 1 and firsts == [float(dataset[(0, e)]["pixels"][:, 0].mean()) for e in range(6)]
+
+
+def test_the_demo_clips_are_a_mixed_folder(tmp_path):
+    from datamodules.demo import write_clips
+
+    folder = write_clips(tmp_path / "clips", count=4, frames=9)
+    names = sorted(p.name for p in folder.iterdir())
+    assert sum(n.endswith(".mp4") for n in names) == 4 and sum(n.endswith(".png") for n in names) == 2
+    with open(folder / "a red circle moving right (0).mp4", "rb") as fp:
+        assert probe_clip(fp)[2] == Clip(8.0, 9)
 
 
 def test_the_frame_count_is_checked_against_the_family(make_cfg):

@@ -108,9 +108,10 @@ def check_family(cfg) -> None:
             )
         model._target_ = cls.control_class
         cls = run_class(model)
-    from tuner.paired import check_frames, check_paired, wire_demo_references
+    from tuner.paired import check_frames, check_paired, wire_demo_clips, wire_demo_references
 
     wire_demo_references(cfg, cls)
+    wire_demo_clips(cfg, cls)
     check_paired(cfg, cls)
     check_frames(cfg, cls)
     valid = [f.name for f in dataclasses.fields(cls.Options)]

@@ -40,6 +40,15 @@ def report(datamodule, batch_size: int, world_size: int, accumulation: int) -> s
     lines.append("buckets (w x h: images):")
     for (w, h), n in sorted(buckets.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {w:>5} x {h:<5} {n:>6}  {'#' * max(1, round(40 * n / max(buckets.values())))}")
+    clips = [s for s in samples if s.clip is not None]
+    if clips:  # video: what the clips hold and what a sample takes of them
+        seconds = sorted(s.clip.duration for s in clips)
+        rates = sorted({round(s.clip.fps, 3) for s in clips})
+        lines.append(
+            f"clips: {len(clips)} of {len(samples)} samples; duration min {seconds[0]:.2f} s, median "
+            f"{statistics.median(seconds):.2f} s, max {seconds[-1]:.2f} s; fps {', '.join(f'{r:g}' for r in rates)}; "
+            f"{clips[0].num_frames} frames a sample ({clips[0].frame_sampling} window)"
+        )
     words = [len(c.split()) for s in samples for c in s.captions]
     fallbacks = sum(r.caption_fallbacks for r in datamodule.results.values())
     lines.append(

@@ -11,6 +11,7 @@ from pathlib import Path
 from datamodules.spec import CONDITIONING_KINDS
 
 DEMO_REFERENCES = "references"  # under demo_assets_dir: one input image per demo image (datamodules/demo.py)
+DEMO_CLIPS = "clips"  # under demo_assets_dir: the video families' demo, clips and two stills
 
 
 def _given(keys) -> dict[str, list[str]]:
@@ -60,6 +61,18 @@ def wire_demo_references(cfg, cls) -> None:
             names = image_names()
             picked = [next((n for n in names if n.startswith(f"{p} (")), names[0]) for p in val.prompts]
             val.inputs = [str(Path(demo) / DEMO_REFERENCES / n) for n in picked]
+
+
+def wire_demo_clips(cfg, cls) -> None:
+    """The built-in demo of a video family trains on the demo's clips (and two stills beside them) instead of its
+    images, at a frame count the family takes (9 frames for Wan and LTX)."""
+    demo = cfg.get("demo_assets_dir")
+    if not demo or not cls.video or cfg.data.datasets or not cfg.data.path:
+        return
+    if Path(cfg.data.path) == Path(demo) / "images":
+        cfg.data.path = str(Path(demo) / DEMO_CLIPS)
+        if cfg.data.num_frames is None:
+            cfg.data.num_frames = cls.frame_multiple * max(1, 8 // cls.frame_multiple) + 1
 
 
 def check_paired(cfg, cls) -> None:

@@ -208,14 +208,16 @@ def check_precision_for_device(cfg: DictConfig) -> None:
 def ensure_demo_assets(cfg: DictConfig, pipeline: bool = True) -> None:
     """Write the tiny demo pipeline (unless ``pipeline`` is off: the dataset doctor) and images under
     ``demo_assets_dir`` if they are not there yet."""
-    from datamodules.demo import write_images, write_references
+    from datamodules.demo import write_clips, write_images, write_references
     from tuner.families import write_tiny
-    from tuner.paired import DEMO_REFERENCES
+    from tuner.paired import DEMO_CLIPS, DEMO_REFERENCES
 
     root = Path(cfg.demo_assets_dir)
     # only what this run uses (a run of the tiny preset on its own model or data writes neither)
     if pipeline and Path(cfg.model.pretrained_model_name_or_path) == root / cfg.model.family:
         write_tiny(cfg.model.family, root / cfg.model.family)
+    if cfg.data.path and Path(cfg.data.path) == root / DEMO_CLIPS:  # a video family's demo
+        write_clips(root / DEMO_CLIPS)
     if cfg.data.path and Path(cfg.data.path) == root / "images":
         write_images(root / "images")
         if str(root / DEMO_REFERENCES) in (cfg.data.conditioning.reference.path, cfg.data.conditioning.control.path):
