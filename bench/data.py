@@ -17,6 +17,15 @@ checksum_step_ratio=… checksum_ms_sdxl_latent=… checksum_ms_t5_embed=…``.
   machinery, these the cost at real sizes.
 
     python bench/data.py [--images 10000] [--workdir DIR] [--step-rounds 4] [--smoke]
+
+``--video``: instead, the peak memory of decoding one clip window (datamodules/video.py). A long clip is
+written (default 120 s of 3840x2160 at 24 fps), then a fresh process decodes one 81-frame window at 16 fps
+from its middle into 832x480 (Wan's 480p) buckets, as training does. Last line: ``video_window_peak_mib=…``
+(that process's peak RSS above its start, which includes FFmpeg's buffers) ``whole_clip_mib=…`` (the clip's
+frames decoded, at 8-bit RGB) and ``video_window_share=…`` (their ratio: well below 1 means the clip was never
+held whole).
+
+    python bench/data.py --video [--video-seconds 120] [--video-size 3840x2160] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -190,6 +199,60 @@ def bench_cached_step(
     return {name: min(values) for name, values in medians.items()}
 
 
+def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int]) -> None:
+    """A long clip: a gradient that scrolls, so every frame differs (MPEG-4 part 2, as the demo's)."""
+    import av
+
+    w, h = size
+    base = np.add.outer(np.arange(h) * 255 // max(1, h - 1), np.arange(w) * 255 // max(1, w - 1)) // 2
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for i in range(int(seconds * fps)):
+            grey = ((base + 3 * i) % 256).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.stack([grey] * 3, axis=-1), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+_WINDOW_PROBE = """
+import random, resource, sys
+sys.path.insert(0, {root!r})
+from datamodules.images import resize_and_crop
+from datamodules.video import decode, probe_clip, window
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open({path!r}, "rb") as fp:
+    width, height, clip = probe_clip(fp)
+rng = random.Random(0)
+indices = window(clip, 81, 16, "start", rng)
+middle = clip.frames // 2 - indices[-1] // 2
+indices = [middle + i for i in indices]
+with open({path!r}, "rb") as fp:
+    frames = decode(fp, clip, indices, lambda f: resize_and_crop(f, (832, 480), "center", rng)[0])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(frames), width, height, clip.frames, (peak - start) / 1024)
+"""
+
+
+def bench_video_window(work: Path, seconds: float, size: tuple[int, int]) -> dict[str, float]:
+    """Peak RSS of decoding one 81-frame window of a long clip, in a fresh process."""
+    import subprocess
+
+    path = work / f"long_{size[0]}x{size[1]}_{seconds:g}s.mp4"
+    if not path.exists():
+        started = time.monotonic()
+        make_clip(path, seconds, 24, size)
+        print(f"wrote {path.name} ({path.stat().st_size / 2**20:.0f} MiB) in {time.monotonic() - started:.0f} s")
+    code = _WINDOW_PROBE.format(root=str(ROOT), path=str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    kept, width, height, frames, peak = int(out[0]), int(out[1]), int(out[2]), int(out[3]), float(out[4])
+    whole = frames * width * height * 3 / 2**20
+    return {"kept": kept, "frames": frames, "peak": peak, "whole": whole}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=None, help="JPEGs to scan (default 10000; --smoke 200)")
@@ -198,7 +261,26 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, default=None, help="default 4; --smoke 2")
     parser.add_argument("--step-rounds", type=int, default=4, help="runs of each step variant, interleaved")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the code path")
+    parser.add_argument("--video", action="store_true", help="only the clip-window decode's peak memory")
+    parser.add_argument("--video-seconds", type=float, default=None, help="the long clip's length (default 120)")
+    parser.add_argument("--video-size", default=None, help="the long clip's WxH (default 3840x2160)")
     args = parser.parse_args()
+    if args.video:
+        seconds = args.video_seconds or (12 if args.smoke else 120)
+        size = tuple(int(v) for v in (args.video_size or ("640x360" if args.smoke else "3840x2160")).split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(args.workdir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            got = bench_video_window(work, seconds, size)
+        print(
+            f"decoded {got['kept']} of {got['frames']} frames ({size[0]}x{size[1]}) into 832x480: peak RSS "
+            f"+{got['peak']:.0f} MiB; the whole clip decoded would be {got['whole']:.0f} MiB"
+        )
+        print(
+            f"video_window_peak_mib={got['peak']:.0f} whole_clip_mib={got['whole']:.0f} "
+            f"video_window_share={got['peak'] / got['whole']:.4f}"
+        )
+        return
     smoke = args.smoke
     images = args.images or (200 if smoke else 10_000)
     resolution = args.step_resolution or (64 if smoke else 128)
