@@ -154,7 +154,10 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
     config = _editable(denoiser.config)
     changed: dict[str, float] = {}
     width = config["num_attention_heads"] * config["attention_head_dim"]
-    patch = config["in_channels"] * config.get("patch_size", 1) ** 2
+    patch_size = config.get("patch_size", 1)
+    if isinstance(patch_size, (list, tuple)):  # Wan: (frames, rows, columns), one frame a token
+        patch_size = patch_size[-1]
+    patch = config["in_channels"] * patch_size**2
     if hasattr(denoiser, "img_in"):  # Qwen-Image: in_channels is already the packed 2x2 token (patch_size names it)
         patch = config["in_channels"]
     wanted = max(WIDTH_OVER_PATCH * patch, MIN_WIDTH)
@@ -166,7 +169,7 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
                 config[key] = heads * config["attention_head_dim"]
         width = heads * config["attention_head_dim"]
         changed["transformer_width"] = width
-    tokens = config.get("sample_size", 0) // config.get("patch_size", 1)  # the code's base size
+    tokens = config.get("sample_size", 0) // patch_size  # the code's base size
     if "interpolation_scale" in config:  # PixArt: position = index / (grid / base) / interpolation_scale
         config["interpolation_scale"] = 1.0 / POSITION_SPACING
         changed["position_spacing"] = POSITION_SPACING
@@ -246,6 +249,18 @@ def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
         from models.learnable_vae_qwen import make_qwen_vae
 
         vae, measured = make_qwen_vae(seed)
+        pipe.register_modules(vae=vae)
+        return {**measured, **reshaped}
+    if type(old).__name__ == "AutoencoderKLWan":  # Wan 2.1: the Qwen-Image one's weights (the same VAE)
+        from models.learnable_vae_wan import make_wan_vae
+
+        vae, measured = make_wan_vae(old.config, seed)
+        pipe.register_modules(vae=vae)
+        return {**measured, **reshaped}
+    if type(old).__name__ == "AutoencoderKLLTXVideo":  # LTX-Video: per-channel buffers, 8x space and time here
+        from models.learnable_vae_ltx import make_ltx_vae
+
+        vae, measured = make_ltx_vae(seed)
         pipe.register_modules(vae=vae)
         return {**measured, **reshaped}
     if type(old).__name__ == "AutoencoderKLFlux2":  # FLUX.2: batch-norm statistics over 2x2 patches, no factors

@@ -1,0 +1,276 @@
+"""Wan 2.1 (T2V 1.3B / 14B) and Wan 2.2 TI2V-5B: a flow-matching video DiT (``WanTransformer3DModel``) over the
+Wan causal 3-D VAE's latents, conditioned on UMT5-XXL; trained exactly as ``WanPipeline`` samples.
+
+- Prompts are cleaned as the pipeline cleans them (its own ``prompt_clean``: ftfy where installed, HTML
+  unescaping, whitespace), tokenized to ``max_sequence_length`` (512, the pipeline's ``__call__`` default);
+  UMT5 runs with the attention mask and each row keeps its real tokens' hidden states, zero-padded to 512.
+  The transformer gets all 512 rows and no mask, as the pipeline hands them.
+- Clips (B, 3, F, H, W), F = 4k + 1 (an image is a 1-frame clip), go through the VAE whole: Wan 2.1's is 16
+  channels at 1/8 size and 1/4 time, Wan 2.2's 48 channels at 1/16 (its 2x2 pixel patch inside the VAE).
+  Latents are normalised per channel by the VAE config's ``latents_mean`` / ``latents_std`` exactly as the
+  pipeline undoes it before decoding. The transformer patchifies (1, 2, 2) itself: it gets (B, C, f, h, w).
+- Flow matching on ``sigma * 1000`` (the UniPC scheduler's flow sigmas): the shift is the checkpoint
+  scheduler's ``flow_shift`` (3.0 for 2.1, 5.0 for 2.2 TI2V-5B; UniPC names it so, not ``shift``), or
+  ``model.flow_shift``. Wan 2.2 TI2V-5B's pipeline (``expand_timesteps``) hands the timestep per token,
+  (B, f * h/2 * w/2), and so does ``denoise``.
+- Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``) is one expert at a time here: ``model.expert=high_noise``
+  trains ``transformer`` (levels above the boundary), ``low_noise`` trains ``transformer_2``.
+- Validation samples ``options.validation_frames`` frames (1 by default, an image) with the pipeline's own CFG
+  (``guidance_scale``, negative prompt "" by default) and shows the middle frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import ClassVar
+
+import torch
+
+from models.base import DiffusionModule, lazy_class
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers' scheduler/scheduler_config.json (14B's is the same; Wan2.2-TI2V-5B's has
+# flow_shift 5.0)
+WAN_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+    solver_order=2,
+    solver_type="bh2",
+    final_sigmas_type="zero",
+)
+
+_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # self-attention (attn1) and cross-attention (attn2)
+_FFN = ("ffn.net.0.proj", "ffn.net.2")
+EXPERT_DENOISERS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # Wan 2.2 A14B's
+
+
+@dataclasses.dataclass
+class WanOptions:
+    max_sequence_length: int = 512  # UMT5 tokens, WanPipeline's default
+    validation_frames: int = 1  # frames validation samples (4k + 1); the middle one is shown
+
+
+def prompt_embeds(tokenizer, encoder, prompts: Sequence[str], max_length: int, device) -> torch.Tensor:
+    """WanPipeline's ``_get_t5_prompt_embeds``: UMT5's last hidden states of the real tokens, zero-padded to
+    ``max_length`` (B, max_length, D). ``prompts`` are already cleaned."""
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask.to(device)
+    hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state
+    return hidden * mask[..., None].to(hidden.dtype)  # the pipeline's cut to the real tokens, padded back with zeros
+
+
+class WanModule(DiffusionModule):
+    pipeline_class = lazy_class("diffusers.WanPipeline")
+    denoiser_name = "transformer"
+    noise_schedule = "flow"
+    pixel_multiple = 16  # Wan 2.1: the VAE's 8x, then the transformer's 2x2 patch (Wan 2.2 TI2V-5B needs 32)
+    video: ClassVar[bool] = True
+    frame_multiple: ClassVar[int] = 4  # 4k + 1 frames: the VAE's temporal 4x after the first frame
+    license = "apache-2.0"
+    Options = WanOptions
+    components = {
+        "transformer": "diffusers.WanTransformer3DModel",
+        "vae": "diffusers.AutoencoderKLWan",
+        "text_encoder": "transformers.UMT5EncoderModel",
+        "tokenizer": "transformers.AutoTokenizer",
+    }
+    # Attention projections (self and cross), SimpleTuner's and ai-toolkit's default; musubi-tuner's LoRA
+    # covers every linear of the blocks (attention+ffn).
+    default_lora_targets = _ATTENTION
+    lora_target_presets = {"attention": _ATTENTION, "attention+ffn": _ATTENTION + _FFN, "all": _ATTENTION + _FFN}
+    fsdp_blocks = ("WanTransformerBlock",)
+    tiny_variants = ("wan21", "wan22-ti2v", "wan22-a14b")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from diffusers import DiffusionPipeline
+
+        hp = self.hparams
+        index = DiffusionPipeline.load_config(hp.pretrained_model_name_or_path, revision=hp.revision)
+        self.expand_timesteps = bool(index.get("expand_timesteps") or False)  # Wan 2.2 TI2V-5B
+        self.boundary_ratio = index.get("boundary_ratio")  # Wan 2.2 A14B
+        if self.boundary_ratio is not None and hp.expert and hp.expert_boundary != self.boundary_ratio:
+            from models import noise as noise_schedules
+
+            hp.expert_boundary = float(self.boundary_ratio)  # the experts' split is the checkpoint's
+            self.noise = noise_schedules.build(self.noise_schedule, self.noise.config, hp)
+        if hp.flow_shift is None:  # UniPC's key; the shared schedule reads ``shift``
+            self.noise.shift = float(self.noise.config.get("flow_shift", self.noise.config.get("shift", 1.0)))
+
+    @classmethod
+    def check_config(cls, model_cfg) -> None:
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(model_cfg.pretrained_model_name_or_path, revision=model_cfg.get("revision"))
+        if index.get("boundary_ratio") is None:
+            return
+        if model_cfg.get("experts") or not model_cfg.get("expert"):
+            raise ValueError(
+                "Wan 2.2 A14B has two transformers: train one per run with model.expert=high_noise (transformer) "
+                "or model.expert=low_noise (transformer_2); model.experts=two_lora is not wired for Wan yet"
+            )
+
+    def load_components(self, path: str, common: dict) -> dict:
+        """Each component from its subfolder; Wan 2.2 A14B's low-noise expert loads ``transformer_2`` as the denoiser."""
+        from models import trainable
+        from models.quantize import load_time_config
+
+        hp = self.hparams
+        plan, out = self.dtype_plan(), {}
+        for name, cls in self.component_classes().items():
+            sub, qconfig = name, None
+            if name == self.denoiser_name:
+                sub = EXPERT_DENOISERS[hp.expert] if hp.expert in EXPERT_DENOISERS and _has_two(path, hp.revision) else name
+                qconfig = load_time_config(hp.base_model_precision, trainable.DTYPES[hp.mixed_precision])
+            out[name] = cls.from_pretrained(path, subfolder=sub, **trainable.load_kwargs(cls, plan.get(name), common, qconfig))
+        return out
+
+    def pipeline_components(self) -> dict:
+        out = {**super().pipeline_components(), "expand_timesteps": self.expand_timesteps}
+        if self.boundary_ratio is not None:  # one A14B expert samples alone: the other level range is its too
+            out.update(boundary_ratio=None)
+        return out
+
+    # ---- latents: clips (B, 3, F, H, W), normalised per channel ----------------------------------------------
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE config's per-channel ``latents_mean`` and ``latents_std``, shaped (1, C, 1, 1, 1) like ``like``."""
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images or (B, 3, F, H, W) clips in [-1, 1] -> the posterior's mean and log-variance
+        (B, 2C, f, h, w), f = (F - 1) / 4 + 1 (1 for an image)."""
+        clips = pixels if pixels.ndim == 5 else pixels[:, :, None]
+        return self.vae.encode(clips.to(self.vae.device, self.vae_dtype)).latent_dist.parameters
+
+    def model_inputs(self, encoded: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample normalised as WanPipeline un-normalises before decoding: (z - mean) / std per
+        channel. (B, C, f, h, w)"""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents = DiagonalGaussianDistribution(encoded.to(self.device)).sample(generator=generator)
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) / std
+
+    def decode_latents(self, pipe, latents: torch.Tensor):
+        """Normalised latents (B, C, f, h, w) -> the middle frame of the first clip as a PIL image."""
+        latents = latents.to(self.vae.device, self.vae_dtype)
+        mean, std = self._latent_stats(latents)
+        video = self.vae.decode(latents * std + mean).sample  # (B, 3, F, H, W)
+        frame = video[:, :, video.shape[2] // 2]
+        return pipe.video_processor.postprocess(frame.float(), output_type="pil")[0]
+
+    # ---- conditioning and the denoiser call -----------------------------------------------------------------
+    def pipeline_prompts(self, captions: Sequence[str]) -> list[str]:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        return [prompt_clean(c) for c in captions]
+
+    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        embeds = prompt_embeds(
+            self.tokenizer, self.text_encoder, self.pipeline_prompts(captions), self.options.max_sequence_length, self.device
+        )
+        return {"prompt_embeds": embeds}  # (B, 512, D)
+
+    def denoiser_timesteps(self, timesteps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """What WanPipeline hands the transformer: t (B,), or with ``expand_timesteps`` (Wan 2.2 TI2V-5B) t per
+        token (B, f * h/p * w/p)."""
+        if not self.expand_timesteps:
+            return timesteps
+        _, ph, pw = self.denoiser.config.patch_size
+        b, _, f, h, w = latents.shape
+        return timesteps[:, None].expand(b, f * (h // ph) * (w // pw))
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
+        dtype = self.denoiser_dtype
+        return self.transformer(
+            hidden_states=noisy.to(dtype),  # (B, C, f, h, w): the transformer patchifies (1, 2, 2) itself
+            timestep=self.denoiser_timesteps(timesteps, noisy),  # sigma * 1000, as the UniPC ladder's
+            encoder_hidden_states=cond["prompt_embeds"].to(self.device, dtype),
+            return_dict=False,
+        )[0]
+
+    @classmethod
+    def sampling_inputs(cls, height: int, width: int, pipe=None) -> dict:
+        return {"num_frames": 5}  # a short clip: two latent frames
+
+    @torch.no_grad()
+    def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
+        """The middle frame of an ``options.validation_frames``-frame clip, sampled with the pipeline's CFG."""
+        kwargs.setdefault("num_frames", self.options.validation_frames)
+        with autocast or nullcontext():
+            latents = pipe(prompt, output_type="latent", max_sequence_length=self.options.max_sequence_length, **kwargs).frames
+        with torch.autocast(self.device.type, enabled=False):
+            return self.decode_latents(pipe, latents)
+
+    @classmethod
+    def tiny_pipeline(cls, name: str, seed: int = 0):
+        import diffusers
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        from models import tiny
+
+        ti2v = name == "wan22-ti2v"
+        torch.manual_seed(seed)
+        channels = 48 if ti2v else 16
+
+        def transformer():
+            return diffusers.WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2,
+                attention_head_dim=12,  # RoPE: 4 (frames) + 4 (rows) + 4 (columns)
+                in_channels=channels,
+                out_channels=channels,
+                text_dim=32,  # UMT5's width
+                freq_dim=32,
+                ffn_dim=48,
+                num_layers=1,
+                rope_max_seq_len=32,
+            )
+
+        if ti2v:  # Wan 2.2's VAE: residual, a 2x2 pixel patch inside, 48 channels at 1/16
+            vae = diffusers.AutoencoderKLWan(
+                base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True,
+                in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                latents_mean=torch.linspace(-0.5, 0.5, 48).tolist(), latents_std=torch.linspace(0.5, 2.0, 48).tolist(),
+            )
+        else:  # Wan 2.1's (the class defaults are its latents_mean / latents_std)
+            vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+        encoder = UMT5EncoderModel(
+            UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                       relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+        )
+        extra = {}
+        if name == "wan22-a14b":  # two experts, switched at the checkpoint's boundary_ratio (T2V-A14B's)
+            extra = dict(transformer_2=transformer(), boundary_ratio=0.875)
+        scheduler = {**WAN_SCHEDULER, "flow_shift": 5.0} if ti2v else WAN_SCHEDULER
+        return cls.pipeline_class(
+            transformer=transformer(),
+            vae=vae,
+            text_encoder=encoder,
+            tokenizer=tiny.t5_tokenizer(model_max_length=512),
+            scheduler=diffusers.UniPCMultistepScheduler(**scheduler),
+            expand_timesteps=ti2v,
+            **extra,
+        )
+
+
+def _has_two(path: str, revision: str | None) -> bool:
+    """Whether the checkpoint at ``path`` has a ``transformer_2`` (Wan 2.2 A14B)."""
+    from diffusers import DiffusionPipeline
+
+    return (DiffusionPipeline.load_config(path, revision=revision).get("transformer_2") or [None])[0] is not None
