@@ -45,12 +45,13 @@ def sample_timesteps(
 def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Add a per-(sample, channel) constant to the noise, so the model can learn to shift mean brightness.
 
-    Guttenberg 2023, "Diffusion with Offset Noise". Shape of ``noise``: (B, C, H, W).
+    Guttenberg 2023, "Diffusion with Offset Noise". Shape of ``noise``: (B, C, H, W), or (B, C, F, H, W) for
+    video (one constant a clip and channel, over all its frames).
     """
     if strength == 0:
         return noise
     b, c = noise.shape[:2]
-    return noise + strength * randn((b, c, 1, 1), generator, noise)
+    return noise + strength * randn((b, c, *[1] * (noise.ndim - 2)), generator, noise)
 
 
 def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:

@@ -75,7 +75,7 @@ class PairedMixin:
         (B, 1, h, w) on its device; None otherwise. A latent's weight is the share of its pixels that train."""
         if not self.hparams.masked_loss:
             return None
-        mask = batch["mask"].to(pred.device, torch.float32)
+        mask = batch["mask"].to(pred.device, torch.float32)  # (B, 1, H, W)
         if mask.shape[-2:] != pred.shape[-2:]:
             mask = F.interpolate(mask, pred.shape[-2:], mode="area")
-        return mask
+        return mask.unsqueeze(2) if pred.ndim == 5 else mask  # a clip: the same mask on every frame
