@@ -162,3 +162,18 @@ def test_the_frame_count_is_checked_against_the_family(make_cfg):
 
     with pytest.raises(ConfigError, match="trains on images"):
         prepare(make_cfg("data.num_frames=17"))
+
+
+def test_the_objective_takes_clips():
+    from models import objectives as obj
+
+    noise = torch.zeros(2, 3, 4, 5, 6)  # (B, C, F, h, w)
+    shifted = obj.offset_noise(noise, 0.5, torch.Generator().manual_seed(0))
+    assert shifted.shape == noise.shape and bool((shifted == shifted[:, :, :1, :1, :1]).all())  # one per clip, channel
+    four = obj.offset_noise(torch.zeros(2, 3, 5, 6), 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(four[:, :, :1, :1], shifted[:, :, 0, :1, :1])  # images draw as before
+    mask = torch.zeros(2, 1, 1, 5, 6)
+    mask[0, ..., :3] = 1  # half of clip 0's every frame trains; none of clip 1
+    err = torch.ones(2, 3, 4, 5, 6)
+    err[0, ..., 3:] = 9.0
+    assert float(obj.weighted_mse(err, torch.zeros_like(err), mask=mask)) == pytest.approx(0.5)
