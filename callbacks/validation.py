@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from callbacks.ema import EMA
+from callbacks.video_out import frame_strip, log_clip, write_clip
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,18 @@ class Validation(L.Callback):
         loss_levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
         loss_timesteps: tuple[int, ...] | None = None,
         inputs: list[str] | None = None,
+        fps: float = 16.0,
     ):
         """``inputs``: an edit model's input image for each prompt (paths, in the prompts' order), handed to the
-        pipeline as ``image=``; the grid then shows each input beside its output."""
+        pipeline as ``image=``; the grid then shows each input beside its output. ``fps``: a video family's
+        clips (``sample_image`` returns their frames) are written at it, each beside its frame strip."""
         if use_ema not in USE_EMA:
             raise ValueError(f"callbacks.validation.use_ema={use_ema!r}; valid: {', '.join(USE_EMA)}")
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.prompts = load_prompts(list(prompts or []), prompt_library)
         self.inputs = load_inputs(list(inputs or []), list(self.prompts))
+        self.fps = fps
         self.negative_prompt, self.guidance_scale = negative_prompt, guidance_scale
         self.num_inference_steps, self.width, self.height, self.seed = num_inference_steps, width, height, seed
         self.use_ema, self.loss_batches, self.loss_levels = use_ema, loss_batches, tuple(loss_levels)
@@ -188,6 +192,7 @@ class Validation(L.Callback):
                 pipe.set_progress_bar_config(disable=True)
                 produced: list[tuple[str, Image.Image]] = []
                 shown: list[Image.Image] = []  # the grid: each output after its input image, if it has one
+                clips: dict[str, list[Image.Image]] = {}  # a video family's frames, by the image's name
                 for suffix, context in variants:
                     with context:
                         for name, prompt in self.prompts.items():
@@ -204,18 +209,25 @@ class Validation(L.Callback):
                                 height=self.height,
                                 generator=torch.Generator("cpu").manual_seed(self.seed),
                             )
+                            if isinstance(image, list):  # a video family's clip: the .mp4, and its strip
+                                clips[f"{name}{suffix}"] = image
+                                write_clip(image, folder / f"{name}{suffix}", self.fps)
+                                image = frame_strip(image)
                             image.save(folder / f"{name}{suffix}.png")
                             produced.append((f"{name}{suffix}", image))
                             shown += [self.inputs[name].resize(image.size), image] if self.inputs else [image]
         finally:
             restore()
         grid(shown, columns=(2 if self.inputs else 1) * len(self.prompts)).save(folder / "grid.png")
-        self._publish(trainer, produced)
+        self._publish(trainer, produced, clips)
         log.info("validation images: %s", folder)
 
-    def _publish(self, trainer: L.Trainer, produced: list[tuple[str, Image.Image]]) -> None:
+    def _publish(self, trainer: L.Trainer, produced: list[tuple[str, Image.Image]], clips: dict) -> None:
         for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # wandb
+            if clips:  # videos where the logger takes them (each strip is the still the webhook and card show)
+                for name, img in produced:
+                    log_clip(logger, f"validation/{name}", clips[name], self.fps, trainer.global_step, img)
+            elif hasattr(logger, "log_image"):  # wandb
                 logger.log_image(
                     "validation",
                     [img for _, img in produced],

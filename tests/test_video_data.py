@@ -177,3 +177,35 @@ def test_the_objective_takes_clips():
     err = torch.ones(2, 3, 4, 5, 6)
     err[0, ..., 3:] = 9.0
     assert float(obj.weighted_mse(err, torch.zeros_like(err), mask=mask)) == pytest.approx(0.5)
+
+
+def test_a_validation_clip_is_written_as_mp4_with_its_strip_and_logged(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks.video_out import frame_strip, log_clip, write_clip
+
+    frames = [Image.new("RGB", (32, 24), (STEP * i,) * 3) for i in range(9)]
+    path = write_clip(frames, tmp_path / "a_red_circle", fps=8)
+    assert path.name == "a_red_circle.mp4"
+    with open(path, "rb") as fp:
+        assert probe_clip(fp) == (32, 24, Clip(8.0, 9))
+    with open(path, "rb") as fp:  # the frames come back in order
+        assert frame_numbers(decode(fp, Clip(8.0, 9), list(range(9)), lambda f: f)) == list(range(9))
+    strip = frame_strip(frames)
+    assert strip.size == (5 * 32, 24) and frame_numbers(
+        [strip.crop((i * 32, 0, i * 32 + 32, 24)) for i in range(5)]
+    ) == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]
+    logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
+    log_clip(logger, "validation/a_red_circle", frames, 8, 3, strip)  # a video, or its strip without moviepy
+    logger.experiment.flush()
+    (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert "validation/a_red_circle" in acc.Tags()["images"] + acc.Tags()["tensors"]

@@ -130,6 +130,7 @@ class ValidationConfig:
     loss_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # ...at these noise levels
     loss_timesteps: Optional[list[int]] = None  # DDPM alias of loss_levels, in timesteps (0..T-1 of the schedule)
     inputs: list[str] = field(default_factory=list)  # an edit model's input image for each prompt (paths, in order)
+    fps: Optional[float] = None  # a video family's clips are written at it; null: data.frame_rate, else 16
 
 
 @dataclass

@@ -108,6 +108,7 @@ def validation_callback(cfg: DictConfig, output_dir: Path):
         loss_levels=tuple(val.loss_levels),
         loss_timesteps=tuple(val.loss_timesteps) if val.loss_timesteps else None,
         inputs=list(val.inputs),
+        fps=val.fps or cfg.data.get("frame_rate") or 16.0,
     )
 
 
