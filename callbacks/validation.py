@@ -192,7 +192,7 @@ class Validation(L.Callback):
                 pipe.set_progress_bar_config(disable=True)
                 produced: list[tuple[str, Image.Image]] = []
                 shown: list[Image.Image] = []  # the grid: each output after its input image, if it has one
-                clips: dict[str, list[Image.Image]] = {}  # a video family's frames, by the image's name
+                clips: dict[str, tuple] = {}  # a video family's (file, frames), by the image's name
                 for suffix, context in variants:
                     with context:
                         for name, prompt in self.prompts.items():
@@ -210,8 +210,8 @@ class Validation(L.Callback):
                                 generator=torch.Generator("cpu").manual_seed(self.seed),
                             )
                             if isinstance(image, list):  # a video family's clip: the .mp4, and its strip
-                                clips[f"{name}{suffix}"] = image
-                                write_clip(image, folder / f"{name}{suffix}", self.fps)
+                                path = write_clip(image, folder / f"{name}{suffix}", self.fps)
+                                clips[f"{name}{suffix}"] = (path, image)
                                 image = frame_strip(image)
                             image.save(folder / f"{name}{suffix}.png")
                             produced.append((f"{name}{suffix}", image))
@@ -226,7 +226,7 @@ class Validation(L.Callback):
         for logger in trainer.loggers:
             if clips:  # videos where the logger takes them (each strip is the still the webhook and card show)
                 for name, img in produced:
-                    log_clip(logger, f"validation/{name}", clips[name], self.fps, trainer.global_step, img)
+                    log_clip(logger, f"validation/{name}", *clips[name], self.fps, trainer.global_step, img)
             elif hasattr(logger, "log_image"):  # wandb
                 logger.log_image(
                     "validation",

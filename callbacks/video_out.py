@@ -46,14 +46,17 @@ def write_clip(frames: list[Image.Image], stem: Path, fps: float) -> Path:
     return path
 
 
-def log_clip(logger, tag: str, frames: list[Image.Image], fps: float, step: int, strip: Image.Image) -> None:
-    """One clip to wandb (a video) or TensorBoard (a video where moviepy is installed, else the frame strip)."""
+def log_clip(
+    logger, tag: str, clip: Path, frames: list[Image.Image], fps: float, step: int, strip: Image.Image
+) -> None:
+    """One clip to wandb (the file ``clip`` written) or TensorBoard (a video where moviepy is installed, else the
+    frame strip)."""
     import numpy as np
 
-    video = np.stack([np.asarray(f.convert("RGB")) for f in frames]).transpose(0, 3, 1, 2)  # (T, C, H, W) uint8
-    if hasattr(logger, "log_video"):  # Lightning's WandbLogger
-        logger.log_video(tag, [video], step=step, fps=[round(fps)], format=["mp4"])
+    if hasattr(logger, "log_video"):  # Lightning's WandbLogger: the file written (an array would need moviepy)
+        logger.log_video(tag, [str(clip)], step=step)
         return
+    video = np.stack([np.asarray(f.convert("RGB")) for f in frames]).transpose(0, 3, 1, 2)  # (T, C, H, W) uint8
     writer = getattr(logger, "experiment", None)
     if not hasattr(writer, "add_image"):
         return

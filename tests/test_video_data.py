@@ -203,9 +203,24 @@ def test_a_validation_clip_is_written_as_mp4_with_its_strip_and_logged(tmp_path)
         8,
     ]
     logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
-    log_clip(logger, "validation/a_red_circle", frames, 8, 3, strip)  # a video, or its strip without moviepy
+    log_clip(logger, "validation/a_red_circle", path, frames, 8, 3, strip)  # a video, or its strip without moviepy
     logger.experiment.flush()
     (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
     assert "validation/a_red_circle" in acc.Tags()["images"] + acc.Tags()["tensors"]
+
+
+def test_a_validation_clip_reaches_wandb_as_a_video(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from callbacks.video_out import frame_strip, log_clip, write_clip
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    frames = [Image.new("RGB", (32, 24), (STEP * i,) * 3) for i in range(9)]
+    path = write_clip(frames, tmp_path / "clip", fps=8)
+    logger = WandbLogger(project="tuner-test", save_dir=str(tmp_path), offline=True)
+    log_clip(logger, "validation/clip", path, frames, 8, 1, frame_strip(frames))
+    logger.experiment.finish()
+X
