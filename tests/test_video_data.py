@@ -223,4 +223,5 @@ def test_a_validation_clip_reaches_wandb_as_a_video(tmp_path, monkeypatch):
     logger = WandbLogger(project="tuner-test", save_dir=str(tmp_path), offline=True)
     log_clip(logger, "validation/clip", path, frames, 8, 1, frame_strip(frames))
     logger.experiment.finish()
-X
+    (copy,) = tmp_path.rglob("media/videos/validation/clip_*.mp4")  # the run's own copy of the clip
+    assert copy.read_bytes() == path.read_bytes()
