@@ -203,8 +203,10 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def generate(pipe, seed: int = 0):
-    """One 64 x 64 image (numpy, HWC in [0, 1]) from a family's diffusers pipeline, 3 steps, a fixed seed, with
-    the family's own sampling inputs (IF's stage II needs an image to upscale)."""
+    """One 64 x 64 image (numpy, HWC in [0, 1]; a video family's clip: FHWC) from a family's diffusers pipeline,
+    3 steps, a fixed seed, with the family's own sampling inputs (IF's stage II needs an image to upscale, a video
+    family's a few frames)."""
+    import numpy as np
     import torch
 
     from tuner.families import families, family_class
@@ -221,7 +223,8 @@ def generate(pipe, seed: int = 0):
         output_type="np",
         generator=torch.Generator().manual_seed(seed),
     )
-    return out.images[0]
+    frames = getattr(out, "frames", None)  # a video pipeline's (B, F, H, W, 3)
+    return out.images[0] if frames is None else np.asarray(frames[0])
 
 
 def point_hub_at(monkeypatch, url: str) -> None:
