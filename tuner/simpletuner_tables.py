@@ -46,6 +46,10 @@ FLAVOURS[("qwen_image", "")] = "Qwen/Qwen-Image-2512"
 # diffusers' transformer does where its config says zero_cond_t: -2511, SimpleTuner's edit-v3)
 FLAVOURS.update({("qwen_image", "edit-v1"): "Qwen/Qwen-Image-Edit", ("qwen_image", "edit-v3"): "Qwen/Qwen-Image-Edit-2511"})
 FLAVOURS.update({("qwen_image", f): "Qwen/Qwen-Image-Edit-2509" for f in ("edit-v2", "edit-v2+")})
+# SimpleTuner's LTX-Video flavours: 0.9.5 (its default, also when none is given) and 0.9.0
+FAMILIES["ltxvideo"], PRESETS["ltx_video"] = "ltx_video", "ltx-video"
+FLAVOURS.update({("ltxvideo", "0.9.0"): "Lightricks/LTX-Video", ("ltxvideo", "0.9.5"): "Lightricks/LTX-Video-0.9.5"})
+FLAVOURS[("ltxvideo", "")] = "Lightricks/LTX-Video-0.9.5"
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
     "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
