@@ -18,7 +18,8 @@
   ``calculate_shift`` with the scheduler's ``base/max_image_seq_len`` and ``base/max_shift`` (LTX's: mu 0.95..2.05
   over 1024..4096 tokens, linear and not clamped, as the pipeline computes it); ``model.flow_shift`` overrides it.
 - A still image is a one-frame clip ((B, 3, H, W) batches get a frame axis). Validation samples
-  ``sampling_frames`` frames and shows the middle one; the pipeline returns ``.frames``, not ``.images``.
+  ``options.validation_frames`` frames at the trained frame rate and returns them all (validation writes the
+  .mp4 and a frame strip); the pipeline returns ``.frames``, not ``.images``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _FFN = ("ff.net.0.proj", "ff.net.2")
 class LTXVideoOptions:
     max_sequence_length: int = 128  # T5 tokens, padded to this (LTXPipeline's default)
     frame_rate: float = 25.0  # the clips' frames per second, in the rotary positions (LTXPipeline's default 25)
+    validation_frames: int = 9  # frames of a validation clip (8k + 1)
 
 
 def calculate_shift(seq_len: int, config) -> float:
@@ -84,7 +86,6 @@ class LTXVideoModule(DiffusionModule):
     pixel_multiple = 32  # the VAE's 32x (LTXPipeline checks height and width % 32)
     video = True
     frame_multiple = 8  # clips of 8k + 1 frames (the VAE's causal 8x in time)
-    sampling_frames = 9  # validation's clip: two latent frames, quick
     license = "other"  # Lightricks' LTX-Video licence (the checkpoint's model card says which)
     license_note = "LTX-Video's weights are under Lightricks' own licence: read it before using the LoRA."
     Options = LTXVideoOptions
@@ -140,15 +141,16 @@ class LTXVideoModule(DiffusionModule):
         return (latents - mean) * factor / std
 
     def decode_latents(self, pipe, latents: torch.Tensor):
-        """Normalised latents (B, C, f, h, w) -> the middle frame of the first clip as a PIL image, decoded as
-        the pipeline decodes (its decode_timestep 0 and no decode noise, for a timestep-conditioned VAE)."""
+        """Normalised latents (B, C, f, h, w) -> the first clip's frames (PIL images; one frame: the image),
+        decoded as the pipeline decodes (its decode_timestep 0 and no decode noise, for a timestep-conditioned
+        VAE)."""
         latents = latents.to(self.vae.device, self.vae_dtype)
         mean, std, factor = self._latent_stats(latents)
         latents = latents * std / factor + mean
         timestep = latents.new_zeros(latents.shape[0]) if self.vae.config.timestep_conditioning else None
         video = self.vae.decode(latents, timestep, return_dict=False)[0]  # (B, 3, F, H, W)
         frames = pipe.video_processor.postprocess_video(video.float(), output_type="pil")[0]
-        return frames[len(frames) // 2]
+        return frames if len(frames) > 1 else frames[0]
 
     # ---- conditioning and the denoiser call -----------------------------------------------------------------
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -199,9 +201,9 @@ class LTXVideoModule(DiffusionModule):
 
     @torch.no_grad()
     def sample_image(self, pipe, prompt: str, autocast=None, **kwargs):
-        """The middle frame of a ``sampling_frames`` clip sampled at the trained frame rate."""
+        """The frames of an ``options.validation_frames`` clip sampled at the trained frame rate."""
         height, width = kwargs["height"], kwargs["width"]
-        frames = kwargs.pop("num_frames", self.sampling_frames)
+        frames = kwargs.pop("num_frames", self.options.validation_frames)
         kwargs.update(frame_rate=self.options.frame_rate, max_sequence_length=self.options.max_sequence_length)
         with autocast or nullcontext():
             tokens = pipe(prompt, num_frames=frames, output_type="latent", **kwargs).frames  # packed (B, N, C)

@@ -134,18 +134,21 @@ def test_the_shift_is_the_pipelines_and_a_fixed_shift_overrides_it(make_cfg, dem
 
 
 @torch.no_grad()
-def test_validation_shows_the_middle_frame_of_the_pipelines_clip(make_cfg, tmp_path):
+def test_validation_returns_the_pipelines_clip(make_cfg, tmp_path):
+    """Validation's clip is the pipeline's (options.validation_frames frames, CFG with the empty negative prompt, the
+    trained frame rate), every frame; a one-frame clip is an image."""
     import numpy as np
 
-    module = _module(make_cfg, tmp_path)
+    module = _module(make_cfg, tmp_path, "model.options.frame_rate=16")
     pipe = _pipe(module)
     common = dict(height=64, width=64, num_inference_steps=2, guidance_scale=3.0)
     ours = module.sample_image(pipe, CAPTION, generator=torch.Generator().manual_seed(0), **common)
-    theirs = pipe(CAPTION, num_frames=module.sampling_frames, frame_rate=25, generator=torch.Generator().manual_seed(0),
-                  output_type="np", **common).frames[0]
-    assert ours.size == (64, 64) and theirs.shape == (9, 64, 64, 3)
-    expected = (theirs[len(theirs) // 2] * 255).round()
-    assert np.abs(np.asarray(ours, dtype=np.float32) - expected).max() <= 1
+    theirs = pipe(CAPTION, num_frames=9, frame_rate=16, generator=torch.Generator().manual_seed(0), output_type="np",
+                  **common).frames[0]
+    assert len(ours) == 9 and ours[0].size == (64, 64) and theirs.shape == (9, 64, 64, 3)
+    assert np.abs(np.stack([np.asarray(f, dtype=np.float32) for f in ours]) - (theirs * 255).round()).max() <= 1
+    still = module.sample_image(pipe, CAPTION, num_frames=1, generator=torch.Generator().manual_seed(0), **common)
+    assert still.size == (64, 64)
 
 
 @pytest.mark.parametrize(
