@@ -20,8 +20,9 @@ checksum_step_ratio=… checksum_ms_sdxl_latent=… checksum_ms_t5_embed=…``.
 
 ``--video``: instead, the peak memory of decoding one clip window (datamodules/video.py). A long clip is
 written (default 120 s of 3840x2160 at 24 fps), then a fresh process decodes one 81-frame window at 16 fps
-from its middle into 832x480 (Wan's 480p) buckets, as training does. Last line: ``video_window_peak_mib=…``
-(that process's peak RSS above its start, which includes FFmpeg's buffers) ``whole_clip_mib=…`` (the clip's
+from its middle into 832x480 (Wan's 480p) buckets, as training does (Linux: the peak is the kernel's VmHWM, reset
+after the imports). Last line: ``video_window_peak_mib=…`` (that process's peak RSS above its start: FFmpeg's
+buffers and the 81 kept frames) ``whole_clip_mib=…`` (the clip's
 frames decoded, at 8-bit RGB) and ``video_window_share=…`` (their ratio: well below 1 means the clip was never
 held whole).
 
@@ -219,11 +220,16 @@ def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int]) -> No
 
 
 _WINDOW_PROBE = """
-import random, resource, sys
+import random, sys
 sys.path.insert(0, {root!r})
 from datamodules.images import resize_and_crop
 from datamodules.video import decode, probe_clip, window
-start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):  # kB, from the kernel's own accounting
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: the imports' peak does not count
+start = status("VmRSS")
 with open({path!r}, "rb") as fp:
     width, height, clip = probe_clip(fp)
 rng = random.Random(0)
@@ -232,7 +238,7 @@ middle = clip.frames // 2 - indices[-1] // 2
 indices = [middle + i for i in indices]
 with open({path!r}, "rb") as fp:
     frames = decode(fp, clip, indices, lambda f: resize_and_crop(f, (832, 480), "center", rng)[0])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 print(len(frames), width, height, clip.frames, (peak - start) / 1024)
 """
 
