@@ -9,6 +9,13 @@ no 4x patching, so it compresses 8x in space and 8x in time (clips of 8k + 1 fra
   signal as ``LINEAR + a`` beside ``LINEAR - a`` and a large constant, so it divides by a constant (to ~1e-6);
   ``conv_out`` reads ``a`` as half the pair's difference after the SiLU, over the SiLU's slope there (the even
   orders cancel in the difference) and times the norm's divisor.
+- Its latents also mark the top row and the left column of the latent grid (two more signals in the same
+  orthonormal map, from the last down-sampler's zero padding, the only absolute position a convolution has). The
+  LTX transformer has no absolute position code: RoPE in self-attention is relative and cross-attention has none,
+  so a tiny one reads where a token is only from the grid's edges, which pure noise hides (at 1000 steps without
+  the marks: 0.25, chance, with 1 or 2 blocks; the text's effect on the output shrank as it trained). With the
+  marks in the (noisy) latents, attention relative to the marked tokens tells a token where it is, as a real
+  model's many layers learn from the edges. The decoder reads the RGB signals only.
 - The posterior is nearly deterministic: the encoder's one log-variance channel (which it repeats) is ``LOGVAR``.
 - ``latents_mean`` / ``latents_std`` (the VAE's buffers, the pipeline's per-channel normalisation) give every
   channel zero mean and unit variance on images; ``scaling_factor`` stays 1.
@@ -26,22 +33,24 @@ LOGVAR = -18.0  # posterior log-variance: std = exp(-9) ~ 1e-4
 CONST = 1000.0  # the constant channel: the norm's relative error is ~|a|^2 / CONST^2
 LINEAR = 20.0  # the pair's offset
 SIGNALS = 3  # RGB
-WIDTH = 16  # channels in every block: LINEAR + a (0-2), LINEAR - a (3-5), CONST (6), the rest zero
+MARKS = 2  # the top row's and the left column's marks (latent channels 7-8 and 9-10: LINEAR + m, LINEAR - m)
+WIDTH = 16  # channels in every block: LINEAR + a (0-2), LINEAR - a (3-5), CONST (6), the marks, the rest zero
 USED = 2 * SIGNALS + 1
 LATENTS = 16
 
 
-def _divisor() -> float:
-    """What the RMS norm over ``WIDTH`` channels divides by (for a = 0; |a| <= sqrt(3) moves it by ~3e-6)."""
-    return ((6 * LINEAR**2 + CONST**2) / WIDTH) ** 0.5
+def _divisor(pairs: int) -> float:
+    """What the RMS norm over ``WIDTH`` channels holding ``pairs`` pairs and the constant divides by (for a = 0;
+    |a| <= sqrt(3) moves it by ~3e-6)."""
+    return ((2 * pairs * LINEAR**2 + CONST**2) / WIDTH) ** 0.5
 
 
-def _gain() -> float:
+def _gain(pairs: int) -> float:
     """Half the pair's difference after norm and SiLU is a times this (the SiLU's slope at the offset, over the
     norm's divisor); a reader multiplies by its inverse."""
-    u = torch.tensor(LINEAR / _divisor(), dtype=torch.float64)
+    u = torch.tensor(LINEAR / _divisor(pairs), dtype=torch.float64)
     s = torch.sigmoid(u)
-    return float(s * (1 + u * (1 - s))) / _divisor()
+    return float(s * (1 + u * (1 - s))) / _divisor(pairs)
 
 
 def learnable_ltx_vae(seed: int = 0):
@@ -56,7 +65,7 @@ def learnable_ltx_vae(seed: int = 0):
         decoder_layers_per_block=(0,) * 5,
         patch_size=1,
     )
-    q, _ = torch.linalg.qr(torch.randn(LATENTS, SIGNALS, generator=torch.Generator().manual_seed(seed)))  # (16, 3)
+    q, _ = torch.linalg.qr(torch.randn(LATENTS, SIGNALS + MARKS, generator=torch.Generator().manual_seed(seed)))  # (16, 5)
     enc, dec = vae.encoder, vae.decoder
     with torch.no_grad():
         for p in vae.parameters():
@@ -66,9 +75,10 @@ def learnable_ltx_vae(seed: int = 0):
             for down in block.downsamplers or ():
                 for i in range(USED):
                     down.conv.weight[i, i, -1, 1:3, 1:3] = 0.25  # rows and columns 2i, 2i+1 of frame 2t
+        _marks(enc.down_blocks[2].downsamplers[0].conv)
         _signals_out(enc.conv_out.conv, q, tap=-1)
         enc.conv_out.conv.bias[LATENTS] = LOGVAR
-        _signals_in(dec.conv_in.conv, q.T, tap=1)  # non-causal: the centre tap
+        _signals_in(dec.conv_in.conv, q[:, :SIGNALS].T, tap=1)  # non-causal: the centre tap; RGB only
         for block in dec.up_blocks:
             for up in block.upsamplers or ():
                 per = up.stride[0] * up.stride[1] * up.stride[2]
@@ -87,11 +97,26 @@ def _signals_in(conv, mix: torch.Tensor, tap: int) -> None:
     conv.bias[2 * SIGNALS] = CONST
 
 
+def _marks(conv) -> None:
+    """The last down-sampler (stride 2, zero padding) writes ``LINEAR + m`` and ``LINEAR - m`` for each mark: m is 1
+    where its tap one row up (one column left) of the constant channel falls in the padding, the top row (left
+    column) of its output, and 0 elsewhere."""
+    for k, (row, col) in enumerate(((0, 1), (1, 0))):  # the tap above, the tap to the left
+        plus, minus = USED + 2 * k, USED + 2 * k + 1
+        conv.weight[plus, 2 * SIGNALS, -1, row, col] = -1 / CONST
+        conv.weight[minus, 2 * SIGNALS, -1, row, col] = 1 / CONST
+        conv.bias[plus], conv.bias[minus] = LINEAR + 1, LINEAR - 1
+
+
 def _signals_out(conv, mix: torch.Tensor, tap: int) -> None:
-    """``conv`` reads ``mix @ a`` from half the difference of channels 0-2 and 3-5 after the norm and SiLU."""
-    w = conv.weight[:, :, tap, 1, 1]
-    w[: mix.shape[0], :SIGNALS] = mix / (2 * _gain())
-    w[: mix.shape[0], SIGNALS : 2 * SIGNALS] = -mix / (2 * _gain())
+    """``conv`` reads ``mix @ a`` from half the difference of channels 0-2 and 3-5 after the norm and SiLU (and,
+    where ``mix`` has their columns, the marks' from 7-8 and 9-10)."""
+    w, gain = conv.weight[:, :, tap, 1, 1], _gain(mix.shape[1])
+    w[: mix.shape[0], :SIGNALS] = mix[:, :SIGNALS] / (2 * gain)
+    w[: mix.shape[0], SIGNALS : 2 * SIGNALS] = -mix[:, :SIGNALS] / (2 * gain)
+    for k in range(mix.shape[1] - SIGNALS):
+        w[: mix.shape[0], USED + 2 * k] = mix[:, SIGNALS + k] / (2 * gain)
+        w[: mix.shape[0], USED + 2 * k + 1] = -mix[:, SIGNALS + k] / (2 * gain)
 
 
 @torch.no_grad()

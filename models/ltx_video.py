@@ -230,7 +230,7 @@ class LTXVideoModule(DiffusionModule):
             num_attention_heads=2,
             attention_head_dim=16,
             cross_attention_dim=32,
-            num_layers=1,
+            num_layers=2,  # a block to find where a token is (relative RoPE only), one to use it (bench/learn.py)
             caption_channels=32,  # the text encoder's width
         )
         vae = diffusers.AutoencoderKLLTXVideo(  # 0.9.0's layout: 4x patches, then three 2x space-time steps

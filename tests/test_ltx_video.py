@@ -189,6 +189,11 @@ def test_the_learnable_vae_is_deterministic_unit_variance_and_invertible(tmp_pat
     frames = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(_clip(9)[0].permute(1, 0, 2, 3), 8), scale_factor=8)
     assert clip.shape == (1, 3, 9, 64, 64)
     assert float((clip[0, :, 0] - frames[0]).abs().max()) < 1e-3 and float((clip[0, :, 8] - frames[8]).abs().max()) < 1e-3
+    # a plain image's latents are uniform but for the marks on the top row and the left column
+    with torch.no_grad():
+        plain = vae.encode(torch.full((1, 3, 1, 64, 64), 0.3)).latent_dist.mean[0, :, 0]  # (16, 8, 8)
+    off = (plain - plain[:, 4:5, 4:5]).norm(dim=0)  # (8, 8)
+    assert float(off[1:, 1:].max()) < 1e-4 and float(off[0, 1:].min()) > 0.5 and float(off[1:, 0].min()) > 0.5
     measured = json.loads((tmp_path / "learnable" / "learnable.json").read_text())
     assert measured["transformer_width"] == 64
 
