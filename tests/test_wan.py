@@ -171,3 +171,19 @@ def test_one_wan22_a14b_expert_trains_its_own_transformer_below_or_above_the_che
         assert bool((levels < 0.875).all() if expert == "low_noise" else (levels >= 0.875).all())
     with pytest.raises(ConfigError, match="model.expert=high_noise"):  # an A14B run names its expert
         prepare(make_cfg("model=wan", f"model.pretrained_model_name_or_path={path}", output_dir=tmp_path / "x"))
+
+
+def test_simpletuner_wan_imports_to_the_wan_presets(tmp_path):
+    from tuner.simpletuner import convert
+
+    cases = (
+        ("t2v-480p-1.3b-2.1", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan21-1.3b"),
+        ("t2v-480p-14b-2.1", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan21-14b"),
+        ("", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan21-1.3b"),
+    )
+    for flavour, repo, preset in cases:
+        config = tmp_path / f"wan{flavour}.json"
+        config.write_text(json.dumps({"model_family": "wan", "model_flavour": flavour, "model_type": "lora"}))
+        res = convert(config)
+        assert res.defaults["model"] == "wan" and res.defaults["preset"] == preset, flavour
+        assert res.get("model.pretrained_model_name_or_path") == repo, flavour

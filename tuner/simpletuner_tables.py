@@ -50,6 +50,10 @@ FLAVOURS.update({("qwen_image", f): "Qwen/Qwen-Image-Edit-2509" for f in ("edit-
 FAMILIES["ltxvideo"], PRESETS["ltx_video"] = "ltx_video", "ltx-video"
 FLAVOURS.update({("ltxvideo", "0.9.0"): "Lightricks/LTX-Video", ("ltxvideo", "0.9.5"): "Lightricks/LTX-Video-0.9.5"})
 FLAVOURS[("ltxvideo", "")] = "Lightricks/LTX-Video-0.9.5"
+# SimpleTuner's Wan flavours: t2v-480p-1.3b-2.1 (its default, also when none is given) and t2v-480p-14b-2.1
+FAMILIES["wan"], PRESETS["wan"] = "wan", "wan21-1.3b"
+FLAVOURS.update({("wan", "t2v-480p-1.3b-2.1"): "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", ("wan", "t2v-480p-14b-2.1"): "Wan-AI/Wan2.1-T2V-14B-Diffusers"})
+FLAVOURS[("wan", "")] = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
     "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
@@ -120,6 +124,8 @@ def family_and_preset(st_family: str, path: str, flavour: str, model_type: str) 
         return "z_image", "z-image-base" if base else "z-image"
     if st_family == "flux2":  # dev and klein sample differently (guidance embedding vs real CFG): a preset each
         return "flux2", "flux2-dev" if "dev" in text and "klein" not in text else "flux2-klein"
+    if st_family == "wan":  # the 14B's preset quantises it and samples shorter clips; the 2.2 TI2V-5B has its own
+        return "wan", "wan21-14b" if "14b" in text else "wan22-5b" if "5b" in text else "wan21-1.3b"
     family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
     return family, PRESETS[family]
 
