@@ -245,6 +245,7 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
         f"model.lora.rank={recipe.rank}",
         f"data.path={data}",
         f"data.resolution={recipe.size}",
+        f"data.bucket_step={max(16, family_class(family).pixel_multiple)}",  # the tiny preset's 16; LTX's VAE 32
         f"data.batch_size={recipe.batch_size}",
         "data.caption_dropout_probability=0.1",  # the unconditional prompt classifier-free guidance needs
         f"max_train_steps={steps or (recipe.steps if finetune == 'full' else recipe.lora_steps)}",
@@ -408,7 +409,8 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
                 output_type="np",
                 generator=torch.Generator().manual_seed(seed),
             )
-            images.append(np.asarray(out.images[0], dtype=np.float32))
+            frames = getattr(out, "frames", None)  # a video pipeline's (B, F, H, W, 3): its middle frame
+            images.append(np.asarray(out.images[0] if frames is None else frames[0][len(frames[0]) // 2], np.float32))
             labels.append(label)
     images = np.stack(images)
     return labels, nearest_class(images, templates(contrast, size)), images

@@ -5,6 +5,7 @@ control image or a reference goes only to a family that reads it; a mask goes wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def wire_demo_references(cfg, cls) -> None:
 
 def wire_demo_clips(cfg, cls) -> None:
     """The built-in demo of a video family trains on the demo's clips (and two stills beside them) instead of its
-    images, at a frame count the family takes (9 frames for Wan and LTX)."""
+    images, at a frame count the family takes (9 frames for Wan and LTX) and a bucket step its VAE takes."""
     demo = cfg.get("demo_assets_dir")
     if not demo or not cls.video or cfg.data.datasets or not cfg.data.path:
         return
@@ -73,6 +74,8 @@ def wire_demo_clips(cfg, cls) -> None:
         cfg.data.path = str(Path(demo) / DEMO_CLIPS)
         if cfg.data.num_frames is None:
             cfg.data.num_frames = cls.frame_multiple * max(1, 8 // cls.frame_multiple) + 1
+        if cfg.data.bucket_step % cls.pixel_multiple:  # the tiny preset's 16 px, for a VAE of 32x (LTX)
+            cfg.data.bucket_step = math.lcm(cfg.data.bucket_step, cls.pixel_multiple)
 
 
 def check_paired(cfg, cls) -> None:
