@@ -124,6 +124,15 @@ class WanModule(DiffusionModule):
                 "or model.expert=low_noise (transformer_2); model.experts=two_lora is not wired for Wan yet"
             )
 
+    @classmethod
+    def card_notes(cls, model_cfg) -> list[str]:
+        notes = [f"Wan samples with the pipeline's CFG (`guidance_scale`, 5.0 is usual) and `max_sequence_length="
+                 f"{(model_cfg.get('options') or {}).get('max_sequence_length', 512)}`; `num_frames` must be 4k + 1."]
+        if model_cfg.get("expert") == "low_noise":
+            notes.append("This LoRA is Wan 2.2 A14B's low-noise expert (`transformer_2`): load it with "
+                         "`pipe.load_lora_weights(path, load_into_transformer_2=True)`.")
+        return notes
+
     def load_components(self, path: str, common: dict) -> dict:
         """Each component from its subfolder; Wan 2.2 A14B's low-noise expert loads ``transformer_2`` as the denoiser."""
         from models import trainable
@@ -245,7 +254,7 @@ class WanModule(DiffusionModule):
                 text_dim=32,  # UMT5's width
                 freq_dim=256,  # the real one's (32 could not tell high noise levels apart well enough)
                 ffn_dim=128,
-                num_layers=1,
+                num_layers=2,  # RoPE is relative only: one block to find where a token is, one to use it (bench/learn.py)
                 rope_max_seq_len=32,
             )
 
