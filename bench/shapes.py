@@ -103,6 +103,45 @@ FLUX2_KLEIN_4B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 5, "num_sin
 FLUX2_KLEIN_9B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 8, "num_single_layers": 24,
                               "num_attention_heads": 32, "joint_attention_dim": 12288, "guidance_embeds": False}  # fmt: skip
 
+# Wan 2.1 T2V-14B (and each of Wan 2.2 A14B's two experts): 40 blocks at width 5120 (40 heads of 128), FFN 13824,
+# UMT5-XXL's 4096 text width; 1.3B: 30 blocks at 1536 (12 heads), FFN 8960; Wan 2.2 TI2V-5B: 30 blocks at 3072
+# (24 heads), FFN 14336, the 2.2 VAE's 48 latent channels
+WAN21_14B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+WAN21_1_3B_TRANSFORMER = {**WAN21_14B_TRANSFORMER, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+WAN22_5B_TRANSFORMER = {**WAN21_14B_TRANSFORMER, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30,
+                        "in_channels": 48, "out_channels": 48}  # fmt: skip
+# Lightricks/LTX-Video 0.9.x: 28 blocks at 2048 (32 heads of 64), T5-XXL's 4096 captions, 128 latent channels
+LTX_VIDEO_TRANSFORMER = dict(
+    in_channels=128,
+    out_channels=128,
+    patch_size=1,
+    patch_size_t=1,
+    num_attention_heads=32,
+    attention_head_dim=64,
+    cross_attention_dim=2048,
+    num_layers=28,
+    activation_fn="gelu-approximate",
+    qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    caption_channels=4096,
+    attention_bias=True,
+    attention_out_bias=True,
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -159,4 +198,8 @@ SHAPES: dict[str, Shape] = {
     ),
     "z_image": Shape("ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER, ("n_layers", "n_refiner_layers")),
     "qwen_image": Shape("QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER, ("num_layers",)),
+    "wan21_14b": Shape("WanTransformer3DModel", WAN21_14B_TRANSFORMER, ("num_layers",)),
+    "wan21_1_3b": Shape("WanTransformer3DModel", WAN21_1_3B_TRANSFORMER, ("num_layers",)),
+    "wan22_5b": Shape("WanTransformer3DModel", WAN22_5B_TRANSFORMER, ("num_layers",)),
+    "ltx_video": Shape("LTXVideoTransformer3DModel", LTX_VIDEO_TRANSFORMER, ("num_layers",)),
 }
