@@ -1,5 +1,6 @@
-"""Lightning callbacks that tests add to a ``python train.py`` run (``+callbacks.extra.NAME._target_=probes.X``
-with ``tests`` on PYTHONPATH) to see inside the process."""
+"""Probes that let tests see inside: Lightning callbacks that tests add to a ``python train.py`` run
+(``+callbacks.extra.NAME._target_=probes.X`` with ``tests`` on PYTHONPATH), and the family tests' look at what a
+denoiser is handed."""
 
 import gc
 import json
@@ -16,6 +17,21 @@ class GarbageCollector(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path.write_text(json.dumps({"enabled": gc.isenabled(), "stats": gc.get_stats()}))
+
+
+def denoiser_calls(module) -> list[dict]:
+    """The keyword arguments of every call of ``module``'s transformer from now on, in order: what a training step
+    and what the family's pipeline hand it, to compare."""
+    seen: list[dict] = []
+    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    return seen
+
+
+def quiet_pipeline(module):
+    """The family's pipeline from the in-memory modules, without its progress bars."""
+    pipe = module.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _fill_nan(value) -> None:

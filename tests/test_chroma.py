@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from probes import denoiser_calls as _hooked
 
 from models import objectives as obj
 from models.chroma import transformer_text_mask
@@ -18,12 +19,6 @@ CAPTION = "a red circle on white"
 
 def _module(make_cfg, tmp_path, *overrides):
     return build_module(prepare(make_cfg("model=chroma", *overrides, output_dir=tmp_path)), with_optimizer=False)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
 
 
 def test_prompts_are_the_pipelines_encode_prompt(make_cfg, tmp_path):

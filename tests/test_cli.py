@@ -117,7 +117,7 @@ def test_tiny_writes_the_real_layout_and_loads(family, tmp_path):
         assert pipe.tokenizer.model_max_length == 77
     if cls.noise_schedule == "ddpm":
         assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
-    elif family == "hidream":  # HiDream-I1-Full ships UniPC over flow sigmas
+    elif family in ("hidream", "wan"):  # HiDream-I1-Full and Wan ship UniPC over flow sigmas
         assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and pipe.scheduler.config.use_flow_sigmas
     else:
         assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"

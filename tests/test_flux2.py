@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import generate
+from probes import denoiser_calls as _hooked
 
 from models import flux2
 from models import objectives as obj
@@ -33,12 +34,6 @@ def _module(make_cfg, tmp_path, *overrides):
 
 def _dev(make_cfg, tmp_path, dev_dir, *overrides):
     return _module(make_cfg, tmp_path, f"model.pretrained_model_name_or_path={dev_dir}", *overrides)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
 
 
 def test_klein_prompts_are_the_pipelines_encode_prompt(make_cfg, tmp_path):

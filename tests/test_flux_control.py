@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
 from models.flux import pack
 from models.flux_control import FluxControlModule, widen_x_embedder
 from models.flux_kontext import input_image
-from tests.conftest import run_cli
 from tuner.config import ConfigError
 from tuner.run import build_module, prepare, train
 

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 from PIL import Image
+from probes import denoiser_calls as _hooked
+from probes import quiet_pipeline as _pipe
 
 from models import objectives as obj
 from models.flux import pack, unpack
@@ -19,18 +21,6 @@ CAPTION = "make the square red"
 
 def _module(make_cfg, tmp_path, *overrides):
     return build_module(prepare(make_cfg("model=flux_kontext", *overrides, output_dir=tmp_path)), with_optimizer=False)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
-
-
-def _pipe(module):
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_prompts_are_the_pipelines_encode_prompt(make_cfg, tmp_path):

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from probes import denoiser_calls as _hooked
 
 from models.hidream import unpatchify
 from tuner.run import build_module, prepare, train
@@ -20,12 +21,6 @@ KEYS = ("pooled_prompt_embeds", "prompt_embeds_t5", "prompt_embeds_llama3")
 
 def _module(make_cfg, tmp_path, *overrides):
     return build_module(prepare(make_cfg("model=hidream", *overrides, output_dir=tmp_path)), with_optimizer=False)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
 
 
 def _pipe(module, size: int = 64):

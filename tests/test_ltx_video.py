@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from probes import denoiser_calls as _hooked
+from probes import quiet_pipeline as _pipe
 
 from models.ltx_video import LTX_SCHEDULER
 from tuner.run import build_module, prepare
@@ -23,18 +25,6 @@ def _module(make_cfg, tmp_path, *overrides):
     # the tiny preset's bucket_step (16) is below the family's 32
     cfg = make_cfg("model=ltx_video", "data.bucket_step=32", *overrides, output_dir=tmp_path)
     return build_module(prepare(cfg), with_optimizer=False)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
-
-
-def _pipe(module):
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _clip(frames: int, seed: int = 0) -> torch.Tensor:

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from probes import denoiser_calls as _hooked
+from probes import quiet_pipeline as _pipe
 
 from models.qwen_image import PROMPT_TEMPLATE, QWEN_SCHEDULER, TEMPLATE_TOKENS
 from tuner.run import build_module, prepare
@@ -22,18 +24,6 @@ LENGTH = 512  # max_sequence_length, the pipeline's default
 
 def _module(make_cfg, tmp_path, *overrides):
     return build_module(prepare(make_cfg("model=qwen_image", *overrides, output_dir=tmp_path)), with_optimizer=False)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
-
-
-def _pipe(module):
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()

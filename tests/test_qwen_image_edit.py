@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+from probes import denoiser_calls as _hooked
+from probes import quiet_pipeline as _pipe
 
 from models.qwen_image_edit import Qwen2VLImageTextProcessor, input_area, input_image
 from tuner.config import ConfigError
@@ -30,18 +32,6 @@ def _module(make_cfg, tmp_path, *overrides):
 
 def _plus(make_cfg, tmp_path, plus_dir):
     return _module(make_cfg, tmp_path, f"model.pretrained_model_name_or_path={plus_dir}")
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
-
-
-def _pipe(module):
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _pixels(pipe, image) -> torch.Tensor:

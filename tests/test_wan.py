@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from probes import denoiser_calls as _hooked
+from probes import quiet_pipeline as _pipe
 
 from tuner.families import write_tiny
 from tuner.run import build_module, prepare
@@ -23,18 +25,6 @@ def _module(make_cfg, tmp_path, *overrides, variant: str | None = None):
         path = write_tiny(variant, tmp_path / "tiny" / variant)
         overrides = (f"model.pretrained_model_name_or_path={path}", *overrides)
     return build_module(prepare(make_cfg("model=wan", *overrides, output_dir=tmp_path / "out")), with_optimizer=False)
-
-
-def _hooked(module) -> list[dict]:
-    seen = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    return seen
-
-
-def _pipe(module):
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()

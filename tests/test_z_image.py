@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from probes import quiet_pipeline as _pipe
 
 from models import objectives as obj
 from models.z_image import caption_features, template
@@ -25,12 +26,6 @@ def _hooked(module) -> list[tuple]:
     seen = []
     module.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
     return seen
-
-
-def _pipe(module):
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_prompts_are_the_pipelines_encode_prompt(make_cfg, tmp_path):
