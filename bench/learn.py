@@ -166,43 +166,41 @@ def class_image(label: int, contrast: int, size: int = SIZE, dx: int = 0, dy: in
     return img
 
 
-def write_toy_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
-    """``per_class`` images of each class, captioned by file name, the square jittered by a few pixels
-    and its shade by a level or two (so the set is not four repeated images)."""
+def jittered(size: int, per_class: int, seed: int):
+    """(label, i, dx, dy, shade) for ``per_class`` images of each class: the square moved by a few pixels and its
+    shade by a level or two (so a set is not four repeated images), one seeded draw after another."""
     import random
 
-    if path.is_dir() and any(path.iterdir()):
-        return path
-    path.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     jitter = max(1, JITTER_PX * size // SIZE)
     for label in range(len(CLASSES)):
         for i in range(per_class):
             dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
-            shade = rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
-            class_image(label, contrast, size, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
+            yield label, i, dx, dy, rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
+
+
+def write_toy_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
+    """``per_class`` jittered images of each class, captioned by file name."""
+    if path.is_dir() and any(path.iterdir()):
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    for label, i, dx, dy, shade in jittered(size, per_class, seed):
+        class_image(label, contrast, size, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
     return path
 
 
 def write_edit_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
     """The edit task's pairs: ``path/targets`` and ``path/references``, the same file names (each captioned
     ``EDIT_CAPTION``); a pair's square jittered and shaded alike, the reference's on the other side."""
-    import random
-
     targets, references = path / "targets", path / "references"
     if targets.is_dir() and any(targets.iterdir()):
         return path
     targets.mkdir(parents=True, exist_ok=True)
     references.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    jitter = max(1, JITTER_PX * size // SIZE)
-    for label in range(len(CLASSES)):
-        for i in range(per_class):
-            dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
-            shade = rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
-            name = f"{EDIT_CAPTION} ({label * per_class + i}).png"
-            class_image(label, contrast, size, dx, dy, shade).save(targets / name)
-            class_image(EDIT_SOURCE[label], contrast, size, dx, dy, shade).save(references / name)
+    for label, i, dx, dy, shade in jittered(size, per_class, seed):
+        name = f"{EDIT_CAPTION} ({label * per_class + i}).png"
+        class_image(label, contrast, size, dx, dy, shade).save(targets / name)
+        class_image(EDIT_SOURCE[label], contrast, size, dx, dy, shade).save(references / name)
     return path
 
 

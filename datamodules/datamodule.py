@@ -75,6 +75,23 @@ def clip_entry(sample: Sample) -> dict:
     }
 
 
+def latent_key(s: Sample, vae: str) -> str:
+    """A sample's latent-cache key: everything that changes its encoding (the file, bucket and crop, the VAE; a
+    paired sample's companions, whose encodings its entry holds; a clip's frame window)."""
+    return cache_key(
+        s.item.location,
+        s.item.version,
+        s.bucket,
+        s.crop_style,
+        s.crop,
+        s.scale_to,
+        vae,
+        *([[c.kind, c.item.location, c.item.version, c.bucket] for c in s.companions] if s.companions else []),
+        *(["alpha mask"] if s.mask_from_alpha else []),
+        *([s.num_frames, s.frame_rate, s.frame_sampling] if s.clip is not None else []),
+    )
+
+
 def shard_hint(path: str) -> str:
     """For a folder read as images that holds ``.tar`` shards: the hint to read it as webdataset."""
     if not os.path.isdir(path):
@@ -315,22 +332,7 @@ class DiffusionDataModule(L.LightningDataModule):
         started, encoded_images, encoded_captions = time.monotonic(), 0, 0
         if self.cache_latents and not random_crops and not pixel_space:
             latents = TensorCache(root / "latents")
-            latent_keys = [
-                cache_key(
-                    s.item.location,
-                    s.item.version,
-                    s.bucket,
-                    s.crop_style,
-                    s.crop,
-                    s.scale_to,
-                    self._identity["vae"],
-                    # paired data: the entry holds the companions' encodings too, so it is keyed on them
-                    *([[c.kind, c.item.location, c.item.version, c.bucket] for c in s.companions] if s.companions else []),
-                    *(["alpha mask"] if s.mask_from_alpha else []),
-                    *([s.num_frames, s.frame_rate, s.frame_sampling] if s.clip is not None else []),
-                )
-                for s in samples
-            ]
+            latent_keys = [latent_key(s, self._identity["vae"]) for s in samples]
             encoded_images = self._fill_latents(plain, latents, latent_keys, rank, world)
         if self.cache_text_embeds:
             embeds = TensorCache(root / "text_embeds")
