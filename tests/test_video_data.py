@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,16 +213,19 @@ def test_a_validation_clip_is_written_as_mp4_with_its_strip_and_logged(tmp_path)
 
 
 def test_a_validation_clip_reaches_wandb_as_a_video(tmp_path, monkeypatch):
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from callbacks.video_out import frame_strip, log_clip, write_clip
 
+    wandb.finish()  # a run an earlier test of this process left open would take this logger's media instead
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     frames = [Image.new("RGB", (32, 24), (STEP * i,) * 3) for i in range(9)]
     path = write_clip(frames, tmp_path / "clip", fps=8)
     logger = WandbLogger(project="tuner-test", save_dir=str(tmp_path), offline=True)
     log_clip(logger, "validation/clip", path, frames, 8, 1, frame_strip(frames))
+    run_dir = Path(logger.experiment.dir)
     logger.experiment.finish()
-    (copy,) = tmp_path.rglob("media/videos/validation/clip_*.mp4")  # the run's own copy of the clip
+    (copy,) = run_dir.rglob("media/videos/validation/clip_*.mp4")  # the run's own copy of the clip
     assert copy.read_bytes() == path.read_bytes()
