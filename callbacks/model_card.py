@@ -284,6 +284,13 @@ def _experts(info: Mapping, repo: str) -> list[str]:
     """Loading a two-expert run's LoRAs, one adapter each, and switching between them by the timestep the
     pipeline passes its denoiser (what tuner's validation does)."""
     experts = info["experts"]
+    if experts.get("denoisers"):  # an expert per denoiser (Wan 2.2 A14B): its pipeline switches between them itself
+        return [
+            f'pipe.load_lora_weights({repo!r}, weight_name="pytorch_lora_weights_{expert}.safetensors"'
+            + ("" if denoiser == experts.get("denoiser") else f", load_into_{denoiser}=True") + ")"
+            for expert, denoiser in experts["denoisers"].items()
+        ] + [f"# the pipeline hands each step to {' or '.join(experts['denoisers'].values())} by its boundary_ratio "
+             f"({experts['boundary']} of the schedule)"]
     if (info.get("lora_load") or "pipe.load_lora_weights({path!r})") != "pipe.load_lora_weights({path!r})":
         return ["# one LoRA per expert: pytorch_lora_weights_high_noise / _low_noise; load each as this family's LoRA"]
     scale = experts.get("timestep_scale")

@@ -17,13 +17,19 @@ class AdaptersMixin:
             return [(name, f"_{name}") for name in EXPERTS]
         return [("default", "")]
 
+    def adapter_host(self, adapter: str) -> Any:
+        """The denoiser holding ``adapter``: the one, or the expert's own (Wan 2.2 A14B's ``transformer_2``)."""
+        return getattr(self, (self.expert_denoisers() or {}).get(adapter, self.denoiser_name))
+
     def lora_layers(self, adapter: str = "default") -> dict[str, Any]:
-        """``save_lora_weights`` keywords: one adapter of the denoiser, in diffusers format, under its own name."""
+        """``save_lora_weights`` keywords: one adapter of the denoiser, in diffusers format, under its own name.
+        An expert's own denoiser's adapter is written under the denoiser's name too: its pipeline's loader puts
+        it into that denoiser (``load_into_transformer_2=True``)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        name = self.denoiser_name
-        layers = get_peft_model_state_dict(self.denoiser, adapter_name=adapter)
+        name, host = self.denoiser_name, self.adapter_host(adapter)
+        layers = get_peft_model_state_dict(host, adapter_name=adapter)
         if name == "unet":
             # UNet LoRAs are saved in diffusers' own key format (lora.down/up), as the diffusers UNet
             # scripts write them; transformer LoRAs stay in peft's format, which their loaders expect
@@ -38,7 +44,7 @@ class AdaptersMixin:
             f"{name}_lora_layers": layers,
             # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
             # trained strength (without it diffusers assumes alpha = rank).
-            f"{name}_lora_adapter_metadata": self.denoiser.peft_config[adapter].to_dict(),
+            f"{name}_lora_adapter_metadata": host.peft_config[adapter].to_dict(),
         }
 
     @classmethod

@@ -261,7 +261,24 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
     # ---- setup ----------------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self, self.denoiser_name)
+        """The denoiser that runs now: the one, or the step's expert's where each expert is a denoiser of its own."""
+        return getattr(self, self.__dict__.get("active_denoiser") or self.denoiser_name)
+
+    def expert_denoisers(self) -> dict[str, str] | None:
+        """Split-schedule experts that are denoisers of their own, expert -> component (Wan 2.2 A14B's
+        ``transformer`` and ``transformer_2``), each with its one adapter; None: the experts (if any) are
+        adapters of the one denoiser."""
+        return None
+
+    @classmethod
+    def checkpoint_experts(cls, model_cfg: Any) -> dict[str, str] | None:
+        """``expert_denoisers`` of a two-expert run on the checkpoint ``model_cfg`` names, known before it loads
+        (the model card's loading snippet); None where the experts are adapters of one denoiser."""
+        return None
+
+    def denoiser_names(self) -> list[str]:
+        """Every denoiser component this run trains."""
+        return list((self.expert_denoisers() or {self.denoiser_name: self.denoiser_name}).values())
 
     @classmethod
     def text_encoder_names(cls) -> list[str]:
@@ -286,10 +303,14 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         self.vae_dtype = plan.get("vae", DTYPES[hp.mixed_precision])
         self.text_dtype = DTYPES[hp.mixed_precision]
         self.denoiser_dtype = plan[self.denoiser_name]
-        trainable.quantize_frozen(self, {self.denoiser_name: hp.base_model_precision, **self.text_encoder_levels()})
+        denoisers = {name: hp.base_model_precision for name in self.denoiser_names()}
+        trainable.quantize_frozen(self, {**denoisers, **self.text_encoder_levels()})
         lora = {**dict(hp.lora or {}), "target_modules": self.lora_targets((hp.lora or {}).get("target_modules"))}
+        # one adapter per expert: on the one denoiser, or on each expert's own (named after the expert either way)
         adapters = EXPERTS if hp.experts == "two_lora" else ("default",)
-        trainable.setup_adapter(self.denoiser, hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, adapters)
+        hosts = {name: (expert,) for expert, name in (self.expert_denoisers() or {}).items()}
+        for name, names in (hosts or {self.denoiser_name: adapters}).items():
+            trainable.setup_adapter(getattr(self, name), hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, names)
         if hp.finetune == "lycoris":  # LoKr/LoHa: its own module (its parameters train, checkpoint and average)
             self.lycoris_prefix = prefix = trainable.lycoris_prefix(self.denoiser_name)
             self.lycoris_net = trainable.lycoris_network(self.denoiser, dict(hp.lycoris or {}), lora["target_modules"], prefix)
@@ -309,7 +330,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         # Lightning puts the whole module in train mode; frozen parts stay in eval (no dropout).
         super().train(mode)
         for name, module in self.named_children():
-            if name not in (self.denoiser_name, "lycoris_net"):
+            if name not in (*self.denoiser_names(), "lycoris_net"):
                 module.eval()
         return self
 

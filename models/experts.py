@@ -16,6 +16,10 @@ below it (fine detail). Two setups put both experts into one denoiser:
 
 Sampling switches experts by the timestep the pipeline passes to the denoiser (a forward pre-hook), so it
 works for every family's own pipeline: the idea of diffusers' ``WanPipeline`` with ``boundary_ratio``.
+
+Where the checkpoint itself is two experts (Wan 2.2 A14B: ``transformer`` for high noise, ``transformer_2`` for
+low), ``model.experts=two_lora`` puts one LoRA on each (``DiffusionModule.expert_denoisers``): the step's expert
+picks the denoiser that runs, and the pipeline, handed both, switches at its ``boundary_ratio`` as it samples.
 """
 
 from __future__ import annotations
@@ -78,6 +82,19 @@ class AdapterSwitch:
         self.active = adapter
 
 
+class DenoiserSwitch:
+    """Which expert's own denoiser runs (Wan 2.2 A14B: ``transformer`` for high noise, ``transformer_2`` for
+    low): the module's ``denoiser`` follows it. Each denoiser carries one adapter, named after its expert."""
+
+    def __init__(self, module: Any, denoisers: dict[str, str]):
+        self.module, self.denoisers = module, denoisers
+        self.active: str | None = None
+
+    def use(self, expert: str) -> None:
+        self.module.__dict__["active_denoiser"] = self.denoisers[expert]
+        self.active = expert
+
+
 class Experts:
     """The experts of a module: which adapter (or denoiser) serves which noise level, in training and
     in sampling. ``served`` logs (timestep, expert) for every denoiser call while sampling."""
@@ -91,7 +108,12 @@ class Experts:
         self.partner_path = hp.expert_partner
         self.partner_kind: str | None = None  # "lora" or "full", once loaded
         self.partner_denoiser: torch.nn.Module | None = None
-        self.switch = AdapterSwitch(module.denoiser) if hp.finetune == "lora" else None
+        own = module.expert_denoisers()
+        self.own_denoisers = bool(own)  # each expert a denoiser of its own, which its pipeline switches itself
+        if own:
+            self.switch = DenoiserSwitch(module, own)
+        else:
+            self.switch = AdapterSwitch(module.denoiser) if hp.finetune == "lora" else None
         self.served: list[tuple[float, str]] = []
         self.trained_since_ema: set[str] = set()
         self.step_expert: str | None = None
@@ -171,7 +193,8 @@ class Experts:
     @contextmanager
     def sampling(self):
         """Inside, each denoiser call is served by the expert owning its timestep's level."""
-        if not self.two_lora and self.partner_path is None:
+        if (not self.two_lora and self.partner_path is None) or self.own_denoisers:
+            # the pipeline is handed both denoisers and its boundary (pipeline_components) and switches itself
             yield
             return
         if not self.two_lora:

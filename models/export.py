@@ -74,8 +74,9 @@ def save_kohya(module: Any, adapter: str, path: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    config = module.denoiser.peft_config[adapter]
-    layers = get_peft_model_state_dict(module.denoiser, adapter_name=adapter)
+    host = module.adapter_host(adapter)
+    config = host.peft_config[adapter]
+    layers = get_peft_model_state_dict(host, adapter_name=adapter)
     state = convert_state_dict_to_kohya({f"unet.{k}": v.detach().contiguous() for k, v in layers.items()})
     for key in state:
         if key.endswith(".alpha"):

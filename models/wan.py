@@ -13,8 +13,10 @@ Wan causal 3-D VAE's latents, conditioned on UMT5-XXL; trained exactly as ``WanP
   scheduler's ``flow_shift`` (3.0 for 2.1, 5.0 for 2.2 TI2V-5B; UniPC names it so, not ``shift``), or
   ``model.flow_shift``. Wan 2.2 TI2V-5B's pipeline (``expand_timesteps``) hands the timestep per token,
   (B, f * h/2 * w/2), and so does ``denoise``.
-- Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``) is one expert at a time here: ``model.expert=high_noise``
-  trains ``transformer`` (levels above the boundary), ``low_noise`` trains ``transformer_2``.
+- Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``): ``model.experts=two_lora`` trains a LoRA on each
+  transformer in one run (each step's expert drawn as for any split schedule, models/experts.py; the split is
+  the checkpoint's ``boundary_ratio``), and validation hands the pipeline both; ``model.expert=high_noise`` trains
+  ``transformer`` alone (levels above the boundary), ``low_noise`` ``transformer_2``.
 - Validation samples an ``options.validation_frames`` clip (9; 1 gives an image) with the pipeline's own CFG
   (``guidance_scale``, negative prompt "" by default) and returns its frames.
 """
@@ -94,22 +96,13 @@ class WanModule(DiffusionModule):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from diffusers import DiffusionPipeline
-
-        hp = self.hparams
-        index = DiffusionPipeline.load_config(hp.pretrained_model_name_or_path, revision=hp.revision)
-        self.expand_timesteps = bool(index.get("expand_timesteps") or False)  # Wan 2.2 TI2V-5B
-        self.boundary_ratio = index.get("boundary_ratio")  # Wan 2.2 A14B
-        if self.boundary_ratio is not None and hp.expert and hp.expert_boundary != self.boundary_ratio:
-            from models import noise as noise_schedules
-
-            hp.expert_boundary = float(self.boundary_ratio)  # the experts' split is the checkpoint's
-            self.noise = noise_schedules.build(self.noise_schedule, self.noise.config, hp)
-        if hp.flow_shift is None:  # UniPC's key; the shared schedule reads ``shift``
+        if self.hparams.flow_shift is None:  # UniPC's key; the shared schedule reads ``shift``
             self.noise.shift = float(self.noise.config.get("flow_shift", self.noise.config.get("shift", 1.0)))
 
     @classmethod
     def check_config(cls, model_cfg) -> None:
+        """Wan 2.2 A14B (a ``boundary_ratio`` in model_index.json) trains an expert or both; their split is the
+        checkpoint's, written into ``model.expert_boundary``."""
         from diffusers import DiffusionPipeline
 
         try:  # (the demo's tiny checkpoint is written after this check: then nothing to check yet)
@@ -118,11 +111,14 @@ class WanModule(DiffusionModule):
             return
         if index.get("boundary_ratio") is None:
             return
-        if model_cfg.get("experts") or not model_cfg.get("expert"):
+        if not model_cfg.get("experts") and not model_cfg.get("expert"):
             raise ValueError(
-                "Wan 2.2 A14B has two transformers: train one per run with model.expert=high_noise (transformer) "
-                "or model.expert=low_noise (transformer_2); model.experts=two_lora is not wired for Wan yet"
+                "Wan 2.2 A14B has two transformers: train both with model.experts=two_lora (a LoRA on each), or one "
+                "with model.expert=high_noise (transformer) or model.expert=low_noise (transformer_2)"
             )
+        if model_cfg.get("experts") and model_cfg.get("finetune") != "lora":
+            raise ValueError("model.experts=two_lora trains a LoRA on each Wan 2.2 A14B transformer: set model.finetune=lora")
+        model_cfg.expert_boundary = float(index["boundary_ratio"])
 
     @classmethod
     def card_notes(cls, model_cfg) -> list[str]:
@@ -131,26 +127,66 @@ class WanModule(DiffusionModule):
         if model_cfg.get("expert") == "low_noise":
             notes.append("This LoRA is Wan 2.2 A14B's low-noise expert (`transformer_2`): load it with "
                          "`pipe.load_lora_weights(path, load_into_transformer_2=True)`.")
+        if cls.checkpoint_experts(model_cfg):
+            notes.append("Two LoRAs, one per Wan 2.2 A14B expert: `_high_noise` for `transformer`, `_low_noise` for "
+                         "`transformer_2` (`load_into_transformer_2=True`). WanPipeline switches between them at the "
+                         f"checkpoint's `boundary_ratio` ({model_cfg.expert_boundary}).")
         return notes
 
+    @classmethod
+    def two_transformers(cls, path: str, revision: str | None = None) -> bool:
+        """Whether the checkpoint at ``path`` is Wan 2.2 A14B's pair (it has a ``transformer_2``)."""
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(path, revision=revision)
+        except OSError:
+            return False
+        return (index.get("transformer_2") or [None])[0] is not None
+
+    @classmethod
+    def checkpoint_experts(cls, model_cfg) -> dict[str, str] | None:
+        if model_cfg.get("experts") and cls.two_transformers(model_cfg.pretrained_model_name_or_path, model_cfg.get("revision")):
+            return dict(EXPERT_DENOISERS)
+        return None
+
+    def expert_denoisers(self) -> dict[str, str] | None:
+        """A two-expert run on Wan 2.2 A14B: each expert is its own transformer."""
+        return EXPERT_DENOISERS if getattr(self, "transformer_2", None) is not None else None
+
     def load_components(self, path: str, common: dict) -> dict:
-        """Each component from its subfolder; Wan 2.2 A14B's low-noise expert loads ``transformer_2`` as the denoiser."""
+        """Each component from its subfolder. Wan 2.2 A14B: the expert's own transformer as the denoiser, or with
+        ``model.experts=two_lora`` both (``transformer`` and ``transformer_2``); its ``boundary_ratio`` is the
+        experts' split."""
+        from diffusers import DiffusionPipeline
+
         from models import trainable
         from models.quantize import load_time_config
 
         hp = self.hparams
+        index = DiffusionPipeline.load_config(path, revision=hp.revision)
+        self.expand_timesteps = bool(index.get("expand_timesteps") or False)  # Wan 2.2 TI2V-5B
+        self.boundary_ratio = index.get("boundary_ratio")  # Wan 2.2 A14B
+        two = (index.get("transformer_2") or [None])[0] is not None
+        if self.boundary_ratio is not None and (hp.expert or hp.experts):
+            hp.expert_boundary = float(self.boundary_ratio)  # before the schedule and the experts are built
         plan, out = self.dtype_plan(), {}
+        qconfig = load_time_config(hp.base_model_precision, trainable.DTYPES[hp.mixed_precision])
         for name, cls in self.component_classes().items():
-            sub, qconfig = name, None
-            if name == self.denoiser_name:
-                sub = EXPERT_DENOISERS[hp.expert] if hp.expert in EXPERT_DENOISERS and _has_two(path, hp.revision) else name
-                qconfig = load_time_config(hp.base_model_precision, trainable.DTYPES[hp.mixed_precision])
-            out[name] = cls.from_pretrained(path, subfolder=sub, **trainable.load_kwargs(cls, plan.get(name), common, qconfig))
+            sub = name
+            if name == self.denoiser_name and two and hp.expert in EXPERT_DENOISERS:
+                sub = EXPERT_DENOISERS[hp.expert]
+            kwargs = trainable.load_kwargs(cls, plan.get(name), common, qconfig if name == self.denoiser_name else None)
+            out[name] = cls.from_pretrained(path, subfolder=sub, **kwargs)
+            if name == self.denoiser_name and two and hp.experts == "two_lora":
+                out["transformer_2"] = cls.from_pretrained(path, subfolder="transformer_2", **kwargs)
         return out
 
     def pipeline_components(self) -> dict:
         out = {**super().pipeline_components(), "expand_timesteps": self.expand_timesteps}
-        if self.boundary_ratio is not None:  # one A14B expert samples alone: the other level range is its too
+        if self.expert_denoisers():  # both experts: the pipeline switches at the boundary itself
+            out.update(transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio)
+        elif self.boundary_ratio is not None:  # one A14B expert samples alone: the other level range is its too
             out.update(boundary_ratio=None)
         return out
 
@@ -212,7 +248,7 @@ class WanModule(DiffusionModule):
         if noisy.shape[-2] % ph or noisy.shape[-1] % pw:
             edge = ph * self.vae.config.scale_factor_spatial
             raise ValueError(f"this checkpoint needs image edges divisible by {edge} (its VAE and 2x2 patch): set data.bucket_step={edge}")
-        return self.transformer(
+        return self.denoiser(  # the step's expert's own transformer in a two-expert Wan 2.2 A14B run
             hidden_states=noisy.to(dtype),  # (B, C, f, h, w): the transformer patchifies (1, 2, 2) itself
             timestep=self.denoiser_timesteps(timesteps, noisy),  # sigma * 1000, as the UniPC ladder's
             encoder_hidden_states=cond["prompt_embeds"].to(self.device, dtype),
@@ -284,9 +320,3 @@ class WanModule(DiffusionModule):
             **extra,
         )
 
-
-def _has_two(path: str, revision: str | None) -> bool:
-    """Whether the checkpoint at ``path`` has a ``transformer_2`` (Wan 2.2 A14B)."""
-    from diffusers import DiffusionPipeline
-
-    return (DiffusionPipeline.load_config(path, revision=revision).get("transformer_2") or [None])[0] is not None

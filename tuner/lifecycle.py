@@ -65,6 +65,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
             "boundary": model.expert_boundary,
             "timestep_scale": family.denoiser_timestep_scale,
             "denoiser": family.denoiser_name,
+            "denoisers": family.checkpoint_experts(model),  # Wan 2.2 A14B: an expert per transformer
         }
         if model.experts
         else None,
