@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from datamodules.cache import CorruptEntry, TensorCache, cache_key
 from datamodules.images import load_mask, load_rgb, mask_tensor, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample
 from datamodules.sources import Source
-from datamodules.video import decode, window
+from datamodules.video import ANIMATED_EXTENSIONS, decode, decode_animation, window
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class BucketedImageDataset(Dataset):
             crop.append(box)
             return image
 
+        animated = PurePosixPath(sample.item.key).suffix.lower() in ANIMATED_EXTENSIONS  # a GIF or WebP: PIL's
         with self.sources[sample.dataset].open(sample.item) as fp:
-            frames = decode(fp, sample.clip, indices, fit)
+            frames = (decode_animation if animated else decode)(fp, sample.clip, indices, fit)
         pixels = torch.stack([to_tensor(f) for f in frames], dim=1)  # (3, F, H, W)
         return pixels, crop[0], rng, (sample.width, sample.height)
 

@@ -23,12 +23,12 @@ from datamodules.buckets import bucket_for
 from datamodules.captions import caption_for
 from datamodules.images import HEIF_EXTENSIONS, UNSUPPORTED_IMAGES, probe, truncation
 from datamodules.sources import Item, Source
-from datamodules.video import VIDEO_EXTENSIONS, Clip, shortfall
+from datamodules.video import VIDEO_EXTENSIONS, Clip, shortfall, webp_is_animated
 
 log = logging.getLogger(__name__)
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, UnicodeError)
-_CACHE_FORMAT = 2  # 2: entries carry the format note
+_CACHE_FORMAT = 3  # 2: entries carry the format note; 3: an animated GIF or WebP carries its fps and frames
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,27 @@ def probe_item(source: Source, item: Item) -> tuple[tuple[int, int, str] | str, 
             cut = truncation(fp)
             if cut:
                 return cut, True
-            return probe(fp), True
+            size = probe(fp)
+            fp.seek(0)
+            animated = suffix == ".gif" or (suffix == ".webp" and webp_is_animated(fp.read(32)))
+        return (probe_animation_item(source, item, size) if animated else size), True
     except Image.DecompressionBombError as err:
         return str(err), True  # refused on its header alone: decoding it would need gigabytes
     except DECODE_ERRORS as err:
         return f"unreadable image: {err}", True
+
+
+def probe_animation_item(source: Source, item: Item, size: tuple[int, int, str]) -> tuple:
+    """An image that may be animated (GIF, an animated WebP): a clip's (width, height, note, fps, frames) when it
+    is, else its image probe ``size``. A video family trains on it as a clip; the others take its first frame."""
+    from datamodules.video import probe_animation
+
+    with source.open(item) as fp:
+        clip = probe_animation(fp)
+    if clip is None:
+        return size
+    note = f"animation, {clip.frames} frames at {clip.fps:.3g} fps ({clip.duration:.2f} s)"
+    return (size[0], size[1], note, clip.fps, clip.frames)
 
 
 def probe_video(source: Source, item: Item) -> tuple[tuple | str, bool]:
@@ -219,6 +235,8 @@ def scan_source(
             skipped.append({"path": item.location, "reason": result})
             continue
         width, height, note, *clip = result
+        if clip and not video and PurePosixPath(item.key).suffix.lower() not in VIDEO_EXTENSIONS:
+            clip = []  # an animated image, for a family that trains on images: its first frame, as before
         if clip:
             why = _clip_problem(spec, Clip(*clip), video)
             if why:

@@ -10,6 +10,9 @@ PyAV (``av``, whose wheels carry FFmpeg) is imported only when a dataset holds a
 
 Decoding seeks to the window and converts only the frames it keeps, each brought to its bucket as it comes:
 a long 4K clip is never held whole in memory.
+
+An animated GIF or WebP is a clip too (PIL decodes it): its frame rate is its frame count over its running
+time, and each frame of a window is the one on screen at that time, so uneven frame durations play as shown.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from typing import BinaryIO
 from PIL import Image
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"})
+# Images that may be animations: a clip for a video family (decoded by PIL), their first frame for the others
+ANIMATED_EXTENSIONS = frozenset({".gif", ".webp"})
+# A GIF frame without a duration, or with one under 20 ms, is shown for 100 ms by browsers: so it is here
+MIN_FRAME_MS, DEFAULT_FRAME_MS = 20, 100
 FRAME_SAMPLING = ("start", "uniform", "random")
 
 
@@ -136,3 +143,44 @@ def decode(fp: BinaryIO, clip: Clip, indices: list[int], transform: Callable[[Im
     if len(kept) < len(wanted):
         raise ValueError(f"the clip ended after {counted} frames; its header says {clip.frames}")
     return [kept[i] for i in indices]
+
+
+def webp_is_animated(head: bytes) -> bool:
+    """Whether a WebP's first bytes say it is an animation (the VP8X chunk's animation flag): a still is never
+    read whole to find out."""
+    return head[12:16] == b"VP8X" and len(head) > 20 and bool(head[20] & 0x02)
+
+
+def _frame_durations(img: Image.Image) -> list[float]:
+    """Each frame's time on screen, in seconds (seeks through every frame)."""
+    durations = []
+    for index in range(getattr(img, "n_frames", 1)):
+        img.seek(index)
+        img.load()  # (PIL's WebP reads a frame's duration as it decodes it)
+        ms = img.info.get("duration") or 0
+        durations.append((ms if ms >= MIN_FRAME_MS else DEFAULT_FRAME_MS) / 1000)
+    return durations
+
+
+def probe_animation(fp: BinaryIO) -> Clip | None:
+    """An animated GIF or WebP as a Clip (its frames, at its mean frame rate); None for a still image."""
+    with Image.open(fp) as img:
+        if getattr(img, "n_frames", 1) < 2:
+            return None
+        durations = _frame_durations(img)
+    return Clip(len(durations) / sum(durations), len(durations))
+
+
+def decode_animation(fp: BinaryIO, clip: Clip, indices: list[int], transform: Callable[[Image.Image], Image.Image]) -> list:
+    """``decode`` for an animated GIF or WebP: for each index, the frame on screen at its time (index / fps)."""
+    import bisect
+    import itertools
+
+    with Image.open(fp) as img:
+        starts = list(itertools.accumulate(_frame_durations(img), initial=0.0))[:-1]
+        shown = {i: max(0, bisect.bisect_right(starts, i / clip.fps + 1e-9) - 1) for i in set(indices)}
+        converted: dict[int, Image.Image] = {}
+        for frame in sorted(set(shown.values())):
+            img.seek(frame)
+            converted[frame] = transform(img.convert("RGB"))
+    return [converted[shown[i]] for i in indices]

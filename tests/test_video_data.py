@@ -122,6 +122,40 @@ def test_an_image_family_skips_clips_with_the_reason(tmp_path):
     assert reasons["walk.mp4"].startswith("a video clip, and this model trains on images")
 
 
+def write_animation(path, durations_ms: list[int], size=(64, 48)) -> None:
+    """An animated GIF or WebP whose frame i is a flat grey of level STEP * i, shown for ``durations_ms[i]``."""
+    frames = [Image.new("RGB", size, (STEP * i,) * 3) for i in range(len(durations_ms))]
+    extra = {"lossless": True} if str(path).endswith(".webp") else {}
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations_ms, loop=0, **extra)
+
+
+def test_animated_gifs_and_webps_are_clips_for_a_video_family_and_first_frames_for_the_others(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_animation(data / "even.gif", [100] * 12)  # 10 fps, 1.2 s
+    write_animation(data / "uneven.webp", [100, 300, 100, 100, 100, 100])  # frame 1 on screen 0.1-0.4 s
+    Image.new("RGB", (64, 48), (STEP * 3,) * 3).save(data / "still.webp")
+    Image.new("RGB", (64, 48), (STEP * 3,) * 3).save(data / "still.gif")
+    common = dict(path=str(data), resolution=32, resolution_type="pixel", bucket_step=16, num_frames=5, batch_size=1)
+    video = DiffusionDataModule(**common, video=True, frame_rate=10)
+    samples = {s.item.key: s for s in video.scan()}
+    assert samples["even.gif"].clip == Clip(10.0, 12) and samples["even.gif"].num_frames == 5
+    assert samples["uneven.webp"].clip.frames == 6 and samples["uneven.webp"].clip.fps == pytest.approx(6 / 0.8)
+    assert samples["still.webp"].clip is None and samples["still.gif"].clip is None  # stills stay images
+    assert "animation, 12 frames at 10 fps" in samples["even.gif"].note
+    dataset = BucketedImageDataset(video.samples, video.sources, 0)
+
+    def levels(key):
+        pixels = dataset[(video.samples.index(samples[key]), 0)]["pixels"]
+        return ((pixels.mean(dim=(0, 2, 3)) + 1) * 127.5 / STEP).round().tolist()
+
+    assert levels("even.gif") == [0, 1, 2, 3, 4]
+    # at 10 fps: 0.0 s frame 0, 0.1-0.3 s frame 1 (shown 300 ms), 0.4 s frame 2
+    assert levels("uneven.webp") == [0, 1, 1, 1, 2]
+    images = DiffusionDataModule(**common)  # an image family: every one of them, as its first frame
+    assert all(s.clip is None for s in images.scan()) and len(images.samples) == 4
+
+
 def test_random_windows_repeat_per_epoch_and_are_not_cached(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
