@@ -50,22 +50,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import ROOT
-
-SIZE = 64  # px, the toy images' side (a recipe may choose another: ``Recipe.size``)
-CLASSES = ("top left", "top right", "bottom left", "bottom right")
-SQUARE = 24  # px at SIZE, centred in its quadrant (scaled with the side)
-# A faint square. The text decides the class only at noise levels where the noisy image does not give it
-# away, i.e. while (signal / noise)^2 * |difference of two classes|^2 < ~1. A bold square (yellow on blue:
-# ~1350 between classes in SD3's unit-variance latents) gives itself away at every level but sigma > 0.97,
-# so only ~1% of training draws taught the text, and it was learned after ~4000 steps. At +20 levels the
-# difference is ~15 in the latents: the text decides the upper half of the schedule. Pixels carry ~5x the
-# latents' difference at the same contrast (every pixel of the square counts), so pixel families get a
-# fainter square, +9 levels (a difference of ~17).
-BACKGROUND = (90, 100, 140)
-CONTRAST = {"latent": 20, "pixel": 9}  # levels the square is above the background at SIZE, in every channel
-# (at another side, scaled by SIZE / side: the square's area goes with the side squared, so the squared
-# difference between two classes, which decides where the text is needed, stays the same)
-JITTER_PX, JITTER_LEVELS = 3, 2  # per image: the square moves (at SIZE) and its shade changes by up to this much
+from toysets import (
+    CLASSES,
+    EDIT_CAPTION,
+    EDIT_SOURCE,
+    MOTION_FRAMES,
+    SIZE,
+    caption,
+    class_image,
+    contrast_for,
+    low_res,
+    motion_caption,
+    motion_direction,
+    nearest_class,
+    templates,
+    write_edit_set,
+    write_generic_set,
+    write_motion_set,
+    write_toy_set,
+)
 
 
 @dataclass(frozen=True)
@@ -124,11 +127,13 @@ RECIPES: dict[str, Recipe] = {  # where the default does not fit
 }
 
 
-# The edit task (the module docstring): one instruction for every pair; the class's target shows the square in
-# quadrant ``label``, its reference in quadrant ``EDIT_SOURCE[label]`` (the other side: a horizontal offset of half
-# the image, which rotary positions express for every token alike).
-EDIT_CAPTION = "move the square to the other side"
-EDIT_SOURCE = (1, 0, 3, 2)
+
+
+def is_video(family: str) -> bool:
+    """Whether ``family`` trains on clips: it learns the motion task."""
+    from tuner.families import family_class
+
+    return bool(getattr(family_class(family), "video", False))
 
 
 def is_edit(family: str) -> bool:
@@ -137,87 +142,6 @@ def is_edit(family: str) -> bool:
 
     return "reference" in getattr(family_class(family), "conditioning_kinds", ())
 
-
-def caption(label: int) -> str:
-    # The class words come first: a causal text encoder (CLIP) carries a difference only to the tokens
-    # after it, and a tiny random one carries little of it into the padding, so "a square at the top left"
-    # and "... top right" left 5 of 77 tokens apart and the denoiser never found them.
-    return f"{CLASSES[label]} square"
-
-
-def contrast_for(family: str, size: int = SIZE) -> int:
-    from tuner.families import family_class
-
-    return round(CONTRAST["latent" if family_class(family).latent_space else "pixel"] * SIZE / size)
-
-
-def class_image(label: int, contrast: int, size: int = SIZE, dx: int = 0, dy: int = 0, shade: int = 0):
-    """The class's image (PIL, ``size`` square): its square ``contrast`` (+ ``shade``) levels above the
-    background, moved by (dx, dy)."""
-    from PIL import Image, ImageDraw
-
-    colour = tuple(c + contrast + shade for c in BACKGROUND)
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    row, col = divmod(label, 2)
-    square = SQUARE * size // SIZE
-    x0 = col * size // 2 + (size // 2 - square) // 2 + dx
-    y0 = row * size // 2 + (size // 2 - square) // 2 + dy
-    ImageDraw.Draw(img).rectangle((x0, y0, x0 + square - 1, y0 + square - 1), fill=colour)
-    return img
-
-
-def jittered(size: int, per_class: int, seed: int):
-    """(label, i, dx, dy, shade) for ``per_class`` images of each class: the square moved by a few pixels and its
-    shade by a level or two (so a set is not four repeated images), one seeded draw after another."""
-    import random
-
-    rng = random.Random(seed)
-    jitter = max(1, JITTER_PX * size // SIZE)
-    for label in range(len(CLASSES)):
-        for i in range(per_class):
-            dx, dy = rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)
-            yield label, i, dx, dy, rng.randint(-JITTER_LEVELS, JITTER_LEVELS)
-
-
-def write_toy_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
-    """``per_class`` jittered images of each class, captioned by file name."""
-    if path.is_dir() and any(path.iterdir()):
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    for label, i, dx, dy, shade in jittered(size, per_class, seed):
-        class_image(label, contrast, size, dx, dy, shade).save(path / f"{caption(label)} ({i}).png")
-    return path
-
-
-def write_edit_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
-    """The edit task's pairs: ``path/targets`` and ``path/references``, the same file names (each captioned
-    ``EDIT_CAPTION``); a pair's square jittered and shaded alike, the reference's on the other side."""
-    targets, references = path / "targets", path / "references"
-    if targets.is_dir() and any(targets.iterdir()):
-        return path
-    targets.mkdir(parents=True, exist_ok=True)
-    references.mkdir(parents=True, exist_ok=True)
-    for label, i, dx, dy, shade in jittered(size, per_class, seed):
-        name = f"{EDIT_CAPTION} ({label * per_class + i}).png"
-        class_image(label, contrast, size, dx, dy, shade).save(targets / name)
-        class_image(EDIT_SOURCE[label], contrast, size, dx, dy, shade).save(references / name)
-    return path
-
-
-def templates(contrast: int, size: int = SIZE):
-    """The four classes' clean images, (4, size, size, 3) floats in [0, 1]."""
-    import numpy as np
-
-    return np.stack([np.asarray(class_image(label, contrast, size), dtype=np.float32) / 255
-                     for label in range(len(CLASSES))])
-
-
-def nearest_class(images, refs) -> list[int]:
-    """Each image's nearest class template (mean squared distance in pixels)."""
-    import numpy as np
-
-    d = ((images[:, None] - refs[None]) ** 2).mean(axis=(2, 3, 4))
-    return [int(i) for i in np.argmin(d, axis=1)]
 
 
 def lora_targets(family: str, recipe: Recipe) -> str | None:
@@ -265,37 +189,6 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
         raise RuntimeError(f"{family} {finetune}: train.py failed\n{proc.stderr[-4000:]}")
     return time.perf_counter() - start
 
-
-PALETTE = {"black": (0, 0, 0), "white": (1, 1, 1), "red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
-           "yellow": (1, 1, 0), "cyan": (0, 1, 1), "magenta": (1, 0, 1)}
-
-
-def colour_name(rgb) -> str:
-    """The nearest of the palette's colours to ``rgb`` (floats in [0, 1])."""
-    return min(PALETTE, key=lambda name: sum((a - b) ** 2 for a, b in zip(PALETTE[name], rgb, strict=True)))
-
-
-def write_generic_set(path: Path, size: int = SIZE, count: int = 64, seed: int = 1) -> Path:
-    """Generic shapes of every colour (models.learnable.toy_images), captioned with the name of their most
-    common colour ("red background (3).png"): what the LoRA's base learns to draw, from text, before it sees
-    the toy set. The captions matter: a base trained on one caption for all had no use for its text, and a
-    LoRA on it did not learn the quadrants (SD 1.5: 0.50)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from models.learnable import toy_images
-
-    if path.is_dir() and any(path.iterdir()):
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    images = toy_images(count, size, torch.Generator().manual_seed(seed))
-    for i, image in enumerate(images):
-        pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
-        name = colour_name((colours[counts.argmax()] / 255).tolist())  # its most common colour
-        Image.fromarray(pixels).save(path / f"{name} background ({i}).png")
-    return path
 
 
 def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) -> tuple[Path, float]:
@@ -364,16 +257,6 @@ def card_scheduler(out: Path) -> dict | None:
     return run_scheduler_change(family_class(cfg.model.family).noise_schedule, cfg.model)
 
 
-def low_res(label: int, factor: int, contrast: int, size: int = SIZE):
-    """The class image downsampled as IF stage II's training downsamples its target, in [-1, 1]."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    image = np.asarray(class_image(label, contrast, size), dtype=np.float32)
-    x = torch.from_numpy(image / 127.5 - 1).permute(2, 0, 1)[None]
-    return F.interpolate(x, (size // factor, size // factor), mode="bilinear", antialias=True, align_corners=False)
-
 
 def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], list[int], object]:
     """Every class prompt, ``seeds`` seeds each: (labels, predicted classes, the images)."""
@@ -385,10 +268,12 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     cls = family_class(family)
     size = recipe.size
     contrast = contrast_for(family, size)
-    labels, images = [], []
-    edit = is_edit(family)
+    labels, images, clips = [], [], []
+    edit, video = is_edit(family), is_video(family)
     for label in range(len(CLASSES)):
         extra = cls.sampling_inputs(size, size, pipe)
+        if video:  # the motion task: a clip as long as the training clips
+            extra["num_frames"] = MOTION_FRAMES
         if edit:  # the edit task: the class's reference is the input, the instruction the same for all
             extra["image"] = class_image(EDIT_SOURCE[label], contrast, size)
         elif "image" in extra:  # an upscaler: the class's own low-res image
@@ -398,7 +283,7 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
             extra.update(true_cfg_scale=recipe.guidance_scale, negative_prompt="")
         for seed in range(seeds):
             out = pipe(
-                prompt=EDIT_CAPTION if edit else caption(label),  # by name: FLUX.2's pipelines take an image first
+                prompt=EDIT_CAPTION if edit else motion_caption(label) if video else caption(label),  # by name (FLUX.2)
                 **extra,
                 num_inference_steps=recipe.sampling_steps,
                 guidance_scale=1.0 if recipe.true_cfg else recipe.guidance_scale,
@@ -407,10 +292,14 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
                 output_type="np",
                 generator=torch.Generator().manual_seed(seed),
             )
-            frames = getattr(out, "frames", None)  # a video pipeline's (B, F, H, W, 3): its middle frame
+            frames = getattr(out, "frames", None)  # a video pipeline's (B, F, H, W, 3)
+            if video:
+                clips.append(np.asarray(frames[0], np.float32))
             images.append(np.asarray(out.images[0] if frames is None else frames[0][len(frames[0]) // 2], np.float32))
             labels.append(label)
     images = np.stack(images)
+    if video:  # the motion task scores the direction the square moved; the grid shows each clip's middle frame
+        return labels, [motion_direction(c) for c in clips], images
     return labels, nearest_class(images, templates(contrast, size)), images
 
 
@@ -438,6 +327,9 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     if is_edit(family):
         pairs = write_edit_set(work / f"edit-{recipe.size}-{contrast}", contrast, recipe.size)
         data, extra = pairs / "targets", (*extra, f"data.conditioning.reference.path={pairs / 'references'}")
+    elif is_video(family):
+        data = write_motion_set(work / f"motion-{recipe.size}-{contrast}", contrast, recipe.size)
+        extra = (*extra, f"data.num_frames={MOTION_FRAMES}")
     else:
         data = write_toy_set(work / f"toy-{recipe.size}-{contrast}", contrast, recipe.size)
     out = work / "runs" / f"{family}-{finetune}"

@@ -1,7 +1,25 @@
 """The learnable tiny Wan 2.1 VAE: models/learnable_vae_qwen.py's VAE (Qwen-Image's VAE is Wan 2.1's, the same
 modules and weight names) loaded into an ``AutoencoderKLWan``, its ``latents_mean`` / ``latents_std`` measured
-on toy images. It is built for one-frame clips (the temporal convolutions are zero): images, as the learning
-benchmark trains on. Wan 2.2's 48-channel residual VAE has no learnable version yet."""
+on toy images. Wan 2.2's 48-channel residual VAE has no learnable version yet.
+
+It takes clips of F = 4k + 1 frames, laid out as the real one's latents are: frame 0 alone, then each group of 4
+frames in one latent frame, 1/8 in space. Only the temporal convolutions (``time_conv``) of the resamplers are set
+on top of the Qwen-Image VAE's weights (where they are zero), so one frame encodes and decodes bit for bit as
+there; every other causal convolution reads only its last (current-frame) temporal tap, so nothing else mixes
+frames.
+
+- Encoding: latent frame 0 is frame 0's box filter, as for an image; latent frame j >= 1 is the same map of the
+  mean of frames 4j-3 .. 4j. ``AutoencoderKLWan._encode`` runs frame 0 alone, then chunks of 4; a
+  ``downsample3d`` resampler skips its ``time_conv`` on the first chunk and later prepends the previous chunk's
+  last frame, so its stride-2, 3-tap kernel sees (previous, f1, f2), (f2, f3, f4): taps (0, 1/2, 1/2) average
+  each pair, and the two such resamplers in a row average 4. Everything before them is affine per frame (the
+  signals ride on constant offsets), so averaging there equals encoding the average.
+- Decoding: latent frame 0 decodes to frame 0; latent frame j >= 1 to 4 copies of its image. The decoder runs
+  one latent frame at a time; an ``upsample3d`` resampler skips its ``time_conv`` on the first and afterwards
+  writes two frames per input frame from the two halves of its output channels: both halves copy the current
+  frame (last tap only, so neither the causal zero padding nor the cached frames matter), and two in a row
+  repeat it 4 times.
+"""
 
 from __future__ import annotations
 
@@ -20,4 +38,32 @@ def make_wan_vae(config, seed: int = 0) -> tuple[object, dict[str, float]]:
         raise NotImplementedError("a learnable Wan 2.2 VAE (48 channels, residual) is not built yet; use wan21")
     vae = AutoencoderKLWan(base_dim=WIDTH, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
     vae.load_state_dict(learnable_qwen_vae(seed).state_dict(), strict=True)
+    _set_time_convs(vae)
     return vae, set_latent_stats(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
+
+
+@torch.no_grad()
+def _set_time_convs(vae) -> None:
+    """The resamplers' temporal convolutions, as the module docstring says: each encoder ``downsample3d`` averages
+    the two newest of its three frames, each decoder ``upsample3d`` copies the current frame into both output
+    halves. Raises if the VAE has none of either (they would be left zero: a clip's later frames garbage)."""
+    down = up = 0
+    for module in vae.encoder.modules():
+        if type(module).__name__ == "WanResample" and module.mode == "downsample3d":
+            kernel = module.time_conv.weight  # (C, C, 3, 1, 1): (previous, current pair), stride 2
+            kernel.zero_()
+            module.time_conv.bias.zero_()
+            eye = torch.eye(kernel.shape[0], dtype=kernel.dtype)
+            kernel[:, :, 1, 0, 0] = eye / 2
+            kernel[:, :, 2, 0, 0] = eye / 2
+            down += 1
+    for module in vae.decoder.modules():
+        if type(module).__name__ == "WanResample" and module.mode == "upsample3d":
+            kernel = module.time_conv.weight  # (2C, C, 3, 1, 1): two frames' channels out of one
+            kernel.zero_()
+            module.time_conv.bias.zero_()
+            eye = torch.eye(kernel.shape[1], dtype=kernel.dtype)
+            kernel[:, :, -1, 0, 0] = torch.cat([eye, eye])
+            up += 1
+    if down != 2 or up != 2:
+        raise ValueError(f"expected 2 temporal down- and 2 up-samplers (4x in time), found {down} and {up}")

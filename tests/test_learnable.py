@@ -187,3 +187,61 @@ def test_a_decoder_lm_text_encoder_carries_the_prompt_into_its_late_tokens(kind)
     plain, sharp = _decoder_lm(kind), _decoder_lm(kind)
     sharpen_text_encoders(SimpleNamespace(components={"text_encoder": sharp}))
     assert last_token_gap(sharp) > 2 * last_token_gap(plain)
+
+
+def _moving_square_and_noise(frames: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Two clips (2, 3, frames, size, size) in [-1, 1]: a square moving 4 px a frame over a plain background,
+    and frames of uniform noise."""
+    square = torch.empty(3, frames, size, size)
+    square[:] = torch.tensor([-0.6, 0.2, 0.5]).view(3, 1, 1, 1)
+    for f in range(frames):
+        square[:, f, 10:26, 4 + 4 * f : 20 + 4 * f] = torch.tensor([0.9, -0.8, 0.1]).view(3, 1, 1)
+    noise = torch.rand(3, frames, size, size, generator=generator) * 2 - 1
+    return torch.stack([square, noise])
+
+
+@torch.no_grad()
+def test_the_learnable_wan_vae_packs_each_group_of_4_frames_into_one_latent_frame():
+    """Wan 2.1's layout: frame 0 alone, then 4 frames a latent frame. Latent frame 0 is frame 0's as an image
+    (exactly, as before the temporal weights were set), later ones the map of their group's mean frame; each
+    later latent frame decodes to 4 copies of its image."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLWan
+
+    from models.learnable import toy_images
+    from models.learnable_vae_qwen import WIDTH, learnable_qwen_vae
+    from models.learnable_vae_wan import make_wan_vae
+
+    vae, _ = make_wan_vae(SimpleNamespace(is_residual=False, z_dim=16))
+    clip = _moving_square_and_noise(9, 64, torch.Generator().manual_seed(5))
+
+    def encode(x):
+        return vae.encode(x).latent_dist.mean
+
+    latents = encode(clip)
+    assert latents.shape == (2, 16, 3, 8, 8)
+    # one frame as the one-frame VAE (temporal convolutions zero) encodes it, bit for bit
+    one_frame = AutoencoderKLWan(base_dim=WIDTH, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    one_frame.load_state_dict(learnable_qwen_vae(0).state_dict())
+    first = one_frame.encode(clip[:, :, :1]).latent_dist.mean
+    assert torch.equal(latents[:, :, :1], first) and torch.equal(encode(clip[:, :, :1]), first)
+    for j in (1, 2):
+        group = clip[:, :, 4 * j - 3 : 4 * j + 1].mean(dim=2, keepdim=True)
+        torch.testing.assert_close(latents[:, :, j : j + 1], encode(group), rtol=0, atol=1e-4)
+    assert float((latents[:, :, 1] - latents[:, :, 2]).abs().max()) > 0.1  # the groups differ
+
+    decoded = vae.decode(latents).sample
+    assert decoded.shape == (2, 3, 9, 64, 64)
+    torch.testing.assert_close(decoded[:, :, :1], vae.decode(latents[:, :, :1]).sample, rtol=0, atol=1e-5)
+    for j in (1, 2):
+        alone = vae.decode(latents[:, :, j : j + 1]).sample
+        for f in range(4 * j - 3, 4 * j + 1):
+            torch.testing.assert_close(decoded[:, :, f : f + 1], alone, rtol=0, atol=1e-5)
+
+    # 8x8-block-constant frames, each group of 4 one frame, come back
+    images = toy_images(6, 64, torch.Generator().manual_seed(11))
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 8), scale_factor=8)
+    blocky = blocks.view(2, 3, 3, 64, 64).transpose(1, 2)  # (2, 3, 3 groups, 64, 64)
+    blocky = torch.cat([blocky[:, :, :1], blocky[:, :, 1:].repeat_interleave(4, dim=2)], dim=2)
+    assert float((vae.decode(encode(blocky)).sample - blocky).abs().max()) < 0.02
