@@ -87,6 +87,7 @@ class Recipe:
     size: int = SIZE  # the toy images' side in pixels
     lora_targets: str | None = None  # model.lora.target_modules for a LoRA; None: UNET_LORA_TARGETS or the family's
     true_cfg: bool = False  # sample a guidance-embedding model with real CFG, its embedding at the trained 1.0 (Flux)
+    contrast: int = 0  # levels the square is above the background (0: toysets.CONTRAST for the family's kind)
     tiny: str = ""  # one of the family's tiny variants to learn on (--recipe tiny=flux2-dev); "": the family's own
 
 
@@ -267,7 +268,7 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
 
     cls = family_class(family)
     size = recipe.size
-    contrast = contrast_for(family, size)
+    contrast = recipe.contrast or contrast_for(family, size)
     labels, images, clips = [], [], []
     edit, video = is_edit(family), is_video(family)
     for label in range(len(CLASSES)):
@@ -323,7 +324,7 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     base_s = 0.0
     if finetune != "full":
         pipe_dir, base_s = pretrain(family, pipe_dir, work, recipe, extra)
-    contrast = contrast_for(family, recipe.size)
+    contrast = recipe.contrast or contrast_for(family, recipe.size)
     if is_edit(family):
         pairs = write_edit_set(work / f"edit-{recipe.size}-{contrast}", contrast, recipe.size)
         data, extra = pairs / "targets", (*extra, f"data.conditioning.reference.path={pairs / 'references'}")

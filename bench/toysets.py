@@ -159,11 +159,11 @@ def low_res(label: int, factor: int, contrast: int, size: int = SIZE):
     return F.interpolate(x, (size // factor, size // factor), mode="bilinear", antialias=True, align_corners=False)
 
 
-# The motion task: a faint square crosses a clip in one of four directions, captioned with it. Every class has the
-# same frames' mean position (its path is centred) and the same first frame's mean over the classes' starts, so a
-# model that ignores the caption moves the square at random; the score reads the direction alone (centroid shift),
-# so it does not ask where the model puts the square. The step is a latent frame's worth of motion (a Wan latent
-# frame holds 4 frames; 4 px a frame moves a 16 px token per latent frame).
+# The motion task: a faint square crosses a clip in one of four directions, captioned with it. Where its path lies
+# is drawn at random (anywhere the whole path stays in the frame), so no class has a place of its own: what the
+# caption decides is how the square moves relative to where it is, which a denoiser with relative (rotary)
+# positions can express, and the score reads the direction alone (the centroid's shift), not where the square is.
+# The step is 4 px a frame: a Wan latent frame (4 frames) moves a 16 px token.
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MOTION_FRAMES, MOTION_FPS, MOTION_STEP, MOTION_SQUARE = 9, 8, 4, 16  # frames, fps, px a frame, px a side (at SIZE)
 
@@ -172,40 +172,48 @@ def motion_caption(label: int) -> str:
     return f"{list(DIRECTIONS)[label]} moving square"  # the class word first, as ``caption``
 
 
-def motion_frames(label: int, contrast: int, size: int = SIZE, dx: int = 0, dy: int = 0, shade: int = 0) -> list:
+def motion_frames(label: int, contrast: int, size: int = SIZE, along: float = 0.5, across: float = 0.5,
+                  shade: int = 0) -> list:
     """The class's clip (PIL frames): the square moving ``MOTION_STEP`` px a frame (scaled with the side) in its
-    direction, its path centred on the image (moved by (dx, dy))."""
+    direction, its path placed at fractions ``along`` and ``across`` (0..1, 0.5: centred) of the room it has."""
     from PIL import Image, ImageDraw
 
     ux, uy = list(DIRECTIONS.values())[label]
     step, square = MOTION_STEP * size // SIZE, MOTION_SQUARE * size // SIZE
+    path = step * (MOTION_FRAMES - 1)
+    first = round(along * (size - square - path)) + (path if ux < 0 or uy < 0 else 0)  # where it starts, along
+    side = round(across * (size - square))
     colour = tuple(c + contrast + shade for c in BACKGROUND)
     frames = []
     for t in range(MOTION_FRAMES):
-        offset = (t - (MOTION_FRAMES - 1) / 2) * step
-        x0 = round((size - square) / 2 + ux * offset) + dx
-        y0 = round((size - square) / 2 + uy * offset) + dy
+        moved = first + (ux + uy) * step * t
+        x0, y0 = (moved, side) if ux else (side, moved)
         img = Image.new("RGB", (size, size), BACKGROUND)
         ImageDraw.Draw(img).rectangle((x0, y0, x0 + square - 1, y0 + square - 1), fill=colour)
         frames.append(img)
     return frames
 
 
-def write_motion_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
-    """``per_class`` jittered clips of each class, lossless (FFV1 in Matroska: a faint square survives), captioned by
-    file name."""
+def write_motion_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 16, seed: int = 0) -> Path:
+    """``per_class`` clips of each class at random places, lossless (FFV1 in Matroska: a faint square survives),
+    captioned by file name."""
+    import random
+
     import av
 
     if path.is_dir() and any(path.iterdir()):
         return path
     path.mkdir(parents=True, exist_ok=True)
-    for label, i, dx, dy, shade in jittered(size, per_class, seed):
-        with av.open(str(path / f"{motion_caption(label)} ({i}).mkv"), "w") as container:
-            stream = container.add_stream("ffv1", rate=MOTION_FPS)
-            stream.width, stream.height, stream.pix_fmt = size, size, "bgr0"
-            for frame in motion_frames(label, contrast, size, dx, dy, shade):
-                container.mux(stream.encode(av.VideoFrame.from_image(frame)))
-            container.mux(stream.encode())
+    rng = random.Random(seed)
+    for label in range(len(DIRECTIONS)):
+        for i in range(per_class):
+            frames = motion_frames(label, contrast, size, rng.random(), rng.random(), rng.randint(-JITTER_LEVELS, JITTER_LEVELS))
+            with av.open(str(path / f"{motion_caption(label)} ({i}).mkv"), "w") as container:
+                stream = container.add_stream("ffv1", rate=MOTION_FPS)
+                stream.width, stream.height, stream.pix_fmt = size, size, "bgr0"
+                for frame in frames:
+                    container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+                container.mux(stream.encode())
     return path
 
 

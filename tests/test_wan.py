@@ -177,3 +177,26 @@ def test_simpletuner_wan_imports_to_the_wan_presets(tmp_path):
         res = convert(config)
         assert res.defaults["model"] == "wan" and res.defaults["preset"] == preset, flavour
         assert res.get("model.pretrained_model_name_or_path") == repo, flavour
+
+
+def test_wan22_ti2v_resumes_exactly_validates_clips_and_fine_tunes_in_full(make_cfg, tmp_path):
+    """The family matrix's checks on Wan 2.2 TI2V-5B's own layout (48-channel VAE at 1/16, timesteps per token)."""
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    from tuner.run import train
+
+    path = write_tiny("wan22-ti2v", tmp_path / "tiny" / "wan22-ti2v")
+    common = ("model=wan", f"model.pretrained_model_name_or_path={path}", "data.bucket_step=32", "checkpointing_steps=2",
+              "callbacks.validation.num_inference_steps=2")
+    train(make_cfg(*common, "max_train_steps=4", output_dir=tmp_path / "straight"))
+    train(make_cfg(*common, "max_train_steps=2", output_dir=tmp_path / "resumed"))
+    train(make_cfg(*common, "max_train_steps=4", "resume_from_checkpoint=latest", output_dir=tmp_path / "resumed"))
+    a, b = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list((tmp_path / "straight" / "validation").rglob("*.mp4"))  # validation sampled clips
+    train(make_cfg(*common, "model.finetune=full", "optimizer.lr=1e-3", "max_train_steps=2", output_dir=tmp_path / "full"))
+    pipe = WanPipeline.from_pretrained(tmp_path / "full" / "pipeline")
+    assert pipe.config.expand_timesteps and pipe.vae.config.z_dim == 48
+    base = WanPipeline.from_pretrained(path).transformer.state_dict()
+    assert any(not torch.equal(p, base[k]) for k, p in pipe.transformer.state_dict().items())
