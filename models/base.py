@@ -214,6 +214,12 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         none by default."""
 
     @classmethod
+    def pixel_multiple_for(cls, model_cfg: Any) -> int:
+        """The image edge multiple of the checkpoint ``model_cfg`` names (Wan 2.2 TI2V-5B's VAE: 32, its family's 16);
+        the family's ``pixel_multiple`` by default."""
+        return cls.pixel_multiple
+
+    @classmethod
     def card_notes(cls, model_cfg: Any) -> list[str]:
         """Paragraphs the model card adds under "Notes" for a run of this family with ``model_cfg`` (the
         settled ``cfg.model``): what a user must know to sample it as it was trained. None by default."""

@@ -134,6 +134,18 @@ class WanModule(DiffusionModule):
         return notes
 
     @classmethod
+    def pixel_multiple_for(cls, model_cfg) -> int:
+        """The VAE's spatial factor times the 2x2 patch: 16 for Wan 2.1 and A14B, 32 for TI2V-5B's 16x VAE."""
+        from diffusers import AutoencoderKLWan
+
+        try:
+            config = AutoencoderKLWan.load_config(model_cfg.pretrained_model_name_or_path, subfolder="vae",
+                                                  revision=model_cfg.get("revision"))
+        except OSError:  # not there yet (the demo's) or not reachable: the family's
+            return cls.pixel_multiple
+        return int(config.get("scale_factor_spatial", 8)) * 2
+
+    @classmethod
     def two_transformers(cls, path: str, revision: str | None = None) -> bool:
         """Whether the checkpoint at ``path`` is Wan 2.2 A14B's pair (it has a ``transformer_2``)."""
         from diffusers import DiffusionPipeline

@@ -72,7 +72,7 @@ def test_lora_on_an_int8_transformer_and_t5(make_cfg, tmp_path):
         (["model=sd3", "callbacks.validation.loss_timesteps=[500]"], "callbacks.validation.loss_timesteps: DDPM"),
         (["model=sd15", "model.timestep_sampling=logit_normal"], "sd15 is a DDPM family"),
         (["model=sd15", "+model.options.t5_max_length=10"], "sd15 has no family options"),
-        (["model=sd3", "data.bucket_step=8"], "data.bucket_step=8: sd3 needs image edges divisible by 16"),
+        (["model=sd3", "data.bucket_step=8"], "data.bucket_step=8: this sd3 checkpoint needs image edges divisible by 16"),
     ],
 )
 def test_family_settings_are_checked_before_loading(overrides, message, make_cfg):

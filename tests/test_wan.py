@@ -184,11 +184,14 @@ def test_wan22_ti2v_resumes_exactly_validates_clips_and_fine_tunes_in_full(make_
     from diffusers import WanPipeline
     from safetensors.torch import load_file
 
+    from tuner.config import ConfigError
     from tuner.run import train
 
     path = write_tiny("wan22-ti2v", tmp_path / "tiny" / "wan22-ti2v")
     common = ("model=wan", f"model.pretrained_model_name_or_path={path}", "data.bucket_step=32", "checkpointing_steps=2",
               "callbacks.validation.num_inference_steps=2")
+    with pytest.raises(ConfigError, match="data.bucket_step=16: this wan checkpoint needs image edges divisible by 32"):
+        prepare(make_cfg(*common, "data.bucket_step=16", output_dir=tmp_path / "x"))  # its VAE's 16x, before loading
     train(make_cfg(*common, "max_train_steps=4", output_dir=tmp_path / "straight"))
     train(make_cfg(*common, "max_train_steps=2", output_dir=tmp_path / "resumed"))
     train(make_cfg(*common, "max_train_steps=4", "resume_from_checkpoint=latest", output_dir=tmp_path / "resumed"))

@@ -135,11 +135,10 @@ def check_family(cfg) -> None:
     _settle_text_encoders(cfg, cls)
     steps = {"data": cfg.data.bucket_step}
     steps.update({f"data.datasets.{k}": v.get("bucket_step") for k, v in cfg.data.datasets.items()})
+    multiple = cls.pixel_multiple_for(model)  # the checkpoint's (Wan 2.2 TI2V-5B's VAE: 32)
     for where, step in steps.items():
-        if step is not None and step % cls.pixel_multiple:
-            raise ConfigError(
-                f"{where}.bucket_step={step}: {model.family} needs image edges divisible by {cls.pixel_multiple}"
-            )
+        if step is not None and step % multiple:
+            raise ConfigError(f"{where}.bucket_step={step}: this {model.family} checkpoint needs image edges divisible by {multiple}")
 
 
 def _check_schedule_keys(cfg, cls) -> None:
