@@ -87,6 +87,7 @@ class Recipe:
     size: int = SIZE  # the toy images' side in pixels
     lora_targets: str | None = None  # model.lora.target_modules for a LoRA; None: UNET_LORA_TARGETS or the family's
     true_cfg: bool = False  # sample a guidance-embedding model with real CFG, its embedding at the trained 1.0 (Flux)
+    task: str = ""  # caption, edit or motion ("": the family's: edit for an editing family, motion for video)
     contrast: int = 0  # levels the square is above the background (0: toysets.CONTRAST for the family's kind)
     tiny: str = ""  # one of the family's tiny variants to learn on (--recipe tiny=flux2-dev); "": the family's own
 
@@ -130,18 +131,17 @@ RECIPES: dict[str, Recipe] = {  # where the default does not fit
 
 
 
-def is_video(family: str) -> bool:
-    """Whether ``family`` trains on clips: it learns the motion task."""
+def task_of(family: str, recipe: Recipe) -> str:
+    """The toy task ``family`` learns: the recipe's, or ``edit`` for a family that edits an input image (it consumes
+    references), ``motion`` for one that trains on clips, else ``caption``."""
     from tuner.families import family_class
 
-    return bool(getattr(family_class(family), "video", False))
-
-
-def is_edit(family: str) -> bool:
-    """Whether ``family`` edits an input image (it consumes references): it learns the edit task."""
-    from tuner.families import family_class
-
-    return "reference" in getattr(family_class(family), "conditioning_kinds", ())
+    cls = family_class(family)
+    if recipe.task:
+        return recipe.task
+    if "reference" in getattr(cls, "conditioning_kinds", ()):
+        return "edit"
+    return "motion" if getattr(cls, "video", False) else "caption"
 
 
 
@@ -200,7 +200,7 @@ def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) 
     if (out / "pipeline" / "model_index.json").is_file():
         return out / "pipeline", 0.0
     data = write_generic_set(work / f"generic-{recipe.size}", recipe.size)
-    if is_edit(family):  # an edit model's base learns to copy its input: each image is its own reference
+    if task_of(family, recipe) == "edit":  # an edit model's base learns to copy its input: each image is its own reference
         extra = (*extra, f"data.conditioning.reference.path={data}")
     seconds = train(family, pipe_dir, data, out, "full", recipe, extra, steps=recipe.base_steps)
     return out / "pipeline", seconds
@@ -270,11 +270,13 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     size = recipe.size
     contrast = recipe.contrast or contrast_for(family, size)
     labels, images, clips = [], [], []
-    edit, video = is_edit(family), is_video(family)
+    edit, video = task_of(family, recipe) == "edit", task_of(family, recipe) == "motion"
     for label in range(len(CLASSES)):
         extra = cls.sampling_inputs(size, size, pipe)
         if video:  # the motion task: a clip as long as the training clips
             extra["num_frames"] = MOTION_FRAMES
+        elif "num_frames" in extra:  # a video family on images (1-frame clips): an image
+            extra["num_frames"] = 1
         if edit:  # the edit task: the class's reference is the input, the instruction the same for all
             extra["image"] = class_image(EDIT_SOURCE[label], contrast, size)
         elif "image" in extra:  # an upscaler: the class's own low-res image
@@ -325,10 +327,11 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     if finetune != "full":
         pipe_dir, base_s = pretrain(family, pipe_dir, work, recipe, extra)
     contrast = recipe.contrast or contrast_for(family, recipe.size)
-    if is_edit(family):
+    task = task_of(family, recipe)
+    if task == "edit":
         pairs = write_edit_set(work / f"edit-{recipe.size}-{contrast}", contrast, recipe.size)
         data, extra = pairs / "targets", (*extra, f"data.conditioning.reference.path={pairs / 'references'}")
-    elif is_video(family):
+    elif task == "motion":
         data = write_motion_set(work / f"motion-{recipe.size}-{contrast}", contrast, recipe.size)
         extra = (*extra, f"data.num_frames={MOTION_FRAMES}")
     else:

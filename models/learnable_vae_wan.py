@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from models.learnable_vae import toy_images
-from models.learnable_vae_qwen import WIDTH, learnable_qwen_vae, set_latent_stats
+from models.learnable_vae_qwen import CONST, SIGNALS, WIDTH, learnable_qwen_vae, set_latent_stats
 
 
 def make_wan_vae(config, seed: int = 0) -> tuple[object, dict[str, float]]:
@@ -39,7 +39,40 @@ def make_wan_vae(config, seed: int = 0) -> tuple[object, dict[str, float]]:
     vae = AutoencoderKLWan(base_dim=WIDTH, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
     vae.load_state_dict(learnable_qwen_vae(seed).state_dict(), strict=True)
     _set_time_convs(vae)
+    _mark_borders(vae, seed)
     return vae, set_latent_stats(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
+
+
+# A real VAE's latents differ at the image's border (its convolutions' zero padding); the box filter's do not. A
+# denoiser whose positions are only relative (Wan's rotary self-attention, nothing absolute) learns where a token
+# is from such differences: without them the tiny Wan could not place a square in a quadrant at all (its prompt
+# changed nothing: 0.25, chance, full fine-tune, whatever its width, depth or sequence length), while LTX-Video's
+# learnable VAE, whose patchify leaves its top row and left column apart (~1 latent unit), learned it (1.00).
+BORDER = 1.0  # the marker's size at an edge, in units of a latent channel's spread on toy images (corners 5/3)
+
+
+@torch.no_grad()
+def _mark_borders(vae, seed: int) -> None:
+    """The encoder's ``conv_out`` adds a border marker along a latent direction the decoder does not read (outside
+    the span of the RGB map ``q``): a 3x3 kernel on the constant channel (CONST) that sums to zero, so it cancels
+    inside the image and leaves the padding's share at the edges. Decoding is unchanged."""
+    conv = vae.encoder.conv_out
+    tap = conv.weight[:, :, -1]  # (2 z, WIDTH, 3, 3): the current frame's spatial taps
+    z_dim = vae.config.z_dim
+    q = 2 * tap[:z_dim, :SIGNALS, 1, 1]  # (z, 3): _signals_out's map, orthonormal columns
+    extra = torch.randn(z_dim, 1, generator=torch.Generator().manual_seed(seed + 1))
+    basis, _ = torch.linalg.qr(torch.cat([q, extra], dim=1))
+    u = basis[:, SIGNALS]  # a unit latent direction orthogonal to the decoder's
+    spread = _latent_spread(vae)
+    k = BORDER * spread / (3 * CONST)  # an edge pixel misses 3 of its 8 neighbours
+    tap[:z_dim, 2 * SIGNALS] -= k * u[:, None, None]
+    tap[:z_dim, 2 * SIGNALS, 1, 1] += 9 * k * u  # the centre: +8k after the neighbours' share
+
+
+def _latent_spread(vae) -> float:
+    """The latent channels' mean spread on toy images (before normalisation)."""
+    images = toy_images(16, 64, torch.Generator().manual_seed(0))[:, :, None]
+    return float(vae.encode(images).latent_dist.mean.std(dim=(0, 2, 3, 4)).mean())
 
 
 @torch.no_grad()
