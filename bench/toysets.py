@@ -109,10 +109,11 @@ def templates(contrast: int, size: int = SIZE):
 
 
 def nearest_class(images, refs) -> list[int]:
-    """Each image's nearest class template (mean squared distance in pixels)."""
+    """Each image's (or clip's) nearest class template (mean squared distance in pixels)."""
     import numpy as np
 
-    d = ((images[:, None] - refs[None]) ** 2).mean(axis=(2, 3, 4))
+    d = ((images[:, None] - refs[None]) ** 2)
+    d = d.mean(axis=tuple(range(2, d.ndim)))
     return [int(i) for i in np.argmin(d, axis=1)]
 
 
@@ -159,10 +160,11 @@ def low_res(label: int, factor: int, contrast: int, size: int = SIZE):
     return F.interpolate(x, (size // factor, size // factor), mode="bilinear", antialias=True, align_corners=False)
 
 
-# The motion task: a faint square crosses a clip in one of four directions, captioned with it. Where its path lies
-# is drawn at random (anywhere the whole path stays in the frame), so no class has a place of its own: what the
-# caption decides is how the square moves relative to where it is, which a denoiser with relative (rotary)
-# positions can express, and the score reads the direction alone (the centroid's shift), not where the square is.
+# The motion task: a faint square crosses a clip in one of four directions, its path centred on the image (jittered a
+# few pixels), captioned with its direction. Over the upper part of the noise schedule the noisy clip does not give
+# the direction away: the caption must. Scored as the caption task is, by the nearest class clip (every frame).
+# A square placed at random with only its direction to learn (scored by its centroid's shift) asked the tiny
+# denoisers to break the symmetry of noise on their own: Wan and LTX-Video sampled noise, no square (0.25-0.31).
 # The step is 4 px a frame: a Wan latent frame (4 frames) moves a 16 px token.
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MOTION_FRAMES, MOTION_FPS, MOTION_STEP, MOTION_SQUARE = 9, 8, 4, 16  # frames, fps, px a frame, px a side (at SIZE)
@@ -172,62 +174,45 @@ def motion_caption(label: int) -> str:
     return f"{list(DIRECTIONS)[label]} moving square"  # the class word first, as ``caption``
 
 
-def motion_frames(label: int, contrast: int, size: int = SIZE, along: float = 0.5, across: float = 0.5,
-                  shade: int = 0) -> list:
+def motion_frames(label: int, contrast: int, size: int = SIZE, dx: int = 0, dy: int = 0, shade: int = 0) -> list:
     """The class's clip (PIL frames): the square moving ``MOTION_STEP`` px a frame (scaled with the side) in its
-    direction, its path placed at fractions ``along`` and ``across`` (0..1, 0.5: centred) of the room it has."""
+    direction, its path centred on the image, moved by (dx, dy)."""
     from PIL import Image, ImageDraw
 
     ux, uy = list(DIRECTIONS.values())[label]
     step, square = MOTION_STEP * size // SIZE, MOTION_SQUARE * size // SIZE
-    path = step * (MOTION_FRAMES - 1)
-    first = round(along * (size - square - path)) + (path if ux < 0 or uy < 0 else 0)  # where it starts, along
-    side = round(across * (size - square))
     colour = tuple(c + contrast + shade for c in BACKGROUND)
     frames = []
     for t in range(MOTION_FRAMES):
-        moved = first + (ux + uy) * step * t
-        x0, y0 = (moved, side) if ux else (side, moved)
+        offset = (t - (MOTION_FRAMES - 1) / 2) * step
+        x0, y0 = round((size - square) / 2 + ux * offset) + dx, round((size - square) / 2 + uy * offset) + dy
         img = Image.new("RGB", (size, size), BACKGROUND)
         ImageDraw.Draw(img).rectangle((x0, y0, x0 + square - 1, y0 + square - 1), fill=colour)
         frames.append(img)
     return frames
 
 
-def write_motion_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 16, seed: int = 0) -> Path:
-    """``per_class`` clips of each class at random places, lossless (FFV1 in Matroska: a faint square survives),
-    captioned by file name."""
-    import random
-
+def write_motion_set(path: Path, contrast: int, size: int = SIZE, per_class: int = 8, seed: int = 0) -> Path:
+    """``per_class`` jittered clips of each class, lossless (FFV1 in Matroska: a faint square survives), captioned by
+    file name."""
     import av
 
     if path.is_dir() and any(path.iterdir()):
         return path
     path.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for label in range(len(DIRECTIONS)):
-        for i in range(per_class):
-            frames = motion_frames(label, contrast, size, rng.random(), rng.random(), rng.randint(-JITTER_LEVELS, JITTER_LEVELS))
-            with av.open(str(path / f"{motion_caption(label)} ({i}).mkv"), "w") as container:
-                stream = container.add_stream("ffv1", rate=MOTION_FPS)
-                stream.width, stream.height, stream.pix_fmt = size, size, "bgr0"
-                for frame in frames:
-                    container.mux(stream.encode(av.VideoFrame.from_image(frame)))
-                container.mux(stream.encode())
+    for label, i, dx, dy, shade in jittered(size, per_class, seed):
+        with av.open(str(path / f"{motion_caption(label)} ({i}).mkv"), "w") as container:
+            stream = container.add_stream("ffv1", rate=MOTION_FPS)
+            stream.width, stream.height, stream.pix_fmt = size, size, "bgr0"
+            for frame in motion_frames(label, contrast, size, dx, dy, shade):
+                container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+            container.mux(stream.encode())
     return path
 
 
-def motion_direction(frames) -> int:
-    """The class whose direction the square's centroid moves along most, from a clip's frames (F, H, W, 3) floats:
-    the square is what is brighter than the clip's median colour; the shift is the late half's centroid minus the
-    early half's."""
+def motion_templates(contrast: int, size: int = SIZE):
+    """The four classes' clean clips, (4, F, size, size, 3) floats in [0, 1]."""
     import numpy as np
 
-    frames = np.asarray(frames, dtype=np.float64)
-    excess = np.clip(frames - np.median(frames.reshape(-1, 3), axis=0), 0, None).sum(-1)  # (F, H, W)
-    ys, xs = np.mgrid[: excess.shape[1], : excess.shape[2]]
-    weight = excess.sum(axis=(1, 2)) + 1e-9
-    centroids = np.stack([(excess * xs).sum(axis=(1, 2)) / weight, (excess * ys).sum(axis=(1, 2)) / weight], -1)
-    half = len(frames) // 2
-    shift = centroids[-half:].mean(0) - centroids[:half].mean(0)
-    return int(np.argmax([shift @ np.asarray(d) for d in DIRECTIONS.values()]))
+    return np.stack([np.stack([np.asarray(f, dtype=np.float32) / 255 for f in motion_frames(label, contrast, size)])
+                     for label in range(len(DIRECTIONS))])

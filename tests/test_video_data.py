@@ -197,6 +197,10 @@ def test_the_frame_count_is_checked_against_the_family(make_cfg):
 
     with pytest.raises(ConfigError, match="trains on images"):
         prepare(make_cfg("data.num_frames=17"))
+    # LTX-Video's positions in time are conditioned on the frame rate: the clips must come at the one it is told
+    with pytest.raises(ConfigError, match="data.frame_rate=16, but model.options.frame_rate=25"):
+        prepare(make_cfg("model=ltx_video", "data.num_frames=9", "data.frame_rate=16"))
+    prepare(make_cfg("model=ltx_video", "data.num_frames=9", "data.frame_rate=16", "model.options.frame_rate=16"))
 
 
 def test_the_objective_takes_clips():

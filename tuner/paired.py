@@ -153,3 +153,15 @@ def check_frames(cfg, cls) -> None:
         if frames < 1 or (frames - 1) % cls.frame_multiple:
             m = cls.frame_multiple
             raise ConfigError(f"{key}={frames}; model={family} takes {m}k+1 frames (e.g. {m * 4 + 1} or {m * 20 + 1})")
+    # a family whose positions in time are conditioned on the frame rate (LTX-Video) trains at the rate it is told
+    conditioned = getattr(cls.Options(), "frame_rate", None)
+    if conditioned is not None:
+        told = float((cfg.model.get("options") or {}).get("frame_rate") or conditioned)
+        rates = {"data.frame_rate": cfg.data.get("frame_rate")}
+        rates.update({f"data.datasets.{k}.frame_rate": v.get("frame_rate") for k, v in cfg.data.datasets.items()})
+        for key, rate in rates.items():
+            if rate is not None and abs(float(rate) - told) > 1e-6:
+                raise ConfigError(
+                    f"{key}={rate:g}, but model.options.frame_rate={told:g}: {family} conditions its positions in time "
+                    "on the frame rate, so the clips must come at it; set the two equal"
+                )
