@@ -223,3 +223,13 @@ def test_what_cannot_be_imported_at_all_is_one_line(tmp_path, capsys):
     (tmp_path / "x.yaml").write_text("mine")
     assert importer.main(["simpletuner", str(DATA / "sd3_lora.json"), "-o", str(tmp_path / "x.yaml")]) == 2
     assert "exists; add --force" in capsys.readouterr().err and (tmp_path / "x.yaml").read_text() == "mine"
+
+
+def test_current_key_names_map_like_their_deprecated_aliases():
+    """checkpoint_step_interval / validation_step_interval: SimpleTuner's names now (issue 24)."""
+    from tuner.simpletuner import convert
+
+    res = convert(DATA / "flux_lycoris_current.json")
+    assert res.get("checkpointing_steps") == 50 and res.get("callbacks.validation.every_n_steps") == 25
+    assert res.get("callbacks.hub.model_name") == "flux-lycoris-test" and res.get("callbacks.ema.on_cpu") is True
+    assert not [key for key, _ in res.unmapped if "interval" in key or key == "ema_cpu_only"], res.unmapped

@@ -134,6 +134,8 @@ def _load_json(path: Path, what: str) -> Any:
 
 ALIASES = {"is_regularization_data": "is_regularisation_data", "hub_model_id": "hub_model_name"}
 ALIASES.update(min_snr_gamma="snr_gamma")
+# SimpleTuner's deprecated names -> its current ones (its field registry lists them as aliases)
+ALIASES.update(checkpointing_steps="checkpoint_step_interval", validation_steps="validation_step_interval")
 
 
 def _strip(config: dict) -> dict:
@@ -243,10 +245,11 @@ def _lycoris(path: Any, res: Imported, dirs: list[Path]) -> None:
 
 
 # ---- run, optimiser, schedule -------------------------------------------------------------------------------
-_SAME = {"output_dir": str, "max_train_steps": _int, "num_train_epochs": _int, "checkpointing_steps": _int}
+_SAME = {"output_dir": str, "max_train_steps": _int, "num_train_epochs": _int}
 _SAME.update(checkpoints_total_limit=_int, gradient_accumulation_steps=_int, max_grad_norm=float)
 RUN = {key: (key, convert) for key, convert in _SAME.items()}
 RUN |= {  # SimpleTuner key -> (tuner key, converter)
+    "checkpoint_step_interval": ("checkpointing_steps", _int),
     "revision": ("model.revision", str),
     "variant": ("model.variant", str),
     "lora_rank": ("model.lora.rank", _int),
@@ -264,7 +267,7 @@ RUN |= {  # SimpleTuner key -> (tuner key, converter)
     "use_ema": ("callbacks.ema.enabled", _bool),
     "ema_decay": ("callbacks.ema.decay", float),
     "ema_update_interval": ("callbacks.ema.update_every_n_steps", _int),
-    "validation_steps": ("callbacks.validation.every_n_steps", _int),
+    "validation_step_interval": ("callbacks.validation.every_n_steps", _int),
     "validation_guidance": ("callbacks.validation.guidance_scale", float),
     "validation_num_inference_steps": ("callbacks.validation.num_inference_steps", _int),
     "validation_seed": ("callbacks.validation.seed", _int),
@@ -401,6 +404,8 @@ def _validation(args: dict, res: Imported, dirs: list[Path]) -> None:
         res.skip("ema_validation", f"{mode!r}: tuner's are {', '.join(modes)}")
     if args.get("ema_device") is not None:
         res.set("callbacks.ema.on_cpu", str(args.pop("ema_device")) == "cpu")
+    if _bool(args.pop("ema_cpu_only", False)):  # the EMA weights kept on the CPU
+        res.set("callbacks.ema.on_cpu", True)
 
 
 def _logger(args: dict, res: Imported) -> None:
