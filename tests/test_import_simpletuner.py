@@ -208,11 +208,10 @@ def test_a_value_tuner_refuses_is_caught_by_the_real_check(tmp_path, capsys):
     settings = {"model_family": "sdxl", "model_type": "full", "base_model_precision": "int8-quanto"}
     config.write_text(json.dumps(settings | {"instance_data_dir": str(tmp_path)}))
     out = tmp_path / "full.yaml"
-    assert importer.main(["simpletuner", str(config), "-o", str(out)]) == 0
-    assert (
-        "tuner's config check: model.finetune=full with quantization.base_model_precision=int8-quanto"
-        in capsys.readouterr().err
-    )
+    assert importer.main(["simpletuner", str(config), "-o", str(out)]) == 2  # not 0: train.py would refuse it
+    err = capsys.readouterr().err
+    assert "tuner: error: tuner's config check fails" in err
+    assert "model.finetune=full with quantization.base_model_precision=int8-quanto" in err.splitlines()[-1]
 
 
 def test_what_cannot_be_imported_at_all_is_one_line(tmp_path, capsys):
@@ -233,3 +232,14 @@ def test_current_key_names_map_like_their_deprecated_aliases():
     assert res.get("checkpointing_steps") == 50 and res.get("callbacks.validation.every_n_steps") == 25
     assert res.get("callbacks.hub.model_name") == "flux-lycoris-test" and res.get("callbacks.ema.on_cpu") is True
     assert not [key for key, _ in res.unmapped if "interval" in key or key == "ema_cpu_only"], res.unmapped
+
+
+def test_keys_left_out_carry_simpletuners_defaults_not_the_presets(tmp_path, capsys):
+    """flux-dev's preset quantises (int8) and warms up 100 steps; SimpleTuner's defaults do neither: a LyCORIS run
+    that leaves base_model_precision and lr_warmup_steps out passes tuner's check, without warm-up (issue 24)."""
+    out, text, err = _import(tmp_path, capsys, DATA / "flux_lycoris_current.json")
+    assert "base_model_precision is not set: SimpleTuner's default no_change" in err and "model.finetune=lycoris" in err
+    assert "lr_warmup_steps is not set: SimpleTuner's default 0" in err
+    cfg = _compose(tmp_path, "flux_lycoris_current")
+    assert cfg.quantization.base_model_precision == "no_change" and cfg.model.finetune == "lycoris"
+    assert cfg.lr_scheduler.warmup_steps == 0 and cfg.max_train_steps == 100 and cfg.model.lora.rank == 16

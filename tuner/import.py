@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render(result), encoding="utf-8")
     print("\n".join(report(result)), file=sys.stderr)
-    print(f"tuner's config check: {check(output) or 'passed'}", file=sys.stderr)
+    problem = check(output)
+    if problem:  # the experiment would fail in train.py: say why, and exit non-zero
+        print(f"tuner: error: tuner's config check fails on the written {output}: {problem}", file=sys.stderr)
+        return 2
+    print("tuner's config check: passed", file=sys.stderr)
     print(f"wrote {output}")
     where = "" if output.resolve().parent == CONF / "experiment" else "copy it to conf/experiment/, then "
     print(f"run it: {where}python train.py +experiment={output.stem}")

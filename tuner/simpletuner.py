@@ -23,8 +23,6 @@ from tuner.simpletuner_tables import (  # the name tables: SimpleTuner's keys an
     _OPTIMIZERS,
     _SECRET_KEY,
     _SECRET_VALUE,
-    FAMILIES,
-    FLAVOURS,
     GENERIC,
     LOGGERS,
     NEAR_OPTIMIZERS,
@@ -33,8 +31,6 @@ from tuner.simpletuner_tables import (  # the name tables: SimpleTuner's keys an
     REASONS,
     SCHEDULERS,
     SCHEMAS,
-    assistant_adapter,
-    family_and_preset,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -165,85 +161,6 @@ def _secret_home(key: str, value: Any) -> str:
     return "keep it in the environment or a file outside the config; tuner never reads secrets from its config"
 
 
-# ---- model --------------------------------------------------------------------------------------------------
-def _model(args: dict, res: Imported, dirs: list[Path]) -> type:
-    st_family = str(args.pop("model_family", "") or "").lower()
-    if st_family not in FAMILIES:
-        given = f"model_family={st_family!r}" if st_family else "model_family is not set"
-        raise SimpleTunerError(f"{given}; tuner trains: {', '.join(FAMILIES)}")
-    path = args.pop("pretrained_model_name_or_path", None)
-    flavour = str(args.pop("model_flavour", "") or "")
-    model_type = str(args.pop("model_type", "") or "").lower()
-    family, preset = family_and_preset(st_family, str(path or ""), flavour, model_type)
-    res.defaults.update(preset=preset, model=family)
-    path = path or FLAVOURS.get((st_family, flavour.lower()))
-    if path:
-        res.set("model.pretrained_model_name_or_path", _locate(path, dirs[:1]) or str(path))
-    elif flavour:
-        res.notes.append(f"model_flavour={flavour}: the {preset} preset's base model is kept")
-    finetune = _finetune(model_type, str(args.pop("lora_type", "") or "").lower(), res)
-    if finetune:
-        res.set("model.finetune", finetune)
-    if finetune == "lycoris":
-        _lycoris(args.pop("lycoris_config", None), res, dirs)
-    from tuner.families import family_class
-
-    cls = family_class(family)
-    _assistant(args, res, cls, st_family, flavour, dirs)
-    return cls
-
-
-def _assistant(args: dict, res: Imported, cls: type, st_family: str, flavour: str, dirs: list[Path]) -> None:
-    """SimpleTuner's assistant LoRA (a de-distilling adapter active while training: Flux schnell, Z-Image-Turbo's
-    flavours, on by default there) -> ``model.options.training_adapter``."""
-    path, weight = args.pop("assistant_lora_path", None), args.pop("assistant_lora_weight_name", None)
-    disabled = _bool(args.pop("disable_assistant_lora", False))
-    if "training_adapter" not in {f.name for f in dataclasses.fields(cls.Options)}:
-        if path:
-            res.skip("assistant_lora_path", f"{cls.__name__} has no training adapter in tuner")
-        return
-    path = (_locate(path, dirs) or str(path)) if path else ""  # a local one, as SimpleTuner's root sees it
-    spec = None if disabled else assistant_adapter(st_family, flavour, path, str(weight or ""))
-    if spec or disabled:
-        res.set("model.options.training_adapter", spec)
-
-
-def _finetune(model_type: str, lora_type: str, res: Imported) -> str | None:
-    if "lycoris" in (lora_type, model_type):
-        return "lycoris"
-    if lora_type not in ("", "standard"):
-        res.skip("lora_type", f"{lora_type!r}: tuner's adapters are standard LoRA and lycoris")
-    if "lora" in model_type:
-        return "lora"
-    if model_type in ("full", "deepfloyd-full", "deepfloyd-stage2"):
-        return "full"
-    if model_type:
-        res.skip("model_type", f"{model_type!r}: tuner's are lora, lycoris and full")
-    else:
-        res.notes.append("model_type is not set: the preset's model.finetune is kept")
-    return None
-
-
-LYCORIS = {"algo": ("algo", str), "linear_dim": ("rank", _int), "linear_alpha": ("alpha", float)}
-LYCORIS.update(factor=("factor", _int), dropout=("dropout", float))
-
-
-def _lycoris(path: Any, res: Imported, dirs: list[Path]) -> None:
-    found = _locate(path, dirs) if path else None
-    if not found:
-        res.notes.append(f"lycoris_config {path!r} not found: model.lycoris keeps tuner's defaults (lokr, factor 16)")
-        return
-    res.sources.append(found)
-    for key, value in _load_json(Path(found), "lycoris config").items():
-        if key == "algo" and value not in ("lokr", "loha"):
-            res.skip("lycoris_config.algo", f"{value!r}: tuner's are lokr and loha")
-        elif key in LYCORIS:
-            _put(res, f"lycoris_config.{key}", f"model.lycoris.{LYCORIS[key][0]}", LYCORIS[key][1], value)
-        elif key != "multiplier" or str(value) not in ("1", "1.0"):  # 1.0: the strength tuner trains at
-            why = "the adapter targets the family's LoRA modules" if key == "apply_preset" else GENERIC
-            res.skip(f"lycoris_config.{key}", why)
-
-
 # ---- run, optimiser, schedule -------------------------------------------------------------------------------
 _SAME = {"output_dir": str, "max_train_steps": _int, "num_train_epochs": _int}
 _SAME.update(checkpoints_total_limit=_int, gradient_accumulation_steps=_int, max_grad_norm=float)
@@ -298,12 +215,6 @@ def _run(args: dict, res: Imported) -> None:
         res.set("resume_from_checkpoint", "latest")
     elif resume:
         res.skip("resume_from_checkpoint", "a SimpleTuner checkpoint cannot resume a tuner run; start fresh")
-    if _bool(args.pop("refiner_training", False)):  # SimpleTuner's refiner is the low-noise expert
-        invert = _bool(args.pop("refiner_training_invert_schedule", False))
-        res.set("model.expert", "high_noise" if invert else "low_noise")
-        if args.get("refiner_training_strength") is not None:
-            strength = args.pop("refiner_training_strength")
-            _put(res, "refiner_training_strength", "model.expert_boundary", float, strength)
 
 
 def _preset_choice(preset: str, group: str) -> str:
@@ -476,16 +387,18 @@ def _objective(args: dict, res: Imported, cls: type) -> None:
 # ---- the whole config ---------------------------------------------------------------------------------------
 def convert(config: str | Path, backend: str | Path | None = None) -> Imported:
     """A SimpleTuner config.json (and its multidatabackend.json) as a tuner experiment."""
-    from tuner.simpletuner_data import data_section  # (it builds on this module's helpers)
+    from tuner.simpletuner_data import data_section  # (they build on this module's helpers)
+    from tuner.simpletuner_families import model_section, simpletuner_defaults
 
     config = Path(config)
     args = _load_json(config, "SimpleTuner config")
     if not isinstance(args, dict):
         raise SimpleTunerError(f"{config}: a SimpleTuner config is a JSON object of options")
     args, res = _strip(args), Imported(sources=[str(config)])
+    given = set(args)
     dirs = [Path.cwd(), config.parent.resolve(), config.parent.resolve().parent]  # SimpleTuner runs from its root
     _take_secrets(args, res, "")
-    cls = _model(args, res, dirs)
+    cls = model_section(args, res, dirs)
     try:
         _run(args, res)
         _optimizer(args, res)
@@ -496,6 +409,7 @@ def convert(config: str | Path, backend: str | Path | None = None) -> Imported:
         _webhook(args, res, dirs)
         _objective(args, res, cls)
         data_section(args, res, dirs, str(backend) if backend else None)
+        simpletuner_defaults(given, res)
     except SimpleTunerError:
         raise
     except (TypeError, ValueError) as err:  # a value the tables' converters do not see, e.g. a flag that is no flag

@@ -54,6 +54,39 @@ FLAVOURS[("ltxvideo", "")] = "Lightricks/LTX-Video-0.9.5"
 FAMILIES["wan"], PRESETS["wan"] = "wan", "wan21-1.3b"
 FLAVOURS.update({("wan", "t2v-480p-1.3b-2.1"): "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", ("wan", "t2v-480p-14b-2.1"): "Wan-AI/Wan2.1-T2V-14B-Diffusers"})
 FLAVOURS[("wan", "")] = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+# the other flavours SimpleTuner names for the families tuner trains (its models' HUGGINGFACE_PATHS)
+FLAVOURS.update({("flux", "krea"): "black-forest-labs/FLUX.1-Krea-dev", ("kolors", "1.0"): "terminusresearch/kwai-kolors-1.0"})
+FLAVOURS.update({("sdxl", f"base-{v}"): f"stabilityai/stable-diffusion-xl-base-{v}" for v in ("1.0", "0.9")})
+FLAVOURS.update({("sd1x", "1.5"): "stable-diffusion-v1-5/stable-diffusion-v1-5", ("sd1x", "1.4"): "CompVis/stable-diffusion-v1-4"})
+FLAVOURS.update({("sd1x", "dreamshaper"): "Lykon/dreamshaper-8", ("sd2x", "2.1"): "stabilityai/stable-diffusion-2-1"})
+FLAVOURS.update({("sd2x", "2.0"): "stabilityai/stable-diffusion-2-0", ("sd2x", "pseudoflex-v2"): "bghira/pseudo-flex-v2"})
+FLAVOURS.update({("sd2x", "pseudojourney"): "bghira/pseudo-journey-v2", ("sd2x", "digitaldiffusion"): "Junglerally/Digital-Diffusion"})
+FLAVOURS.update({("pixart_sigma", f"900M-1024-v0.{v}"): f"terminusresearch/pixart-900m-1024-ft-v0.{v}" for v in ("6", "7-stage1", "7-stage2")})
+FLAVOURS.update({("pixart_sigma", f"600M-{s}"): f"PixArt-alpha/PixArt-Sigma-XL-2-{s.replace('2048', '2K')}-MS" for s in ("512", "1024", "2048")})
+FLAVOURS.update({("deepfloyd", f"i-{s}"): f"DeepFloyd/IF-I-{s[0].upper()}-v1.0" for s in ("medium-400m", "large-900m")})
+FLAVOURS.update({("deepfloyd", "i-xlarge-4.3b"): "DeepFloyd/IF-I-XL-v1.0", ("deepfloyd", "ii-large-1.2b"): "DeepFloyd/IF-II-L-v1.0"})
+FLAVOURS[("deepfloyd", "ii-medium-450m")] = "DeepFloyd/IF-II-M-v1.0"
+FLAVOURS[("wan", "ti2v-5b-2.2")] = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # (Wan 2.2 T2V A14B: by its path, below)
+# SimpleTuner's flavour when a config names neither a flavour nor a path (its models' DEFAULT_MODEL_FLAVOUR)
+DEFAULT_FLAVOUR = {"flux": "krea", "sdxl": "base-1.0", "sd3": "medium", "sd1x": "dreamshaper", "sd2x": "pseudoflex-v2"}
+DEFAULT_FLAVOUR.update(chroma="base", hidream="full", ltxvideo="0.9.5", qwen_image="v2.0", z_image="turbo-ostris-v2")
+DEFAULT_FLAVOUR.update(flux2="klein-9b", wan="t2v-480p-1.3b-2.1", kolors="1.0", pixart_sigma="900M-1024-v0.6")
+# flavours that train something else than tuner's family does: refused with the reason
+_WAN_OTHER = "tuner trains Wan text-to-video (flavours t2v-480p-1.3b-2.1, t2v-480p-14b-2.1, ti2v-5b-2.2; the 2.2 " \
+    "T2V A14B by its path)"
+OTHER_FLAVOURS = {("wan", f): _WAN_OTHER for f in ("i2v-14b-2.1", "i2v-14b-2.1-720p", "i2v-14b-2.2-high")}
+OTHER_FLAVOURS.update({("wan", f): _WAN_OTHER for f in ("i2v-14b-2.2-low", "flf2v-14b-2.1", "vace-1.3b-2.1", "vace-14b-2.1")})
+OTHER_FLAVOURS.update({("wan", f): "AnimeGen swaps in its own expert checkpoints: " + _WAN_OTHER for f in ("animegen-t2v-high", "animegen-t2v-low")})
+OTHER_FLAVOURS.update({("sdxl", f"refiner-{v}"): "tuner trains the SDXL base, not the refiner" for v in ("1.0", "0.9")})
+OTHER_FLAVOURS[("sd1x", "realvis")] = "RealVisXL is an SDXL model: model_family=sdxl with its path"
+OTHER_FLAVOURS[("flux", "libreflux")] = "LibreFlux trains with attention masking and real CFG, which tuner's flux does not"
+OTHER_FLAVOURS[("flux", "fluxbooru")] = "Fluxbooru trains with real CFG, which tuner's flux does not"
+OTHER_FLAVOURS[("z_image", "ostris-de-turbo")] = "it swaps in Ostris's de-distilled transformer, which tuner does not load"
+# settings that change what is trained and that tuner cannot carry: refused, not dropped
+REFUSED_KEYS = {
+    "controlnet": "tuner trains no ControlNet",
+    "control": "SimpleTuner's channel-wise control: for FLUX.1, start from tuner's flux-control preset instead",
+}
 _OPTIMIZERS = {  # tuner's optimizer group <- SimpleTuner's names for it (~: the same rule, another implementation)
     "adamw": "adamw adamw_bf16~ optimi-adamw~ bnb-adamw",
     "adamw8bit": "adamw8bit bnb-adamw8bit bnb-adamw8bit-paged~ ao-adamw8bit~",
@@ -125,6 +158,8 @@ def family_and_preset(st_family: str, path: str, flavour: str, model_type: str) 
     if st_family == "flux2":  # dev and klein sample differently (guidance embedding vs real CFG): a preset each
         return "flux2", "flux2-dev" if "dev" in text and "klein" not in text else "flux2-klein"
     if st_family == "wan":  # the 14B's preset quantises it and samples shorter clips; the 2.2 TI2V-5B has its own
+        if "a14b" in text:  # Wan 2.2 T2V A14B: both experts (one with SimpleTuner's refiner keys)
+            return "wan", "wan22-a14b"
         return "wan", "wan21-14b" if "14b" in text else "wan22-5b" if "5b" in text else "wan21-1.3b"
     family = "sd2" if st_family == "legacy" and "stable-diffusion-2" in text else FAMILIES[st_family]
     return family, PRESETS[family]
