@@ -243,3 +243,14 @@ def test_keys_left_out_carry_simpletuners_defaults_not_the_presets(tmp_path, cap
     cfg = _compose(tmp_path, "flux_lycoris_current")
     assert cfg.quantization.base_model_precision == "no_change" and cfg.model.finetune == "lycoris"
     assert cfg.lr_scheduler.warmup_steps == 0 and cfg.max_train_steps == 100 and cfg.model.lora.rank == 16
+
+
+def test_placeholders_are_filled_as_simpletuner_fills_them(tmp_path, capsys, monkeypatch):
+    """{model_family}, {id}, {output_dir} in a backend; {env:NAME} anywhere, read when the run starts (issue 24)."""
+    monkeypatch.setenv("TUNER_TEST_RUN", "run7")
+    out, text, err = _import(tmp_path, capsys, DATA / "placeholders.json")
+    assert "{model_family}" not in text and "{id}" not in text and "{env:" not in text
+    cfg = _compose(tmp_path, "placeholders")
+    assert cfg.data.cache_dir == "cache/vae/flux/teddy" and cfg.data.datasets.teddy.path == "datasets/teddy"
+    assert "output/${oc.env:TUNER_TEST_RUN,''}/cache/text/flux\" -> data.cache_dir" in err  # {output_dir} filled
+    assert cfg.output_dir.endswith("output/run7")

@@ -50,6 +50,7 @@ class Imported:
     unmapped: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
     secrets: list[tuple[str, str]] = field(default_factory=list)  # (key, where it goes instead)
     notes: list[str] = field(default_factory=list)  # approximations and things to check
+    placeholders: dict[str, str] = field(default_factory=dict)  # what SimpleTuner fills into {model_family} etc.
 
     def set(self, path: str, value: Any) -> None:
         node = self.values
@@ -132,6 +133,28 @@ ALIASES = {"is_regularization_data": "is_regularisation_data", "hub_model_id": "
 ALIASES.update(min_snr_gamma="snr_gamma")
 # SimpleTuner's deprecated names -> its current ones (its field registry lists them as aliases)
 ALIASES.update(checkpointing_steps="checkpoint_step_interval", validation_steps="validation_step_interval")
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+def expand(value: Any, variables: dict[str, str]) -> Any:
+    """SimpleTuner's placeholders, filled as it fills them: ``{model_family}``, ``{output_dir}`` and ``{id}`` in a
+    backend's values; ``{env:NAME}`` anywhere, as Hydra's ``${oc.env:NAME,''}`` (read when the run starts)."""
+    if isinstance(value, list):
+        return [expand(item, variables) for item in value]
+    if isinstance(value, dict):
+        return {key: expand(item, variables) for key, item in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def fill(match: re.Match) -> str:
+        token = match.group(1)
+        if token.startswith("env:"):
+            return "${oc.env:" + token[4:] + ",''}"
+        return variables.get(token, match.group(0))
+
+    return _PLACEHOLDER.sub(fill, value)
 
 
 def _strip(config: dict) -> dict:
@@ -394,7 +417,7 @@ def convert(config: str | Path, backend: str | Path | None = None) -> Imported:
     args = _load_json(config, "SimpleTuner config")
     if not isinstance(args, dict):
         raise SimpleTunerError(f"{config}: a SimpleTuner config is a JSON object of options")
-    args, res = _strip(args), Imported(sources=[str(config)])
+    args, res = expand(_strip(args), {}), Imported(sources=[str(config)])
     given = set(args)
     dirs = [Path.cwd(), config.parent.resolve(), config.parent.resolve().parent]  # SimpleTuner runs from its root
     _take_secrets(args, res, "")

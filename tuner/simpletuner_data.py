@@ -23,6 +23,7 @@ from tuner.simpletuner import (
     _size,
     _strip,
     _take_secrets,
+    expand,
 )
 
 # dataset keys with the same name in tuner, global (data-level defaults) or per backend -> converter
@@ -104,6 +105,7 @@ def _backends(entries: list, res: Imported, dirs: list[Path], inherited: dict) -
     caches = []
     for number, raw in enumerate(entries):
         entry = _strip(raw if isinstance(raw, dict) else {})
+        entry = expand(entry, {**res.placeholders, "id": str(entry.get("id", "") or "")})
         name = re.sub(r"[^A-Za-z0-9_-]", "_", str(entry.pop("id", f"dataset_{number}")))  # a YAML/Hydra key
         name = name if res.get(f"data.datasets.{name}") is None else f"{name}_{number}"
         label, kind = f"backend {name}: ", str(entry.pop("dataset_type", "image"))
@@ -131,6 +133,8 @@ def _backends(entries: list, res: Imported, dirs: list[Path], inherited: dict) -
 
 def data_section(args: dict, res: Imported, dirs: list[Path], backend: str | None) -> None:
     """``data``: the config's own dataset keys and each image backend of its multidatabackend.json."""
+    output_dir = str(res.get("output_dir") or Path.cwd() / ".simpletuner_output")  # SimpleTuner's when unset
+    res.placeholders["output_dir"] = output_dir
     backend = backend or args.get("data_backend_config")
     args.pop("data_backend_config", None)
     found = _locate(backend, dirs) if backend else None

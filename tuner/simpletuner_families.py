@@ -38,6 +38,7 @@ def model_section(args: dict, res: Imported, dirs: list[Path]) -> type:
     """model_family, model_flavour, model_type and the adapter keys -> the preset, ``model`` and its class."""
     _refuse(args)
     st_family = str(args.pop("model_family", "") or "").lower()
+    res.placeholders["model_family"] = st_family
     if st_family not in FAMILIES:
         given = f"model_family={st_family!r}" if st_family else "model_family is not set"
         raise SimpleTunerError(f"{given}; tuner trains: {', '.join(FAMILIES)}")
