@@ -254,3 +254,20 @@ def test_placeholders_are_filled_as_simpletuner_fills_them(tmp_path, capsys, mon
     assert cfg.data.cache_dir == "cache/vae/flux/teddy" and cfg.data.datasets.teddy.path == "datasets/teddy"
     assert "output/${oc.env:TUNER_TEST_RUN,''}/cache/text/flux\" -> data.cache_dir" in err  # {output_dir} filled
     assert cfg.output_dir.endswith("output/run7")
+
+
+def test_relative_paths_resolve_from_simpletuners_root_or_the_configs_folder(tmp_path, capsys, monkeypatch):
+    """A config in config/examples/NAME/ names its files from SimpleTuner's root; an absolute path from another
+    machine is looked for beside the config; what is not found names every path tried (issue 24)."""
+    config = DATA / "config" / "examples" / "sdxl.lycoris-lokr" / "config.json"
+    monkeypatch.chdir(tmp_path)  # SimpleTuner's root is not the current directory here
+    out, text, err = _import(tmp_path, capsys, config)
+    cfg = _compose(tmp_path, "config")
+    assert cfg.model.finetune == "lycoris" and cfg.model.lycoris.factor == 8
+    assert list(cfg.data.datasets) == ["pixel-art"] and cfg.data.cache_dir == "cache/vae/sdxl/pixel-art"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(json.loads(config.read_text()) | {"lycoris_config": "config/nowhere.json"}))
+    assert importer.main(["simpletuner", str(broken), "-o", str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "lycoris_config='config/nowhere.json' is not found; tried: " in err
+    assert f"{tmp_path}/config/nowhere.json" in err and f"{tmp_path.parent}/config/nowhere.json" in err

@@ -108,9 +108,19 @@ def _put(res: Imported, key: str, path: str, convert: Callable, value: Any) -> N
         res.skip(key, f"cannot use {value!r}: {err}")
 
 
+def tried(value: Any, dirs: list[Path]) -> list[Path]:
+    """Where a config's path may be: relative to SimpleTuner's root (the current directory, or a folder above the
+    config's: config/examples/NAME/ names paths from the root) or to the config's folder; an absolute path from
+    another machine also as the file beside the config."""
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return [path, dirs[1] / path.name]
+    return list(dict.fromkeys(base / path for base in dirs))
+
+
 def _locate(value: Any, dirs: list[Path]) -> str | None:
     """An existing file or folder, absolute or relative to one of ``dirs``, as an absolute path."""
-    found = [base / str(value) for base in dirs if (base / str(value)).exists()]
+    found = [path for path in tried(value, dirs) if path.exists()]
     return str(found[0].resolve()) if found else None
 
 
@@ -419,7 +429,8 @@ def convert(config: str | Path, backend: str | Path | None = None) -> Imported:
         raise SimpleTunerError(f"{config}: a SimpleTuner config is a JSON object of options")
     args, res = expand(_strip(args), {}), Imported(sources=[str(config)])
     given = set(args)
-    dirs = [Path.cwd(), config.parent.resolve(), config.parent.resolve().parent]  # SimpleTuner runs from its root
+    here = config.parent.resolve()
+    dirs = [Path.cwd(), here, *here.parents[:3]]  # SimpleTuner runs from its root, the config somewhere below it
     _take_secrets(args, res, "")
     cls = model_section(args, res, dirs)
     try:

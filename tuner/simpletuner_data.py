@@ -24,6 +24,7 @@ from tuner.simpletuner import (
     _strip,
     _take_secrets,
     expand,
+    tried,
 )
 
 # dataset keys with the same name in tuner, global (data-level defaults) or per backend -> converter
@@ -139,7 +140,8 @@ def data_section(args: dict, res: Imported, dirs: list[Path], backend: str | Non
     args.pop("data_backend_config", None)
     found = _locate(backend, dirs) if backend else None
     if backend and not found:
-        res.skip("data_backend_config", f"{backend!r} not found here: pass it with --backend FILE")
+        where = ", ".join(str(p) for p in tried(backend, dirs))
+        res.skip("data_backend_config", f"{backend!r} is not found (tried: {where}): pass it with --backend FILE")
     inherited = {k: args.pop(k) for k in PROMPT_KEYS if k in args} if found else {}
     caches = [args.pop(k, None) for k in ("cache_dir_vae", "cache_dir", "cache_dir_text")]
     if args.get("instance_data_dir"):

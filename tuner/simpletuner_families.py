@@ -22,6 +22,7 @@ from tuner.simpletuner import (
     _locate,
     _preset_choice,
     _put,
+    tried,
 )
 from tuner.simpletuner_tables import (
     DEFAULT_FLAVOUR,
@@ -143,9 +144,12 @@ LYCORIS.update(factor=("factor", _int), dropout=("dropout", float))
 
 def _lycoris(path: Any, res: Imported, dirs: list[Path]) -> None:
     found = _locate(path, dirs) if path else None
-    if not found:
-        res.notes.append(f"lycoris_config {path!r} not found: model.lycoris keeps tuner's defaults (lokr, factor 16)")
+    if not path:
+        res.notes.append("lycoris_config is not set: model.lycoris keeps tuner's defaults (lokr, factor 16)")
         return
+    if not found:
+        where = ", ".join(str(p) for p in tried(path, dirs))
+        raise SimpleTunerError(f"lycoris_config={path!r} is not found; tried: {where}")
     res.sources.append(found)
     for key, value in _load_json(Path(found), "lycoris config").items():
         if key == "algo" and value not in ("lokr", "loha"):
