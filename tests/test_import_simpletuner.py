@@ -271,3 +271,30 @@ def test_relative_paths_resolve_from_simpletuners_root_or_the_configs_folder(tmp
     err = capsys.readouterr().err
     assert "lycoris_config='config/nowhere.json' is not found; tried: " in err
     assert f"{tmp_path}/config/nowhere.json" in err and f"{tmp_path.parent}/config/nowhere.json" in err
+
+
+def test_kontext_flavour_trains_kontext_and_what_tuner_cannot_train_is_refused(tmp_path, capsys):
+    """model_flavour=kontext is FLUX.1 Kontext with its reference images; controlnet, control and a flavour tuner
+    would train as another model exit 2 with one line, and write nothing (issue 24)."""
+    out, text, err = _import(tmp_path, capsys, DATA / "kontext.json")
+    assert "- override /preset: flux-kontext" in text
+    cfg = _compose(tmp_path, "kontext")
+    assert (cfg.model.family, cfg.model.pretrained_model_name_or_path) == (
+        "flux_kontext",
+        "black-forest-labs/FLUX.1-Kontext-dev",
+    )
+    assert list(cfg.data.datasets) == ["edits"] and cfg.data.cache_dir == "cache/vae/flux/kontext/edits"
+    assert cfg.data.datasets.edits.conditioning.reference.path == "datasets/references"
+    base = json.loads((DATA / "kontext.json").read_text())
+    refused = {
+        "controlnet": ({"controlnet": True}, "controlnet=True: tuner trains no ControlNet"),
+        "control": ({"control": "true"}, "flux-control preset"),
+        "libreflux": ({"model_flavour": "libreflux"}, "model_flavour='libreflux' (flux): LibreFlux"),
+        "made-up": ({"model_flavour": "made-up"}, "not a flux flavour tuner trains; its are: dev, kontext, krea"),
+        "i2v": ({"model_family": "wan", "model_flavour": "i2v-14b-2.1"}, "tuner trains Wan text-to-video"),
+    }
+    for name, (change, line) in refused.items():
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps(base | change))
+        assert importer.main(["simpletuner", str(config), "-o", str(tmp_path / f"{name}.yaml")]) == 2, name
+        assert line in capsys.readouterr().err and not (tmp_path / f"{name}.yaml").exists(), name

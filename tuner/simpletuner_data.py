@@ -101,9 +101,35 @@ def _source(entry: dict, res: Imported, label: str, dirs: list[Path]) -> dict | 
     return None
 
 
+def _references(entries: list, res: Imported, dirs: list[Path]) -> dict[str, str]:
+    """SimpleTuner's conditioning backends (Kontext's and the edit models' reference images), by id: their folder."""
+    found = {}
+    for raw in entries:
+        entry = _strip(raw) if isinstance(raw, dict) else {}
+        if str(entry.get("dataset_type")) != "conditioning" or not entry.get("instance_data_dir"):
+            continue
+        entry = expand(entry, {**res.placeholders, "id": str(entry.get("id", "") or "")})
+        found[str(entry.get("id"))] = _locate(entry["instance_data_dir"], dirs) or str(entry["instance_data_dir"])
+        if entry.get("conditioning_type") == "reference_loose":
+            res.notes.append(f"backend {entry.get('id')}: reference_loose -> tuner crops a reference as its target")
+    return found
+
+
+def _link(links: Any, found: dict[str, str], res: Imported, name: str) -> None:
+    """An image backend's ``conditioning_data`` (one id or several) -> its reference images' folder(s)."""
+    ids = [links] if isinstance(links, str) else [str(i) for i in links or []]
+    for missing in [i for i in ids if i not in found]:
+        res.skip(f"backend {name}: conditioning_data", f"{missing!r} is no conditioning backend with a folder here")
+    paths = [found[i] for i in ids if i in found]
+    if paths:
+        res.set(f"data.datasets.{name}.conditioning.reference.path", paths[0] if len(paths) == 1 else paths)
+    if len(paths) > 1:
+        res.notes.append(f"backend {name}: each target gets all {len(paths)} references (SimpleTuner's combined)")
+
+
 def _backends(entries: list, res: Imported, dirs: list[Path], inherited: dict) -> list:
     """``data.datasets.<id>`` for each image backend; the cache folders they name."""
-    caches = []
+    caches, references = [], _references(entries, res, dirs)
     for number, raw in enumerate(entries):
         entry = _strip(raw if isinstance(raw, dict) else {})
         entry = expand(entry, {**res.placeholders, "id": str(entry.get("id", "") or "")})
@@ -115,6 +141,9 @@ def _backends(entries: list, res: Imported, dirs: list[Path], inherited: dict) -
             caches.append(entry.get("cache_dir"))
             res.skip(f"backend {name}", f"a {kind} cache: tuner caches embeddings itself, in data.cache_dir")
             continue
+        if kind == "conditioning":
+            res.skip(f"backend {name}", "reference images: data.datasets.<its image backend>.conditioning.reference")
+            continue
         if kind != "image" or _bool(entry.pop("disabled", False)):
             why = "disabled in SimpleTuner" if kind == "image" else f"dataset_type {kind}: tuner trains on images only"
             res.skip(f"backend {name}", why)
@@ -123,6 +152,7 @@ def _backends(entries: list, res: Imported, dirs: list[Path], inherited: dict) -
         for key, value in (source or {}).items():
             res.set(f"data.datasets.{name}.{key}", value)
         if source:
+            _link(entry.pop("conditioning_data", None), references, res, name)
             caches += [entry.pop("cache_dir_vae", None), entry.pop("csv_cache_dir", None)]
             _dataset(entry, res, f"data.datasets.{name}", label, inherited)
             for key in ("text_embeds", "image_embeds", "default"):  # links to the cache backends reported above
