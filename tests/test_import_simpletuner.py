@@ -298,3 +298,24 @@ def test_kontext_flavour_trains_kontext_and_what_tuner_cannot_train_is_refused(t
         config.write_text(json.dumps(base | change))
         assert importer.main(["simpletuner", str(config), "-o", str(tmp_path / f"{name}.yaml")]) == 2, name
         assert line in capsys.readouterr().err and not (tmp_path / f"{name}.yaml").exists(), name
+
+
+def test_wan22_flavours_and_the_refiner_keys(tmp_path):
+    """Wan 2.2: ti2v-5b-2.2 is the wan22-5b preset; the T2V A14B by its path is wan22-a14b (both experts), and
+    SimpleTuner's refiner keys train one expert of it (issue 24). (Mapping only: Wan's check reads its VAE config.)"""
+    from tuner.simpletuner import convert
+
+    config = tmp_path / "ti2v.json"
+    config.write_text(json.dumps({"model_family": "wan", "model_flavour": "ti2v-5b-2.2", "model_type": "lora"}))
+    res = convert(config)
+    assert res.defaults["preset"] == "wan22-5b"
+    assert res.get("model.pretrained_model_name_or_path") == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    res = convert(DATA / "wan22_a14b.json")
+    assert res.defaults["preset"] == "wan22-a14b" and res.get("model.expert") is None
+    assert res.defaults["quantization"] == "int8-quanto" and res.get("checkpointing_steps") == 100
+    one = tmp_path / "wan22_high.json"
+    settings = json.loads((DATA / "wan22_a14b.json").read_text())
+    one.write_text(json.dumps(settings | {"refiner_training": True, "refiner_training_invert_schedule": True}))
+    res = convert(one)
+    assert res.defaults["preset"] == "wan22-a14b" and res.get("model.expert") == "high_noise"
+    assert "experts" in res.values["model"] and res.get("model.experts") is None  # one expert, not the preset's two
