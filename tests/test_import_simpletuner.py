@@ -319,3 +319,16 @@ def test_wan22_flavours_and_the_refiner_keys(tmp_path):
     res = convert(one)
     assert res.defaults["preset"] == "wan22-a14b" and res.get("model.expert") == "high_noise"
     assert "experts" in res.values["model"] and res.get("model.experts") is None  # one expert, not the preset's two
+
+
+def test_a_huggingface_backend_keeps_its_settings_and_says_what_to_download(tmp_path, capsys):
+    """type huggingface: tuner streams no Hub dataset; the backend becomes a folder to download it into, with its
+    resolution, crop and repeats, and the note gives the command (issue 24)."""
+    backend = DATA / "hub_backend.json"
+    out, text, err = _import(tmp_path, capsys, DATA / "sd3_lora.json", "--backend", str(backend))
+    assert "`hf download someone/photo-captions --repo-type dataset --local-dir datasets/pseudo-camera`" in err
+    cfg = _compose(tmp_path, "sd3_lora")
+    hub = cfg.data.datasets["pseudo-camera"]
+    assert (hub.path, hub.image_column, hub.caption_column) == ("datasets/pseudo-camera", "image", "caption")
+    assert (hub.resolution, hub.resolution_type, hub.crop, hub.crop_style, hub.repeats) == (768, "area", True, "random", 3)
+    assert "caption_strategy" not in err and "metadata_backend" not in err

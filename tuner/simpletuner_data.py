@@ -97,8 +97,33 @@ def _source(entry: dict, res: Imported, label: str, dirs: list[Path]) -> dict | 
             if key in entry:
                 source[name] = str(entry.pop(key))
         return source
-    res.skip(label.rstrip(": "), f"type {kind} or no path key: tuner reads folders (local), S3 (aws) and CSV (csv)")
+    if kind == "huggingface" and entry.get("dataset_name"):
+        return _hub(entry, res, label)
+    why = "tuner reads folders (local), S3 (aws), CSV (csv) and Hub datasets once downloaded (huggingface)"
+    res.skip(label.rstrip(": "), f"type {kind} or no path key: {why}")
     return None
+
+
+def _hub(entry: dict, res: Imported, label: str) -> dict:
+    """A ``huggingface`` backend: tuner streams no Hub dataset, so its folder is where to download it, as the note
+    says; the columns it names and the keys of its ``huggingface`` block that tuner has carry over."""
+    repo, name = str(entry.pop("dataset_name")), label[len("backend ") : -len(": ")]
+    block = entry.pop("huggingface", None)
+    entry |= {k: v for k, v in (block or {}).items() if k in ("image_column", "caption_column")}
+    folder, split = f"datasets/{name}", entry.pop("split", None)
+    source = {"path": folder} | {key: str(entry.pop(key)) for key in ("image_column", "caption_column") if key in entry}
+    for key in ("caption_strategy", "metadata_backend"):  # "huggingface": the table's columns, as above
+        if str(entry.get(key)) == "huggingface":
+            entry.pop(key)
+    for key in sorted(set(block or {}) - {"image_column", "caption_column"}):
+        res.skip(f"{label}huggingface.{key}", GENERIC)
+    res.notes.append(
+        f"{label}Hub dataset {repo!r}{f' (split {split})' if split else ''}: tuner does not stream it; download it "
+        f"first: `hf download {repo} --repo-type dataset --local-dir {folder}`. tuner reads images with .txt "
+        f"captions there, or a metadata table (.jsonl/.csv/.parquet naming image files: then set "
+        f"data.datasets.{name}.path={folder}/<that table>); parquet shards holding the image bytes it cannot read"
+    )
+    return source
 
 
 def _references(entries: list, res: Imported, dirs: list[Path]) -> dict[str, str]:
