@@ -44,13 +44,19 @@ class OptimizationMixin:
         self.log("grad_norm", norm, on_step=True, on_epoch=False)  # before clipping: spikes show here
 
     def configure_optimizers(self):
+        return self.build_optimizer(int(self.trainer.estimated_stepping_batches))
+
+    def build_optimizer(self, num_training_steps: int):
+        """The optimiser over the trainable parameters (LoRA+: the B matrices in a group at their own rate) and its
+        schedule over ``num_training_steps``, as Lightning takes them."""
+        from models.trainable import lora_plus_groups, scale_group_rates
+
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured")
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(lora_plus_groups(named, (self.hparams.lora or {}).get("plus_ratio")))
+        scale_group_rates(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(
-            optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
-        )
+        scheduler = self.lr_scheduler_factory(optimizer, num_training_steps=num_training_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

@@ -128,6 +128,7 @@ def setup_adapter(
             lora_dropout=float(lora.get("dropout") or 0.0),
             init_lora_weights="gaussian",
             target_modules=list(lora.get("target_modules") or default_targets),
+            use_dora=bool(lora.get("use_dora")),  # the magnitude vectors train, checkpoint and export with the LoRA
         )
         for name in names:
             if hasattr(denoiser, "add_adapter"):
@@ -178,6 +179,8 @@ def apply_config_to_optimizer_state(checkpoint: dict, optimizer_factory) -> None
     changed: dict[str, tuple] = {}
     for group in states[0].get("param_groups", []):
         for key, new in fresh.defaults.items():
+            if key == "lr":  # a LoRA+ group learns at a multiple of the rate (lora_plus_groups)
+                new = new * group.get("lr_scale", 1.0)
             if key not in RESUME_SETTINGS or key not in group or _same(group[key], new):
                 continue
             old = group[key]
@@ -189,9 +192,10 @@ def apply_config_to_optimizer_state(checkpoint: dict, optimizer_factory) -> None
             else:
                 group[key] = new
     if "lr" in changed:
+        bases = [group.get("initial_lr", group["lr"]) for group in states[0].get("param_groups", [])]
         for scheduler in checkpoint.get("lr_schedulers") or []:
-            if "base_lrs" in scheduler:
-                scheduler["base_lrs"] = [changed["lr"][1]] * len(scheduler["base_lrs"])
+            if "base_lrs" in scheduler and len(scheduler["base_lrs"]) == len(bases):
+                scheduler["base_lrs"] = bases
     for key, (old, new) in changed.items():
         log.warning("resume: optimizer.%s is %s in this run's config (%s in the checkpoint); %s", key, new, old,
                     "the schedule continues from the resumed step at it" if key == "lr" else "applied")
@@ -204,3 +208,20 @@ def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return bool(torch.as_tensor(a).eq(torch.as_tensor(b)).all())
     return a == b
+
+
+def lora_plus_groups(named: list[tuple[str, torch.nn.Parameter]], ratio: float | None) -> list:
+    """The optimiser's parameters: a plain list, or with LoRA+ (``model.lora.plus_ratio``) two groups, the B
+    matrices' marked ``lr_scale=ratio`` (``scale_group_rates`` applies it once the optimiser exists)."""
+    params = [p for _, p in named]
+    if not ratio:
+        return params
+    ups = [p for name, p in named if ".lora_B." in name]
+    rest = [p for name, p in named if ".lora_B." not in name]
+    return [{"params": rest}, {"params": ups, "lr_scale": float(ratio)}]
+
+
+def scale_group_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Each group's rate times its ``lr_scale`` (LoRA+'s B matrices), before a schedule takes the rates as its base."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
