@@ -130,6 +130,9 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         mode_scale: float = 1.29,
         flow_shift: float | None = None,
         loss_weighting: str = "none",
+        loss_type: str = "l2",
+        huber_c: float = 0.1,
+        huber_schedule: str = "snr",
         min_noise_level: float = 0.0,
         max_noise_level: float = 1.0,
         expert: str | None = None,
@@ -384,7 +387,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
             cond = {**cond, **self.image_conditioning(latents, generator)}
         pred = self.denoise(noisy, timesteps, cond, batch)
         tgt = self.noise.target(latents, noise, timesteps)
-        return obj.weighted_mse(pred, tgt, self.loss_weights(batch, timesteps), self.loss_mask(batch, pred))
+        loss = obj.elementwise_loss(str(hp.loss_type), pred, tgt, self.noise, timesteps, hp.huber_c, str(hp.huber_schedule))
+        return obj.weighted_loss(loss, self.loss_weights(batch, timesteps), self.loss_mask(batch, pred))
 
     def loss_weights(self, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights (B,), float32, on the timesteps' (the loss's) device: the schedule's

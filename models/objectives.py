@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -126,13 +127,20 @@ def weighted_mse(
     ``mask`` (B, 1, h, w), in [0, 1], weights each element (masked loss: white = train) and each sample's error
     is normalised by its mask's area, so a small subject counts as much as a large one; an all-black mask
     contributes nothing (and no gradient)."""
-    squared = (pred.float() - tgt.float()).pow(2)  # (B, C, h, w)
+    return weighted_loss(squared_error(pred, tgt), weights, mask)
+
+
+def weighted_loss(
+    elementwise: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An elementwise loss (B, C, h, w) (any ``LOSS_TYPES``) reduced as ``weighted_mse`` reduces the squared
+    error: per sample (over the mask's area when ``mask`` is given), times ``weights`` (B,), batch mean."""
     if mask is None:
-        per_sample = squared.flatten(1).mean(1)  # (B,)
+        per_sample = elementwise.flatten(1).mean(1)  # (B,)
     else:
-        mask = mask.to(squared)
-        area = mask.expand_as(squared).flatten(1).sum(1)  # (B,)
-        per_sample = (squared * mask).flatten(1).sum(1) / area.clamp_min(1e-6)
+        mask = mask.to(elementwise)
+        area = mask.expand_as(elementwise).flatten(1).sum(1)  # (B,)
+        per_sample = (elementwise * mask).flatten(1).sum(1) / area.clamp_min(1e-6)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()
@@ -306,3 +314,91 @@ def flow_weights(sigmas: torch.Tensor, scheme: str = "none") -> torch.Tensor:
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(scheme, sigmas.float())
+
+
+# ---- loss types: kohya sd-scripts' --loss_type, --huber_c and --huber_schedule -------------------------
+# The scheduled pseudo-Huber loss is Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
+# Resistance using Scheduled Pseudo-Huber Loss"; the definitions below are sd-scripts' (library/train_util.py:
+# ``conditional_loss`` and ``get_huber_threshold_if_needed``), which is what users compare against.
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+def squared_error(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """``l2``: ``(pred − tgt)²`` elementwise, in float32."""
+    return (pred.float() - tgt.float()).pow(2)
+
+
+def _per_sample(c: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A threshold as a number, or (B,) -> (B, 1, ...) float32 on ``like``'s device."""
+    return _expand(c, like) if isinstance(c, torch.Tensor) else float(c)
+
+
+def pseudo_huber(pred: torch.Tensor, tgt: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``huber``: the pseudo-Huber loss ``2c·(√((pred − tgt)² + c²) − c)`` elementwise, in float32; ``c`` a
+    number or one per sample (B,). Like l2 where |pred − tgt| ≪ c (it tends to (pred − tgt)² as c → ∞), like
+    a scaled l1 where |pred − tgt| ≫ c (≈ 2c·|pred − tgt|), so outliers pull less than under l2."""
+    c = _per_sample(c, pred)
+    return 2 * c * (((pred.float() - tgt.float()).pow(2) + c**2).sqrt() - c)
+
+
+def smooth_l1(pred: torch.Tensor, tgt: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``smooth_l1``: ``2·(√((pred − tgt)² + c²) − c)`` elementwise, in float32: kohya's, the pseudo-Huber loss
+    over c (not torch's ``smooth_l1_loss``). ≈ (pred − tgt)²/c where |pred − tgt| ≪ c and ≈ 2·|pred − tgt|
+    where |pred − tgt| ≫ c (it tends to 2·l1 as c → 0)."""
+    c = _per_sample(c, pred)
+    return 2 * (((pred.float() - tgt.float()).pow(2) + c**2).sqrt() - c)
+
+
+def huber_threshold(c: float, schedule: str, levels: torch.Tensor, snr_values: torch.Tensor) -> torch.Tensor:
+    """The Huber threshold of each sample (B,), float32. ``levels``: the noise level, t / T (DDPM) or σ (flow);
+    ``snr_values``: the signal-to-noise ratio there.
+
+    ``constant``: c. ``exponential``: ``exp(ln(c)·level)`` = c^level, from 1 at no noise to c at pure noise
+    (sd-scripts: exp(−α·t), α = −ln(c)/T). ``snr``: ``(1 − c)/(1 + r)² + c`` with r = 1/√SNR the noise-to-signal
+    ratio (sd-scripts: r = √((1 − ᾱ_t)/ᾱ_t)), also from 1 at no noise to c at pure noise."""
+    levels = levels.float()
+    if schedule == "constant":
+        return torch.full_like(levels, c)
+    if schedule == "exponential":
+        return torch.exp(math.log(c) * levels)
+    if schedule == "snr":
+        r = snr_values.float().rsqrt()  # SNR 0 (pure noise) -> inf -> c; SNR inf (clean) -> 0 -> 1
+        return (1 - c) / (1 + r) ** 2 + c
+    raise ValueError(f"unknown Huber schedule {schedule!r}; valid: {', '.join(HUBER_SCHEDULES)}")
+
+
+def flow_snr(sigmas: torch.Tensor) -> torch.Tensor:
+    """The SNR of ``x_σ = (1 − σ)·x0 + σ·ε``: ((1 − σ)/σ)². So the ``snr`` Huber threshold is (1 − c)(1 − σ)² + c
+    (sd-scripts has no ``snr`` schedule for flow models: this is its DDPM formula at the same ratio)."""
+    sigmas = sigmas.float()
+    return ((1 - sigmas) / sigmas) ** 2
+
+
+def schedule_huber_threshold(schedule: Any, timesteps: torch.Tensor, c: float, name: str) -> torch.Tensor:
+    """``huber_threshold`` at a batch's timesteps of a noise schedule (models/noise.py, DDPM or flow)."""
+    levels = timesteps.float() / schedule.num_timesteps  # DDPM t / T, flow σ alike
+    if name != "snr":
+        return huber_threshold(c, name, levels, levels)
+    if schedule.kind == "ddpm":
+        return huber_threshold(c, name, levels, snr(schedule.alphas_cumprod, timesteps))
+    return huber_threshold(c, name, levels, flow_snr(schedule.sigmas(timesteps)))
+
+
+def elementwise_loss(
+    loss_type: str,
+    pred: torch.Tensor,
+    tgt: torch.Tensor,
+    schedule: Any = None,
+    timesteps: torch.Tensor | None = None,
+    c: float = 0.1,
+    name: str = "snr",
+) -> torch.Tensor:
+    """The loss of each element (B, C, h, w), float32, for ``weighted_loss`` to reduce; ``huber`` and ``smooth_l1``
+    take their threshold from ``c`` scheduled by ``name`` over ``schedule``'s ``timesteps``."""
+    if loss_type == "l2":
+        return squared_error(pred, tgt)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    threshold = schedule_huber_threshold(schedule, timesteps, c, name)
+    return (pseudo_huber if loss_type == "huber" else smooth_l1)(pred, tgt, threshold)

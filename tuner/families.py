@@ -129,6 +129,7 @@ def check_family(cfg) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_schedule_keys(cfg, cls)
+    _check_loss_type(model)
     _check_two_experts(model)
     _check_lora_formats(cfg, cls)
     _expert_validation_levels(cfg)
@@ -162,6 +163,23 @@ def _check_schedule_keys(cfg, cls) -> None:
                 f"flow-matching settings, but {model.family} is a DDPM family (use uniform and none; min_snr_gamma "
                 "weights DDPM losses)"
             )
+
+
+def _check_loss_type(model) -> None:
+    """``model.huber_c``, for the loss types that use it: > 0, and at most 1 where a schedule takes the threshold
+    from 1 (no noise) down to it (sd-scripts' exponential schedule takes its logarithm)."""
+    from tuner.config import ConfigError
+
+    loss_type, schedule = (str(getattr(v, "value", v)) for v in (model.loss_type, model.huber_schedule))
+    if loss_type == "l2":
+        return
+    if schedule == "constant" and not model.huber_c > 0:
+        raise ConfigError(f"model.huber_c={model.huber_c} with model.loss_type={loss_type}; it must be > 0 (0.1 is usual)")
+    if schedule != "constant" and not 0 < model.huber_c <= 1:
+        raise ConfigError(
+            f"model.huber_c={model.huber_c} with model.huber_schedule={schedule}; valid: 0 < huber_c <= 1 (0.1 is "
+            "usual; the threshold falls from 1 at no noise to huber_c at pure noise)"
+        )
 
 
 def _settle_text_encoders(cfg, cls) -> None:

@@ -51,6 +51,18 @@ class LossWeighting(Enum):
     cosmap = "cosmap"  # flow: 2 / (pi (1 - 2 sigma + 2 sigma^2))
 
 
+class LossType(Enum):  # kohya sd-scripts' --loss_type (models/objectives.py)
+    l2 = "l2"
+    huber = "huber"  # pseudo-Huber: 2c (sqrt(d^2 + c^2) - c)
+    smooth_l1 = "smooth_l1"  # 2 (sqrt(d^2 + c^2) - c)
+
+
+class HuberSchedule(Enum):  # the Huber threshold over the noise level, from 1 (no noise) to huber_c (pure noise)
+    constant = "constant"  # huber_c at every level
+    exponential = "exponential"  # huber_c ^ level
+    snr = "snr"  # (1 - huber_c) / (1 + 1/sqrt(SNR))^2 + huber_c
+
+
 @dataclass
 class LoraConfig:
     rank: int = 16
@@ -92,6 +104,9 @@ class ModelConfig:
     mode_scale: float = 1.29  # flow, mode
     flow_shift: float | None = None  # flow: the SD3 shift; None: the checkpoint scheduler's `shift`
     loss_weighting: LossWeighting = LossWeighting.none  # flow
+    loss_type: LossType = LossType.l2
+    huber_c: float = 0.1  # huber, smooth_l1: the threshold (at pure noise, when scheduled)
+    huber_schedule: HuberSchedule = HuberSchedule.snr  # huber, smooth_l1: the threshold over the noise level
     # The noise range trained on, as fractions of the schedule (DDPM: t / T; flow: sigma), for every family.
     min_noise_level: float = 0.0
     max_noise_level: float = 1.0
