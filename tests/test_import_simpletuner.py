@@ -332,3 +332,15 @@ def test_a_huggingface_backend_keeps_its_settings_and_says_what_to_download(tmp_
     assert (hub.path, hub.image_column, hub.caption_column) == ("datasets/pseudo-camera", "image", "caption")
     assert (hub.resolution, hub.resolution_type, hub.crop, hub.crop_style, hub.repeats) == (768, "area", True, "random", 3)
     assert "caption_strategy" not in err and "metadata_backend" not in err
+
+
+def test_the_webuis_saved_config_and_dataloader_are_read(tmp_path, capsys):
+    """The WebUI saves {"_metadata", "config": {...}} (a nested "config" under its own keys) and wraps datasets as
+    {"datasets": [...]} (issue 24)."""
+    out, text, err = _import(tmp_path, capsys, DATA / "webui" / "default.json")
+    assert "_metadata" not in err
+    cfg = _compose(tmp_path, "default")
+    assert cfg.model.family == "sdxl" and cfg.model.lora.rank == 8  # the config's own key over its nested one
+    assert (cfg.checkpointing_steps, cfg.data.batch_size, cfg.max_train_steps) == (100, 2, 200)
+    assert list(cfg.data.datasets) == ["cats"] and cfg.data.datasets.cats.repeats == 2
+    assert cfg.data.cache_dir == "cache/vae/sdxl/cats"

@@ -167,6 +167,17 @@ def expand(value: Any, variables: dict[str, str]) -> Any:
     return _PLACEHOLDER.sub(fill, value)
 
 
+def _unwrap(data: Any) -> Any:
+    """The WebUI's saved config: ``{"_metadata": ..., "config": {...}}`` (whose config may nest another ``config``,
+    which its own keys override), or its keys beside ``_metadata``; a plain config as it is."""
+    if not isinstance(data, dict):
+        return data
+    section = data.get("config") if isinstance(data.get("config"), dict) else {}
+    nested = section.get("config") if isinstance(section.get("config"), dict) else {}
+    outer = {k: v for k, v in data.items() if k not in ("_metadata", "config")}
+    return {**nested, **{k: v for k, v in section.items() if k not in ("_metadata", "config")}, **outer}
+
+
 def _strip(config: dict) -> dict:
     """``{"--model_family": ...}`` -> ``{"model_family": ...}``, one name for each aliased key."""
     keys = (str(k).lstrip("-") for k in config)
@@ -424,7 +435,7 @@ def convert(config: str | Path, backend: str | Path | None = None) -> Imported:
     from tuner.simpletuner_families import model_section, simpletuner_defaults
 
     config = Path(config)
-    args = _load_json(config, "SimpleTuner config")
+    args = _unwrap(_load_json(config, "SimpleTuner config"))
     if not isinstance(args, dict):
         raise SimpleTunerError(f"{config}: a SimpleTuner config is a JSON object of options")
     args, res = expand(_strip(args), {}), Imported(sources=[str(config)])

@@ -204,6 +204,8 @@ def data_section(args: dict, res: Imported, dirs: list[Path], backend: str | Non
     _dataset(args, res, "data", "", {})
     if found:
         entries = _load_json(Path(found), "data backend config")
+        if isinstance(entries, dict) and isinstance(entries.get("datasets"), list):  # the WebUI's dataloader file
+            entries = entries["datasets"]
         if not isinstance(entries, list):
             raise SimpleTunerError(f"{found}: a data backend config is a list of backends")
         res.sources.append(found)
