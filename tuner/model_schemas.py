@@ -69,6 +69,8 @@ class LoraConfig:
     alpha: float | None = None  # None: equal to rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the family's default
+    use_dora: bool = False  # DoRA (peft): each layer's weight as magnitude x direction, the LoRA on the direction
+    plus_ratio: float | None = None  # LoRA+: the B matrices learn at optimizer.lr x this (16 is usual); None: off
 
 
 @dataclass
@@ -81,8 +83,6 @@ class LycorisConfig:
     alpha: float = 1.0
     factor: int = 16  # LoKr's Kronecker factor; -1: the library picks
     dropout: float = 0.0
-    use_dora: bool = False  # DoRA (peft): each layer's weight as magnitude x direction, the LoRA on the direction
-    plus_ratio: float | None = None  # LoRA+: the B matrices learn at optimizer.lr x this (16 is usual); None: off
 
 
 @dataclass
