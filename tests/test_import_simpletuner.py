@@ -344,3 +344,18 @@ def test_the_webuis_saved_config_and_dataloader_are_read(tmp_path, capsys):
     assert (cfg.checkpointing_steps, cfg.data.batch_size, cfg.max_train_steps) == (100, 2, 200)
     assert list(cfg.data.datasets) == ["cats"] and cfg.data.datasets.cats.repeats == 2
     assert cfg.data.cache_dir == "cache/vae/sdxl/cats"
+
+
+def test_no_flavour_and_no_path_is_simpletuners_default_flavour(tmp_path):
+    """SimpleTuner trains its DEFAULT_MODEL_FLAVOUR when a config names neither: Flux's is krea (issue 24)."""
+    from tuner.simpletuner import convert
+
+    for family, preset, repo in (
+        ("flux", "flux-dev", "black-forest-labs/FLUX.1-Krea-dev"),
+        ("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("flux2", "flux2-klein", "black-forest-labs/FLUX.2-klein-base-9B"),
+    ):
+        config = tmp_path / f"{family}.json"
+        config.write_text(json.dumps({"model_family": family, "model_type": "lora"}))
+        res = convert(config)
+        assert (res.defaults["preset"], res.get("model.pretrained_model_name_or_path")) == (preset, repo), family
