@@ -151,7 +151,17 @@ class HubConfig:
 
 
 @dataclass
+class ProgressConfig:
+    # null: plain lines when stdout is not a terminal (a file, SLURM, nohup), the step bar when it is;
+    # true / false: always the lines / always the bar. trainer.enable_progress_bar=false turns both off.
+    plain: Optional[bool] = None
+    every_s: float = 30.0  # plain lines: at most one every this many seconds...
+    every_percent: float = 1.0  # ...and every this many percent of the steps, whichever is rarer; plus the last
+
+
+@dataclass
 class CallbacksConfig:
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
@@ -339,6 +349,11 @@ def _check_data(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:
 
 
 def _check_callbacks(callbacks: DictConfig) -> None:
+    progress = callbacks.progress
+    if progress.every_s < 0:
+        raise ConfigError(f"callbacks.progress.every_s={progress.every_s}; it must be 0 or more (seconds)")
+    if not 0 <= progress.every_percent <= 100:
+        raise ConfigError(f"callbacks.progress.every_percent={progress.every_percent}; it must be between 0 and 100")
     ema = callbacks.ema
     if ema.enabled and not 0 < ema.decay < 1:
         raise ConfigError(f"callbacks.ema.decay={ema.decay}; it must be between 0 and 1 (e.g. 0.995)")

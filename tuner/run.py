@@ -154,9 +154,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None, module=Non
 
         callbacks.append(LearningRateMonitor(logging_interval="step"))  # "lr" in the loggers, every step
     if cfg.trainer.enable_progress_bar:
-        from callbacks.progress import StepProgressBar
-
-        callbacks.append(StepProgressBar())
+        callbacks.append(progress_callback(cfg.callbacks.progress))
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", cfg.checkpointing_steps, cfg.checkpoints_total_limit))
     trainer_cfg = cfg.trainer
     if cfg.model.experts and str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")).endswith("DDPStrategy"):
@@ -182,6 +180,19 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None, module=Non
         enable_checkpointing=True,  # StepCheckpoint is the checkpoint callback; Lightning adds no other
         use_distributed_sampler=False,  # the bucket sampler splits batches across ranks itself
     )
+
+
+def progress_callback(progress: DictConfig):
+    """The step bar on a terminal; plain lines at a steady rate when stdout is a file (SLURM, nohup), where
+    the bar's carriage-return refreshes would fill it. ``callbacks.progress.plain`` forces either."""
+    plain = progress.plain if progress.plain is not None else not sys.stdout.isatty()
+    if plain:
+        from callbacks.progress_lines import StepProgressLines
+
+        return StepProgressLines(every_s=progress.every_s, every_percent=progress.every_percent)
+    from callbacks.progress import StepProgressBar
+
+    return StepProgressBar()
 
 
 def check_precision_for_device(cfg: DictConfig) -> None:
