@@ -315,6 +315,12 @@ def _check_adapter(model: DictConfig) -> None:
             raise ConfigError(f"model.{name}.alpha={settings.alpha}; it must be > 0, or null for alpha = rank")
         if not 0 <= settings.dropout < 1:
             raise ConfigError(f"model.{name}.dropout={settings.dropout}; valid: 0 up to, not including, 1")
+    lora, finetune = model.get("lora"), getattr(model.get("finetune"), "value", model.get("finetune"))
+    if lora is not None and (lora.get("use_dora") or lora.get("plus_ratio") is not None) and finetune != "lora":
+        key = "use_dora" if lora.get("use_dora") else "plus_ratio"
+        raise ConfigError(f"model.lora.{key} shapes a LoRA, and model.finetune={finetune}: set model.finetune=lora")
+    if lora is not None and lora.get("plus_ratio") is not None and not lora.plus_ratio > 0:
+        raise ConfigError(f"model.lora.plus_ratio={lora.plus_ratio}; it must be > 0 (16 is usual), or null for off")
 
 
 def _check_data(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:
@@ -325,12 +331,6 @@ def _check_data(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:
         if d.repeats is not None and d.repeats < 0:
             raise ConfigError(f"{name}.repeats={d.repeats}; it must be >= 0")
         if d.probability is not None and not 0 < d.probability <= 1:
-    lora, finetune = model.get("lora"), getattr(model.get("finetune"), "value", model.get("finetune"))
-    if lora is not None and (lora.get("use_dora") or lora.get("plus_ratio") is not None) and finetune != "lora":
-        key = "use_dora" if lora.get("use_dora") else "plus_ratio"
-        raise ConfigError(f"model.lora.{key} shapes a LoRA, and model.finetune={finetune}: set model.finetune=lora")
-    if lora is not None and lora.get("plus_ratio") is not None and not lora.plus_ratio > 0:
-        raise ConfigError(f"model.lora.plus_ratio={lora.plus_ratio}; it must be > 0 (16 is usual), or null for off")
             raise ConfigError(f"{name}.probability={d.probability}; valid: above 0, up to 1")
         if d.maximum_image_size is not None and (d.target_downsample_size or data.target_downsample_size) is None:
             raise ConfigError(
