@@ -112,6 +112,9 @@ def kohya_metadata(cfg: Any, family_cls: type, images: int) -> dict[str, str]:
         "ss_caption_dropout_rate": data.caption_dropout_probability,
         "ss_noise_offset": model.noise_offset,
         "ss_min_snr_gamma": model.min_snr_gamma,
+        "ss_loss_type": getattr(model.loss_type, "value", model.loss_type),  # kohya's names: l2, huber, smooth_l1
+        "ss_huber_c": model.huber_c,
+        "ss_huber_schedule": getattr(model.huber_schedule, "value", model.huber_schedule),
         "ss_network_dropout": model.lora.dropout,
         "ss_training_comment": "trained with tuner",
     }

@@ -20,8 +20,10 @@ NOISE = (
 
 def test_the_tiny_default_prints_phases_and_one_bar_and_no_known_noise(tmp_path):
     # a fresh demo folder, so the tiny pipeline is written (and loaded) in this run
+    # the step bar, as a terminal shows it (redirected, as here, the run prints plain lines: test_progress_lines.py)
     result = run_cli(
-        "train.py", f"demo_assets_dir={tmp_path / 'demo'}", f"output_dir={tmp_path / 'out'}", "max_train_steps=4"
+        "train.py", f"demo_assets_dir={tmp_path / 'demo'}", f"output_dir={tmp_path / 'out'}", "max_train_steps=4",
+        "callbacks.progress.plain=false",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     console = (result.stdout + result.stderr).replace("\r", "\n")

@@ -38,6 +38,7 @@ def test_the_kohya_file_gives_the_diffusers_files_image(family, make_cfg, demo_d
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_steps"] == "4"
     assert meta["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
     assert meta["ss_num_train_images"] == "12" and meta["ss_learning_rate"] == "0.05"
+    assert (meta["ss_loss_type"], meta["ss_huber_c"], meta["ss_huber_schedule"]) == ("l2", "0.1", "snr")  # kohya's names
 
     base = DiffusionPipeline.from_pretrained(demo_dir / family)
     plain = generate(base)
