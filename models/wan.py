@@ -24,8 +24,10 @@ Wan causal 3-D VAE's latents, conditioned on UMT5-XXL; trained exactly as ``WanP
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -103,13 +105,8 @@ class WanModule(DiffusionModule):
     def check_config(cls, model_cfg) -> None:
         """Wan 2.2 A14B (a ``boundary_ratio`` in model_index.json) trains an expert or both; their split is the
         checkpoint's, written into ``model.expert_boundary``."""
-        from diffusers import DiffusionPipeline
-
-        try:  # (the demo's tiny checkpoint is written after this check: then nothing to check yet)
-            index = DiffusionPipeline.load_config(model_cfg.pretrained_model_name_or_path, revision=model_cfg.get("revision"))
-        except OSError:
-            return
-        if index.get("boundary_ratio") is None:
+        index = model_index(model_cfg.pretrained_model_name_or_path, model_cfg.get("revision"))
+        if index is None or index.get("boundary_ratio") is None:  # (the demo's tiny checkpoint is written later)
             return
         if not model_cfg.get("experts") and not model_cfg.get("expert"):
             raise ValueError(
@@ -135,25 +132,19 @@ class WanModule(DiffusionModule):
 
     @classmethod
     def pixel_multiple_for(cls, model_cfg) -> int:
-        """The VAE's spatial factor times the 2x2 patch: 16 for Wan 2.1 and A14B, 32 for TI2V-5B's 16x VAE."""
-        from diffusers import AutoencoderKLWan
-
-        try:
-            config = AutoencoderKLWan.load_config(model_cfg.pretrained_model_name_or_path, subfolder="vae",
-                                                  revision=model_cfg.get("revision"))
-        except OSError:  # not there yet (the demo's) or not reachable: the family's
-            return cls.pixel_multiple
-        return int(config.get("scale_factor_spatial", 8)) * 2
+        """The VAE's spatial factor times the 2x2 patch: 16 for Wan 2.1 and A14B, 32 for TI2V-5B's 16x VAE (read from
+        a local checkpoint's VAE config; for a Hub id, from model_index.json, where TI2V alone sets expand_timesteps)."""
+        path = model_cfg.pretrained_model_name_or_path
+        vae = Path(path) / "vae" / "config.json"
+        if vae.is_file():
+            return int(json.loads(vae.read_text()).get("scale_factor_spatial", 8)) * 2
+        index = model_index(path, model_cfg.get("revision"))
+        return 32 if index and index.get("expand_timesteps") else cls.pixel_multiple
 
     @classmethod
     def two_transformers(cls, path: str, revision: str | None = None) -> bool:
         """Whether the checkpoint at ``path`` is Wan 2.2 A14B's pair (it has a ``transformer_2``)."""
-        from diffusers import DiffusionPipeline
-
-        try:
-            index = DiffusionPipeline.load_config(path, revision=revision)
-        except OSError:
-            return False
+        index = model_index(path, revision) or {}
         return (index.get("transformer_2") or [None])[0] is not None
 
     @classmethod
@@ -332,3 +323,23 @@ class WanModule(DiffusionModule):
             **extra,
         )
 
+
+_INDEXES: dict[tuple[str, str | None], dict | None] = {}
+
+
+def model_index(path: str, revision: str | None = None) -> dict | None:
+    """The checkpoint's model_index.json for the config checks; None where it cannot be read (a local checkpoint not
+    written yet, as the demo's; a Hub id not reachable). A Hub id's answer is kept for the process: offline, each
+    lookup retries for ~30 s."""
+    from diffusers import DiffusionPipeline
+
+    key = (str(path), revision)
+    if key in _INDEXES:
+        return _INDEXES[key]
+    try:
+        index = dict(DiffusionPipeline.load_config(path, revision=revision))
+    except OSError:
+        index = None
+    if not Path(path).exists():
+        _INDEXES[key] = index
+    return index
