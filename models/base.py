@@ -168,16 +168,18 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         self.strict_loading = False
         self.options = self.Options(**dict(options or {}))
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_nonfinite_skips)
+        self._load(pretrained_model_name_or_path, revision, variant)
+        self._setup_trainable()
 
-        common = {"revision": revision, "variant": variant}
-        for name, component in self.load_components(pretrained_model_name_or_path, common).items():
-            setattr(self, name, component)
+    def _load(self, path: str, revision: str | None, variant: str | None) -> None:
+        """The components, as attributes, and the noise schedule from the checkpoint's scheduler config."""
         from diffusers import DDPMScheduler  # any scheduler class reads a scheduler config
 
-        scheduler_config = dict(DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", revision=revision))
+        for name, component in self.load_components(path, {"revision": revision, "variant": variant}).items():
+            setattr(self, name, component)
+        scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
         self.noise = noise_schedules.build(self.noise_schedule, scheduler_config, self.hparams)
         self.prediction_type = self.noise.prediction_type
-        self._setup_trainable()
 
     # ---- what a family supplies -------------------------------------------------------------
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
