@@ -143,8 +143,7 @@ def probe_animation_item(source: Source, item: Item, size: tuple[int, int, str])
         clip = probe_animation(fp)
     if clip is None:
         return size
-    note = f"animation, {clip.frames} frames at {clip.fps:.3g} fps ({clip.duration:.2f} s)"
-    return (size[0], size[1], note, clip.fps, clip.frames)
+    return (*size, clip.fps, clip.frames)  # the image's note ("GIF, first of 12 frames"): what an image family takes
 
 
 def probe_video(source: Source, item: Item) -> tuple[tuple | str, bool]:
@@ -235,8 +234,11 @@ def scan_source(
             skipped.append({"path": item.location, "reason": result})
             continue
         width, height, note, *clip = result
-        if clip and not video and PurePosixPath(item.key).suffix.lower() not in VIDEO_EXTENSIONS:
-            clip = []  # an animated image, for a family that trains on images: its first frame, as before
+        if clip and PurePosixPath(item.key).suffix.lower() not in VIDEO_EXTENSIONS:  # an animated GIF or WebP
+            if video:
+                note = f"animation, {clip[1]} frames at {clip[0]:.3g} fps ({clip[1] / clip[0]:.2f} s)"
+            else:
+                clip = []  # a family that trains on images takes its first frame, as before
         if clip:
             why = _clip_problem(spec, Clip(*clip), video)
             if why:
