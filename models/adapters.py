@@ -17,6 +17,22 @@ class AdaptersMixin:
             return [(name, f"_{name}") for name in EXPERTS]
         return [("default", "")]
 
+    def expert_denoisers(self) -> dict[str, str] | None:
+        """Split-schedule experts that are denoisers of their own, expert -> component (Wan 2.2 A14B's
+        ``transformer`` and ``transformer_2``), each with its one adapter; None: the experts (if any) are
+        adapters of the one denoiser."""
+        return None
+
+    @classmethod
+    def checkpoint_experts(cls, model_cfg: Any) -> dict[str, str] | None:
+        """``expert_denoisers`` of a two-expert run on the checkpoint ``model_cfg`` names, known before it loads
+        (the model card's loading snippet); None where the experts are adapters of one denoiser."""
+        return None
+
+    def denoiser_names(self) -> list[str]:
+        """Every denoiser component this run trains."""
+        return list((self.expert_denoisers() or {self.denoiser_name: self.denoiser_name}).values())
+
     def adapter_host(self, adapter: str) -> Any:
         """The denoiser holding ``adapter``: the one, or the expert's own (Wan 2.2 A14B's ``transformer_2``)."""
         return getattr(self, (self.expert_denoisers() or {}).get(adapter, self.denoiser_name))

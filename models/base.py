@@ -121,6 +121,10 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         lora: dict | None = None,
         lycoris: dict | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,  # noqa: A002 - the config key's name
+        compile_mode: str | None = None,
+        compile_dynamic: bool | None = None,
+        compile_backend: str = "inductor",
         revision: str | None = None,
         variant: str | None = None,
         prediction_type: str | None = None,
@@ -275,22 +279,6 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         """The denoiser that runs now: the one, or the step's expert's where each expert is a denoiser of its own."""
         return getattr(self, self.__dict__.get("active_denoiser") or self.denoiser_name)
 
-    def expert_denoisers(self) -> dict[str, str] | None:
-        """Split-schedule experts that are denoisers of their own, expert -> component (Wan 2.2 A14B's
-        ``transformer`` and ``transformer_2``), each with its one adapter; None: the experts (if any) are
-        adapters of the one denoiser."""
-        return None
-
-    @classmethod
-    def checkpoint_experts(cls, model_cfg: Any) -> dict[str, str] | None:
-        """``expert_denoisers`` of a two-expert run on the checkpoint ``model_cfg`` names, known before it loads
-        (the model card's loading snippet); None where the experts are adapters of one denoiser."""
-        return None
-
-    def denoiser_names(self) -> list[str]:
-        """Every denoiser component this run trains."""
-        return list((self.expert_denoisers() or {self.denoiser_name: self.denoiser_name}).values())
-
     @classmethod
     def text_encoder_names(cls) -> list[str]:
         return [n for n in cls.components if n.startswith("text_encoder")]
@@ -327,6 +315,9 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
             self.lycoris_net = trainable.lycoris_network(self.denoiser, dict(hp.lycoris or {}), lora["target_modules"], prefix)
         # split-schedule experts sharing this denoiser (models/experts.py); None for a plain run
         self.experts = Experts(self) if hp.experts or hp.expert_partner else None
+        if hp.compile:  # in place, after the adapters: the compiled forward runs them
+            for name in self.denoiser_names():
+                getattr(self, name).compile(mode=hp.compile_mode, dynamic=hp.compile_dynamic, backend=hp.compile_backend)
         self.n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info("%s: %s trainable parameters (%s)", type(self).__name__, f"{self.n_trainable:,}", hp.finetune)
 

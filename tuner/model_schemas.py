@@ -51,6 +51,13 @@ class LossWeighting(Enum):
     cosmap = "cosmap"  # flow: 2 / (pi (1 - 2 sigma + 2 sigma^2))
 
 
+class CompileMode(Enum):  # torch.compile's modes
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # CUDA graphs: fixed shapes, so one graph per bucket
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
 class LossType(Enum):  # kohya sd-scripts' --loss_type (models/objectives.py)
     l2 = "l2"
     huber = "huber"  # pseudo-Huber: 2c (sqrt(d^2 + c^2) - c)
@@ -97,6 +104,12 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     lycoris: LycorisConfig = field(default_factory=LycorisConfig)
     gradient_checkpointing: bool = False
+    # torch.compile the denoiser in place (nn.Module.compile: weights and their names unchanged); the first steps of
+    # each new bucket shape compile (dynamic=None: torch marks a shape dynamic once it changes)
+    compile: bool = False
+    compile_mode: CompileMode | None = None  # None: torch's default
+    compile_dynamic: bool | None = None
+    compile_backend: str = "inductor"  # "aot_eager" / "eager": dynamo's capture only, to rule the compiler out
     prediction_type: PredictionType | None = None  # DDPM; None: from the checkpoint's scheduler config
     timestep_sampling: TimestepSampling = TimestepSampling.uniform
     logit_mean: float = 0.0  # flow, logit_normal
