@@ -74,3 +74,5 @@ def test_lora_shapes_need_a_lora(make_cfg, tmp_path):
         prepare(make_cfg("model.lora.use_dora=true", "model.finetune=full", output_dir=tmp_path))
     with pytest.raises(ConfigError, match="model.lora.plus_ratio=0"):
         prepare(make_cfg("model.lora.plus_ratio=0", output_dir=tmp_path))
+    with pytest.raises(ConfigError, match=r"export.lora_formats=\[kohya\] with model.lora.use_dora"):
+        prepare(make_cfg("model.lora.use_dora=true", "export.lora_formats=[diffusers,kohya]", output_dir=tmp_path))

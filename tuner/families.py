@@ -234,6 +234,11 @@ def _check_lora_formats(cfg, cls) -> None:
             f"export.lora_formats=[kohya]: kohya's LoRA format is for the UNet families (sd15, sd2, sdxl, kolors); "
             f"{cfg.model.family}'s diffusers-format LoRA is what ComfyUI reads"
         )
+    if cfg.model.lora.get("use_dora"):  # diffusers' kohya converter knows no DoRA magnitudes (kohya's dora_scale)
+        raise ConfigError(
+            "export.lora_formats=[kohya] with model.lora.use_dora: the kohya file would carry the DoRA magnitudes "
+            "under names A1111 and ComfyUI do not read; export the DoRA as export.lora_formats=[diffusers]"
+        )
 
 
 def _check_two_experts(model) -> None:
