@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.ema import EMA, gathered_weights
+from callbacks.preemption import PREEMPT_SIGNAL
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class StepCheckpoint(Checkpoint):
         """SIGTERM, a first Ctrl-C and the cluster's preemption warning (tuner/cluster.py) ask the run to
         stop after the current optimiser step; ``on_exception`` then writes the checkpoint. A second Ctrl-C
         interrupts at once. (Registered here, after Lightning has installed its own handlers at fit start.)"""
-        from tuner.cluster import PREEMPT_SIGNAL
-
         if threading.current_thread() is not threading.main_thread():
             return
 

@@ -18,15 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from callbacks.preemption import PREEMPT_SIGNAL  # noqa: F401 - the signal a job gets before its time limit
 
-#: the signal SLURM sends ahead of a time limit or preemption: submitit's (USR2 unless set otherwise)
-PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+log = logging.getLogger(__name__)
 
 
 def under_submitit() -> bool:
