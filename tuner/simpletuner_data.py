@@ -8,9 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tuner.simpletuner import (
-    GENERIC,
-    REASONS,
+from tuner.simpletuner_common import (
     Imported,
     SimpleTunerError,
     _bool,
@@ -26,6 +24,7 @@ from tuner.simpletuner import (
     expand,
     tried,
 )
+from tuner.simpletuner_tables import GENERIC, REASONS
 
 # dataset keys with the same name in tuner, global (data-level defaults) or per backend -> converter
 DATA = {"resolution": _size, "crop": _bool, "crop_aspect_buckets": _floats, "repeats": _int, "probability": float}

@@ -11,9 +11,8 @@ from typing import Any
 
 import yaml
 
-from tuner.simpletuner import (
+from tuner.simpletuner_common import (
     CONF,
-    GENERIC,
     Imported,
     SimpleTunerError,
     _bool,
@@ -28,6 +27,7 @@ from tuner.simpletuner_tables import (
     DEFAULT_FLAVOUR,
     FAMILIES,
     FLAVOURS,
+    GENERIC,
     OTHER_FLAVOURS,
     REFUSED_KEYS,
     assistant_adapter,
