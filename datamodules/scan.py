@@ -213,6 +213,15 @@ def _fetch_sidecar(source: Source, item: Item) -> bytes | None | Exception:
         return err
 
 
+def _animation(item: Item, note: str, clip: list, video: bool) -> tuple[str, list]:
+    """An animated GIF or WebP: a clip with its own note for a video family, its first frame (no clip) for the others."""
+    if not clip or PurePosixPath(item.key).suffix.lower() in VIDEO_EXTENSIONS:
+        return note, clip
+    if not video:
+        return note, []
+    return f"animation, {clip[1]} frames at {clip[0]:.3g} fps ({clip[1] / clip[0]:.2f} s)", clip
+
+
 def scan_source(
     name: str,
     spec: dict,
@@ -234,11 +243,7 @@ def scan_source(
             skipped.append({"path": item.location, "reason": result})
             continue
         width, height, note, *clip = result
-        if clip and PurePosixPath(item.key).suffix.lower() not in VIDEO_EXTENSIONS:  # an animated GIF or WebP
-            if video:
-                note = f"animation, {clip[1]} frames at {clip[0]:.3g} fps ({clip[1] / clip[0]:.2f} s)"
-            else:
-                clip = []  # a family that trains on images takes its first frame, as before
+        note, clip = _animation(item, note, clip, video)
         if clip:
             why = _clip_problem(spec, Clip(*clip), video)
             if why:

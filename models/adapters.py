@@ -5,12 +5,16 @@ must share with the run that resumes it. Mixed into ``DiffusionModule``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from models.experts import EXPERTS
 
 
 class AdaptersMixin:
+    #: expert -> component, for a checkpoint that is split-schedule experts of its own (Wan 2.2 A14B's
+    #: ``transformer`` / ``transformer_2``); a two-expert run then trains one adapter on each (models/experts.py)
+    expert_subfolders: ClassVar[dict[str, str]] = {}
+
     def lora_adapters(self) -> list[tuple[str, str]]:
         """(adapter name, file-name tag) of each LoRA this run trains: one, or one per split-schedule expert."""
         if self.hparams.experts == "two_lora":
@@ -18,16 +22,23 @@ class AdaptersMixin:
         return [("default", "")]
 
     def expert_denoisers(self) -> dict[str, str] | None:
-        """Split-schedule experts that are denoisers of their own, expert -> component (Wan 2.2 A14B's
-        ``transformer`` and ``transformer_2``), each with its one adapter; None: the experts (if any) are
-        adapters of the one denoiser."""
-        return None
+        """Split-schedule experts that are denoisers of their own, expert -> component (``expert_subfolders``, when
+        this run loaded them all: Wan 2.2 A14B's ``transformer`` and ``transformer_2``), each with its one adapter;
+        None: the experts (if any) are adapters of the one denoiser."""
+        own = self.expert_subfolders
+        return dict(own) if own and all(getattr(self, n, None) is not None for n in own.values()) else None
 
     @classmethod
     def checkpoint_experts(cls, model_cfg: Any) -> dict[str, str] | None:
         """``expert_denoisers`` of a two-expert run on the checkpoint ``model_cfg`` names, known before it loads
-        (the model card's loading snippet); None where the experts are adapters of one denoiser."""
-        return None
+        (the model card's loading snippet): where the checkpoint has every ``expert_subfolders`` component."""
+        from models.trainable import model_index
+
+        if not model_cfg.get("experts") or not cls.expert_subfolders:
+            return None
+        index = model_index(model_cfg.pretrained_model_name_or_path, model_cfg.get("revision")) or {}
+        has = all((index.get(name) or [None])[0] is not None for name in cls.expert_subfolders.values())
+        return dict(cls.expert_subfolders) if has else None
 
     def denoiser_names(self) -> list[str]:
         """Every denoiser component this run trains."""

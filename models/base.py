@@ -166,10 +166,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        # Frozen weights are left out of checkpoints (on_save_checkpoint), so loading is not strict.
-        self.strict_loading = False
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.strict_loading = False  # frozen weights are left out of checkpoints (on_save_checkpoint)
         self.options = self.Options(**dict(options or {}))
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_nonfinite_skips)
         self._load(pretrained_model_name_or_path, revision, variant)

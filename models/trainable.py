@@ -9,6 +9,7 @@ never cast afterwards (diffusers refuses that for bitsandbytes, and it would und
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -225,3 +226,25 @@ def scale_group_rates(optimizer: torch.optim.Optimizer) -> None:
     """Each group's rate times its ``lr_scale`` (LoRA+'s B matrices), before a schedule takes the rates as its base."""
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+
+
+
+_INDEXES: dict[tuple[str, str | None], dict | None] = {}
+
+
+def model_index(path: str, revision: str | None = None) -> dict | None:
+    """The checkpoint's model_index.json for the config checks; None where it cannot be read (a local checkpoint not
+    written yet, as the demo's; a Hub id not reachable). A Hub id's answer is kept for the process: offline, each
+    lookup retries for ~30 s."""
+    from diffusers import DiffusionPipeline
+
+    key = (str(path), revision)
+    if key in _INDEXES:
+        return _INDEXES[key]
+    try:
+        index = dict(DiffusionPipeline.load_config(path, revision=revision))
+    except OSError:
+        index = None
+    if not Path(path).exists():
+        _INDEXES[key] = index
+    return index

@@ -13,10 +13,9 @@ Wan causal 3-D VAE's latents, conditioned on UMT5-XXL; trained exactly as ``WanP
   scheduler's ``flow_shift`` (3.0 for 2.1, 5.0 for 2.2 TI2V-5B; UniPC names it so, not ``shift``), or
   ``model.flow_shift``. Wan 2.2 TI2V-5B's pipeline (``expand_timesteps``) hands the timestep per token,
   (B, f * h/2 * w/2), and so does ``denoise``.
-- Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``): ``model.experts=two_lora`` trains a LoRA on each
-  transformer in one run (each step's expert drawn as for any split schedule, models/experts.py; the split is
-  the checkpoint's ``boundary_ratio``), and validation hands the pipeline both; ``model.expert=high_noise`` trains
-  ``transformer`` alone (levels above the boundary), ``low_noise`` ``transformer_2``.
+- Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``): ``model.experts=two_lora`` trains a LoRA on each transformer
+  in one run (models/experts.py; split at the checkpoint's ``boundary_ratio``), validation hands the pipeline both;
+  ``model.expert=high_noise`` trains ``transformer`` alone (levels above the boundary), ``low_noise`` ``transformer_2``.
 - Validation samples an ``options.validation_frames`` clip (9; 1 gives an image) with the pipeline's own CFG
   (``guidance_scale``, negative prompt "" by default) and returns its frames.
 """
@@ -33,18 +32,12 @@ from typing import ClassVar
 import torch
 
 from models.base import DiffusionModule, lazy_class
+from models.trainable import model_index
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers' scheduler/scheduler_config.json (14B's is the same; Wan2.2-TI2V-5B's has
 # flow_shift 5.0)
-WAN_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    prediction_type="flow_prediction",
-    use_flow_sigmas=True,
-    flow_shift=3.0,
-    solver_order=2,
-    solver_type="bh2",
-    final_sigmas_type="zero",
-)
+WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                     solver_order=2, solver_type="bh2", final_sigmas_type="zero")
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # self-attention (attn1) and cross-attention (attn2)
 _FFN = ("ffn.net.0.proj", "ffn.net.2")
@@ -95,6 +88,7 @@ class WanModule(DiffusionModule):
     lora_target_presets = {"attention": _ATTENTION, "attention+ffn": _ATTENTION + _FFN, "all": _ATTENTION + _FFN}
     fsdp_blocks = ("WanTransformerBlock",)
     tiny_variants = ("wan21", "wan22-ti2v", "wan22-a14b")
+    expert_subfolders = EXPERT_DENOISERS  # Wan 2.2 A14B: each expert its own transformer (models/adapters.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -124,11 +118,9 @@ class WanModule(DiffusionModule):
         if model_cfg.get("expert") == "low_noise":
             notes.append("This LoRA is Wan 2.2 A14B's low-noise expert (`transformer_2`): load it with "
                          "`pipe.load_lora_weights(path, load_into_transformer_2=True)`.")
-        if cls.checkpoint_experts(model_cfg):
-            notes.append("Two LoRAs, one per Wan 2.2 A14B expert: `_high_noise` for `transformer`, `_low_noise` for "
-                         "`transformer_2` (`load_into_transformer_2=True`). WanPipeline switches between them at the "
-                         f"checkpoint's `boundary_ratio` ({model_cfg.expert_boundary}).")
-        return notes
+        return notes + ([f"Two LoRAs, one per Wan 2.2 A14B expert: `_high_noise` for `transformer`, `_low_noise` for "
+                         "`transformer_2` (`load_into_transformer_2=True`); WanPipeline switches at the checkpoint's "
+                         f"`boundary_ratio` ({model_cfg.expert_boundary})."] if cls.checkpoint_experts(model_cfg) else [])
 
     @classmethod
     def pixel_multiple_for(cls, model_cfg) -> int:
@@ -141,26 +133,9 @@ class WanModule(DiffusionModule):
         index = model_index(path, model_cfg.get("revision"))
         return 32 if index and index.get("expand_timesteps") else cls.pixel_multiple
 
-    @classmethod
-    def two_transformers(cls, path: str, revision: str | None = None) -> bool:
-        """Whether the checkpoint at ``path`` is Wan 2.2 A14B's pair (it has a ``transformer_2``)."""
-        index = model_index(path, revision) or {}
-        return (index.get("transformer_2") or [None])[0] is not None
-
-    @classmethod
-    def checkpoint_experts(cls, model_cfg) -> dict[str, str] | None:
-        if model_cfg.get("experts") and cls.two_transformers(model_cfg.pretrained_model_name_or_path, model_cfg.get("revision")):
-            return dict(EXPERT_DENOISERS)
-        return None
-
-    def expert_denoisers(self) -> dict[str, str] | None:
-        """A two-expert run on Wan 2.2 A14B: each expert is its own transformer."""
-        return EXPERT_DENOISERS if getattr(self, "transformer_2", None) is not None else None
-
     def load_components(self, path: str, common: dict) -> dict:
-        """Each component from its subfolder. Wan 2.2 A14B: the expert's own transformer as the denoiser, or with
-        ``model.experts=two_lora`` both (``transformer`` and ``transformer_2``); its ``boundary_ratio`` is the
-        experts' split."""
+        """Each component from its subfolder. Wan 2.2 A14B: the expert's own transformer as the denoiser, or both with
+        ``model.experts=two_lora``; its ``boundary_ratio`` is the experts' split."""
         from diffusers import DiffusionPipeline
 
         from models import trainable
@@ -323,23 +298,3 @@ class WanModule(DiffusionModule):
             **extra,
         )
 
-
-_INDEXES: dict[tuple[str, str | None], dict | None] = {}
-
-
-def model_index(path: str, revision: str | None = None) -> dict | None:
-    """The checkpoint's model_index.json for the config checks; None where it cannot be read (a local checkpoint not
-    written yet, as the demo's; a Hub id not reachable). A Hub id's answer is kept for the process: offline, each
-    lookup retries for ~30 s."""
-    from diffusers import DiffusionPipeline
-
-    key = (str(path), revision)
-    if key in _INDEXES:
-        return _INDEXES[key]
-    try:
-        index = dict(DiffusionPipeline.load_config(path, revision=revision))
-    except OSError:
-        index = None
-    if not Path(path).exists():
-        _INDEXES[key] = index
-    return index
