@@ -136,7 +136,7 @@ def bench_optimizers(names: list[str]) -> dict[str, int]:
 
     from datamodules.demo import write_images
     from tuner.families import write_tiny
-    from tuner.run import prepare
+    from tuner.run import optimizer_factory, prepare
 
     logging.disable(logging.WARNING)
     out = {}
@@ -156,7 +156,7 @@ def bench_optimizers(names: list[str]) -> dict[str, int]:
             cfg = prepare(cfg)
             module = instantiate(cfg.model, optimizer=None, lr_scheduler=None)
             params = [p for p in module.parameters() if p.requires_grad]
-            optimizer = instantiate(cfg.optimizer)(params)
+            optimizer = optimizer_factory(cfg)(params)
             dm = instantiate(cfg.data, seed=0)
             dm.scan()
             batch = next(iter(dm.train_dataloader()))

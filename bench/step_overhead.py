@@ -49,9 +49,11 @@ def _compose(demo: Path, out: Path, args):
 def _module(cfg):
     from hydra.utils import instantiate
 
+    from tuner.run import optimizer_factory
+
     torch.manual_seed(cfg.seed)
     return instantiate(
-        cfg.model, optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler), seed=cfg.seed
+        cfg.model, optimizer=optimizer_factory(cfg), lr_scheduler=instantiate(cfg.lr_scheduler), seed=cfg.seed
     )
 
 

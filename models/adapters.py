@@ -9,11 +9,36 @@ from typing import Any, ClassVar
 
 from models.experts import EXPERTS
 
+#: a CLIP text encoder's attention projections: the text-encoder LoRA targets of diffusers' scripts and kohya's
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
 
 class AdaptersMixin:
     #: expert -> component, for a checkpoint that is split-schedule experts of its own (Wan 2.2 A14B's
     #: ``transformer`` / ``transformer_2``); a two-expert run then trains one adapter on each (models/experts.py)
     expert_subfolders: ClassVar[dict[str, str]] = {}
+    #: text encoder -> its default LoRA targets, for the encoders the family's pipeline loads a LoRA into
+    #: (``model.lora.text_encoders``; diffusers' ``<encoder>_lora_layers`` keywords); none by default
+    text_encoder_lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def trained_text_encoders(self) -> list[str]:
+        """The text encoders this run trains a LoRA on (``model.lora.text_encoders``)."""
+        hp = self.hparams
+        return list((hp.lora or {}).get("text_encoders") or []) if hp.finetune == "lora" else []
+
+    def setup_text_encoder_lora(self) -> None:
+        """A LoRA (peft, adapter ``default``) on each trained text encoder, of the denoiser LoRA's rank, alpha and
+        dropout, on ``model.lora.text_encoder_target_modules`` or the family's targets; only it trains, in fp32."""
+        from models.trainable import setup_adapter
+
+        lora = dict(self.hparams.lora or {})
+        for name in self.trained_text_encoders():
+            targets = lora.get("text_encoder_target_modules") or self.text_encoder_lora_targets[name]
+            encoder = getattr(self, name)
+            settings = {**lora, "use_dora": False, "target_modules": list(targets)}
+            setup_adapter(encoder, "lora", settings, (), False, dtype=self.trained_dtype)
+            if self.hparams.gradient_checkpointing and getattr(encoder, "supports_gradient_checkpointing", False):
+                encoder.gradient_checkpointing_enable()
 
     def lora_adapters(self) -> list[tuple[str, str]]:
         """(adapter name, file-name tag) of each LoRA this run trains: one, or one per split-schedule expert."""
@@ -67,12 +92,36 @@ class AdaptersMixin:
             converted = convert_state_dict_to_diffusers(layers)
             if not any(".lora_A." in k or ".lora_B." in k for k in converted):
                 layers = converted
-        return {
+        out = {
             f"{name}_lora_layers": layers,
             # rank, alpha and targets travel with the weights, so a LoRA with alpha != rank loads at its
             # trained strength (without it diffusers assumes alpha = rank).
             f"{name}_lora_adapter_metadata": host.peft_config[adapter].to_dict(),
         }
+        for encoder_name, encoder_layers in self.text_encoder_lora_layers().items():  # text_encoder., text_encoder_2.
+            # diffusers' own keys (lora_linear_layer.down/up), as its scripts write them, for any layer name: its
+            # converter knows CLIP's, and its loader reads no other format for a text encoder (ChatGLM's would fail)
+            out[f"{encoder_name}_lora_layers"] = {
+                k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+                for k, v in encoder_layers.items()
+            }
+            out[f"{encoder_name}_lora_adapter_metadata"] = getattr(self, encoder_name).peft_config["default"].to_dict()
+        return out
+
+    def text_encoder_lora_layers(self) -> dict[str, dict[str, Any]]:
+        """Each trained text encoder's LoRA (peft's keys, without the encoder's name), under the module paths of the
+        encoder's checkpoint: transformers 5's ``CLIPTextModel`` has no ``text_model.`` level, which its files and
+        every other reader (transformers 4, A1111, ComfyUI) have; diffusers' loader strips it where the model lacks it."""
+        from peft.utils import get_peft_model_state_dict
+
+        out = {}
+        for name in self.trained_text_encoders():
+            encoder = getattr(self, name)
+            layers = get_peft_model_state_dict(encoder, adapter_name="default")
+            if type(encoder).__name__ == "CLIPTextModel" and not hasattr(encoder, "text_model"):
+                layers = {f"text_model.{k}": v for k, v in layers.items()}
+            out[name] = layers
+        return out
 
     @classmethod
     def lora_targets(cls, target_modules: Sequence[str] | None) -> list[str]:
@@ -108,6 +157,8 @@ class AdaptersMixin:
                 lora_alpha=float(rank if lora.get("alpha") is None else lora["alpha"]),
                 lora_target_modules=sorted(cls.lora_targets(lora.get("target_modules"))),
             )
+            out["lora_text_encoders"] = sorted(lora.get("text_encoders") or [])
+            out["lora_text_encoder_targets"] = sorted(lora.get("text_encoder_target_modules") or [])
         return out
 
     def run_identity(self) -> dict:

@@ -121,6 +121,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         lora: dict | None = None,
         lycoris: dict | None = None,
         gradient_checkpointing: bool = False,
+        weight_dtype: str = "fp32",
         compile: bool = False,  # noqa: A002 - the config key's name
         compile_mode: str | None = None,
         compile_dynamic: bool | None = None,
@@ -163,6 +164,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         text_encoders: dict[str, str] | None = None,
         on_nonfinite: str = "stop",
         max_nonfinite_skips: int = 10,
+        stochastic_rounding: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -283,7 +285,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
 
     def dtype_plan(self) -> dict[str, torch.dtype]:
         hp = self.hparams
-        return trainable.dtype_plan(list(self.components), self.denoiser_name, hp.finetune, hp.mixed_precision, self.vae_in_fp32)
+        trained = trainable.WEIGHT_DTYPES[str(hp.weight_dtype)]
+        return trainable.dtype_plan(list(self.components), self.denoiser_name, hp.finetune, hp.mixed_precision, self.vae_in_fp32, trained)
 
     def text_encoder_levels(self) -> dict[str, str]:
         """Quantisation level per text encoder: ``quantization.text_encoders.<name>``, else the shared level."""
@@ -300,6 +303,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         self.vae_dtype = plan.get("vae", DTYPES[hp.mixed_precision])
         self.text_dtype = DTYPES[hp.mixed_precision]
         self.denoiser_dtype = plan[self.denoiser_name]
+        self.trained_dtype = trainable.WEIGHT_DTYPES[str(hp.weight_dtype)]  # of the LoRA / the full weights
         denoisers = {name: hp.base_model_precision for name in self.denoiser_names()}
         trainable.quantize_frozen(self, {**denoisers, **self.text_encoder_levels()})
         lora = {**dict(hp.lora or {}), "target_modules": self.lora_targets((hp.lora or {}).get("target_modules"))}
@@ -307,10 +311,11 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         adapters = EXPERTS if hp.experts == "two_lora" else ("default",)
         hosts = {name: (expert,) for expert, name in (self.expert_denoisers() or {}).items()}
         for name, names in (hosts or {self.denoiser_name: adapters}).items():
-            trainable.setup_adapter(getattr(self, name), hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, names)
+            trainable.setup_adapter(getattr(self, name), hp.finetune, lora, self.default_lora_targets, hp.gradient_checkpointing, names, self.trained_dtype)
+        self.setup_text_encoder_lora()  # model.lora.text_encoders (models/adapters.py)
         if hp.finetune == "lycoris":  # LoKr/LoHa: its own module (its parameters train, checkpoint and average)
             self.lycoris_prefix = prefix = trainable.lycoris_prefix(self.denoiser_name)
-            self.lycoris_net = trainable.lycoris_network(self.denoiser, dict(hp.lycoris or {}), lora["target_modules"], prefix)
+            self.lycoris_net = trainable.lycoris_network(self.denoiser, dict(hp.lycoris or {}), lora["target_modules"], prefix, self.trained_dtype)
         # split-schedule experts sharing this denoiser (models/experts.py); None for a plain run
         self.experts = Experts(self) if hp.experts or hp.expert_partner else None
         if hp.compile:  # in place, after the adapters: the compiled forward runs them
@@ -330,7 +335,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         # Lightning puts the whole module in train mode; frozen parts stay in eval (no dropout).
         super().train(mode)
         for name, module in self.named_children():
-            if name not in (*self.denoiser_names(), "lycoris_net"):
+            if name not in (*self.denoiser_names(), *self.trained_text_encoders(), "lycoris_net"):
                 module.eval()
         return self
 
@@ -360,6 +365,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
             encoded = batch["encoded"] if "encoded" in batch else self.encode_pixels(batch["pixels"])
             latents = self.model_inputs(encoded, generator).float()
             dropped = obj.dropout_mask(len(batch["captions"]), p_drop, generator)
+        # a text encoder with a LoRA (model.lora.text_encoders) trains through the prompt's encoding
+        with nullcontext() if self.trained_text_encoders() and fixed_level is None else torch.no_grad():
             if "cond" in batch:  # text embeddings from the cache
                 cond = self.drop_cond(batch["cond"], dropped)
             else:
@@ -454,7 +461,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
             )
         self.nonfinite.load_state_dict(checkpoint.get("tuner_nonfinite", {}))
         if self.optimizer_factory is not None:  # a resume takes the optimiser's settings from the config
-            trainable.apply_config_to_optimizer_state(checkpoint, self.optimizer_factory)
+            lr = (self.hparams.lora or {}).get("text_encoder_lr")
+            trainable.apply_config_to_optimizer_state(checkpoint, self.optimizer_factory, lr)
 
     def pipeline(self):
         """The family's diffusers pipeline, assembled from the in-memory modules (nothing reloaded)."""

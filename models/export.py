@@ -77,7 +77,12 @@ def save_kohya(module: Any, adapter: str, path: Path) -> Path:
     host = module.adapter_host(adapter)
     config = host.peft_config[adapter]
     layers = get_peft_model_state_dict(host, adapter_name=adapter)
-    state = convert_state_dict_to_kohya({f"unet.{k}": v.detach().contiguous() for k, v in layers.items()})
+    layers = {f"unet.{k}": v for k, v in layers.items()}
+    for encoder, encoder_layers in module.text_encoder_lora_layers().items():  # -> lora_te1_ / lora_te2_
+        layers.update({f"{encoder}.{k}": v for k, v in encoder_layers.items()})
+    state = convert_state_dict_to_kohya({k: v.detach().contiguous() for k, v in layers.items()})
+    if len(module.text_encoder_lora_targets) == 1:  # kohya names a family's one text encoder lora_te_ (SD 1.x/2.x)
+        state = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in state.items()}
     for key in state:
         if key.endswith(".alpha"):
             state[key] = torch.tensor(float(config.lora_alpha))
@@ -90,6 +95,7 @@ def save_kohya(module: Any, adapter: str, path: Path) -> Path:
 def kohya_metadata(cfg: Any, family_cls: type, images: int) -> dict[str, str]:
     """kohya's ``ss_*`` training fields (strings) from the run's config, as A1111 and CivitAI show them."""
     model, data = cfg.model, cfg.data
+    text_encoders = model.lora.get("text_encoders")
     fields = {
         "ss_network_module": "networks.lora",
         "ss_base_model_version": family_cls.kohya_base_versions.get(model.family, model.family),
@@ -97,7 +103,8 @@ def kohya_metadata(cfg: Any, family_cls: type, images: int) -> dict[str, str]:
         "ss_v2": str(model.family == "sd2"),
         "ss_learning_rate": cfg.optimizer.lr,
         "ss_unet_lr": cfg.optimizer.lr,
-        "ss_text_encoder_lr": 0,
+        "ss_text_encoder_lr": (model.lora.get("text_encoder_lr") or cfg.optimizer.lr) if text_encoders else 0,
+        "ss_network_train_unet_only": not text_encoders,
         "ss_lr_scheduler": str(cfg.lr_scheduler._target_).rsplit(".", 1)[-1],
         "ss_lr_warmup_steps": cfg.lr_scheduler.get("warmup_steps", 0),
         "ss_optimizer": str(cfg.optimizer._target_),

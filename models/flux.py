@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from models.adapters import CLIP_ATTENTION
 from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
 from models.training_adapter import TrainingAdapterHooks
@@ -112,6 +113,7 @@ class FluxModule(TrainingAdapterHooks, DiffusionModule):
         "all": _ATTENTION + _FFN + _NORMS,
     }
     tiny_variants = ("flux-dev", "flux-schnell")
+    text_encoder_lora_targets = {"text_encoder": CLIP_ATTENTION}  # CLIP; the pipeline loads none into T5
     control_class = "models.flux_control.FluxControlModule"  # model.control=lora: FluxControlPipeline's control LoRA
 
     # ---- the training adapter (models/training_adapter.py's hooks) ----------------------------------------

@@ -30,6 +30,7 @@ class KolorsModule(SDXLModule):
     pipeline_class = lazy_class("diffusers.KolorsPipeline")
     license = "other"  # the Kolors licence (research use; commercial use by registration)
     kohya_base_versions = {"kolors": "kolors"}
+    text_encoder_lora_targets = {"text_encoder": ("query_key_value", "dense")}  # ChatGLM's attention
     requires = {"sentencepiece": "kolors"}
     components = {
         "unet": "diffusers.UNet2DConditionModel",

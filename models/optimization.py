@@ -25,6 +25,11 @@ class OptimizationMixin:
                     group["lr"] = lr
                 scheduler._last_lr = lrs
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after backward, before clipping and the update: stochastic rounding's bf16 weights become fp32
+        if getattr(self, "rounding", None) is not None:
+            self.rounding.before_step()
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clipping computes the total gradient norm anyway; log that one rather than computing it twice.
         # (Lightning calls this after un-scaling fp16 gradients, so the norm is the true one.)
@@ -49,13 +54,19 @@ class OptimizationMixin:
     def build_optimizer(self, num_training_steps: int):
         """The optimiser over the trainable parameters (LoRA+: the B matrices in a group at their own rate) and its
         schedule over ``num_training_steps``, as Lightning takes them."""
-        from models.trainable import lora_plus_groups, scale_group_rates
+        from models.trainable import param_groups, scale_group_rates
 
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured")
+        lora = self.hparams.lora or {}
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(lora_plus_groups(named, (self.hparams.lora or {}).get("plus_ratio")))
-        scale_group_rates(optimizer)
+        optimizer = self.optimizer_factory(param_groups(named, lora.get("plus_ratio"), self.trained_text_encoders()))
+        scale_group_rates(optimizer, lora.get("text_encoder_lr"))
+        self.rounding = None
+        if self.hparams.get("stochastic_rounding"):  # bf16 weights updated in fp32, rounded back at random
+            from models.rounding import StochasticRounding
+
+            self.rounding = StochasticRounding(optimizer, lambda: (self.hparams.seed, self.trainer.global_step))
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer, num_training_steps=num_training_steps)

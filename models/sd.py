@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from models.adapters import CLIP_ATTENTION
 from models.base import DiffusionModule, lazy_class
 
 
@@ -32,6 +33,7 @@ class SDModule(DiffusionModule):
     noise_schedule = "ddpm"
     license = "creativeml-openrail-m"
     kohya_base_versions = {"sd15": "sd_v1", "sd2": "sd_v2"}
+    text_encoder_lora_targets = {"text_encoder": CLIP_ATTENTION}
     components = {
         "unet": "diffusers.UNet2DConditionModel",
         "vae": "diffusers.AutoencoderKL",

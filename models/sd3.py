@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from models.adapters import CLIP_ATTENTION
 from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
 
@@ -30,6 +31,7 @@ class SD3Module(DiffusionModule):
     pixel_multiple = 16  # the VAE's 8x, then 2x2 patches
     license = "other"  # the Stability AI Community License
     Options = SD3Options
+    text_encoder_lora_targets = {"text_encoder": CLIP_ATTENTION, "text_encoder_2": CLIP_ATTENTION}  # not T5
     components = {
         "transformer": "diffusers.SD3Transformer2DModel",
         "vae": "diffusers.AutoencoderKL",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from models.adapters import CLIP_ATTENTION
 from models.base import DiffusionModule, lazy_class
 from models.sd import tokenize
 
@@ -21,6 +22,7 @@ class SDXLModule(DiffusionModule):
     noise_schedule = "ddpm"
     license = "openrail++"
     kohya_base_versions = {"sdxl": "sdxl_base_v1-0"}
+    text_encoder_lora_targets = {"text_encoder": CLIP_ATTENTION, "text_encoder_2": CLIP_ATTENTION}
     vae_in_fp32 = True  # the original SDXL VAE produces NaNs in fp16
     components = {
         "unet": "diffusers.UNet2DConditionModel",

@@ -17,20 +17,22 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.weight_dtype: the trained weights' dtype
 
 
 def dtype_plan(
-    names: list[str], denoiser: str, finetune: str, mixed_precision: str, vae_in_fp32: bool
+    names: list[str], denoiser: str, finetune: str, mixed_precision: str, vae_in_fp32: bool, trained=torch.float32
 ) -> dict[str, torch.dtype]:
     """The dtype each module loads in: frozen ones in the mixed-precision dtype (the VAE in fp32 when the
-    family needs it), a fully fine-tuned denoiser in fp32 (its master weights; autocast does the rest)."""
+    family needs it), a fully fine-tuned denoiser in ``trained`` (``model.weight_dtype``: fp32 master weights,
+    autocast doing the rest, or bf16 ones)."""
     weight = DTYPES[mixed_precision]
     plan = {}
     for name in names:
         if name.startswith("tokenizer"):
             continue
         if name == denoiser:
-            plan[name] = weight if finetune == "lora" else torch.float32
+            plan[name] = weight if finetune == "lora" else trained
         elif name == "vae":
             plan[name] = torch.float32 if vae_in_fp32 else weight
         else:
@@ -58,9 +60,11 @@ def lycoris_prefix(denoiser_name: str) -> str:
     return "lora_unet" if denoiser_name == "unet" else "lycoris"
 
 
-def lycoris_network(denoiser: torch.nn.Module, settings: dict, targets: list[str], prefix: str) -> torch.nn.Module:
+def lycoris_network(
+    denoiser: torch.nn.Module, settings: dict, targets: list[str], prefix: str, dtype=torch.float32
+) -> torch.nn.Module:
     """A LyCORIS network (``model.lycoris``: LoKr or LoHa) on the denoiser's target layers, through the
-    lycoris-lora library, applied (its modules wrap the targets' forward) and trainable in fp32."""
+    lycoris-lora library, applied (its modules wrap the targets' forward) and trainable in ``dtype``."""
     from lycoris import LycorisNetwork
 
     # The library keeps its targeting as class state: set all of it, every time.
@@ -91,7 +95,7 @@ def lycoris_network(denoiser: torch.nn.Module, settings: dict, targets: list[str
     if not network.loras:
         raise ValueError(f"model.finetune=lycoris: no layer of the denoiser matched the targets {targets}")
     network.apply_to()
-    network.to(torch.float32).requires_grad_(True)
+    network.to(dtype).requires_grad_(True)
     return network
 
 
@@ -114,10 +118,11 @@ def quantize_frozen(module: Any, levels: dict[str, str]) -> None:
 
 
 def setup_adapter(
-    denoiser: torch.nn.Module, finetune: str, lora: dict, default_targets, checkpointing: bool, names=("default",)
+    denoiser: torch.nn.Module, finetune: str, lora: dict, default_targets, checkpointing: bool, names=("default",),
+    dtype=torch.float32,
 ) -> None:
-    """LoRA through peft (only the adapters train, upcast to fp32) or the whole denoiser. ``names``: the
-    adapters, one per split-schedule expert when a run trains two."""
+    """LoRA through peft (only the adapters train, in ``dtype``: ``model.weight_dtype``) or the whole denoiser.
+    ``names``: the adapters, one per split-schedule expert when a run trains two."""
     if finetune == "lora":
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
@@ -143,7 +148,7 @@ def setup_adapter(
             for param_name, p in denoiser.named_parameters():
                 if any(f".{name}." in param_name for name in names):
                     p.requires_grad_(True)
-        cast_training_params(denoiser, dtype=torch.float32)  # only what trains is upcast
+        cast_training_params(denoiser, dtype=dtype)  # only what trains is cast (upcast from a half-precision base)
     elif finetune == "full":
         denoiser.requires_grad_(True)
     elif finetune != "lycoris":  # LyCORIS: a network of its own beside the denoiser (lycoris_network)
@@ -158,7 +163,7 @@ RESUME_SETTINGS = frozenset({"lr", "weight_decay", "betas", "eps", "momentum", "
                              "decay_rate", "clip_threshold", "d0", "decouple", "use_bias_correction"})
 
 
-def apply_config_to_optimizer_state(checkpoint: dict, optimizer_factory) -> None:
+def apply_config_to_optimizer_state(checkpoint: dict, optimizer_factory, text_encoder_lr: float | None = None) -> None:
     """A resume takes the optimiser's settings from the config, not the checkpoint: a lower
     ``optimizer.lr`` set on resume used to be overwritten by the saved state without a word. Called (from
     ``on_load_checkpoint``) before Lightning restores the optimiser and scheduler from ``checkpoint``, whose
@@ -180,8 +185,8 @@ def apply_config_to_optimizer_state(checkpoint: dict, optimizer_factory) -> None
     changed: dict[str, tuple] = {}
     for group in states[0].get("param_groups", []):
         for key, new in fresh.defaults.items():
-            if key == "lr":  # a LoRA+ group learns at a multiple of the rate (lora_plus_groups)
-                new = new * group.get("lr_scale", 1.0)
+            if key == "lr":  # a LoRA+ group learns at a multiple of the rate, the text encoders' at their own
+                new = group_rate(group, new, text_encoder_lr)
             if key not in RESUME_SETTINGS or key not in group or _same(group[key], new):
                 continue
             old = group[key]
@@ -211,21 +216,36 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def lora_plus_groups(named: list[tuple[str, torch.nn.Parameter]], ratio: float | None) -> list:
-    """The optimiser's parameters: a plain list, or with LoRA+ (``model.lora.plus_ratio``) two groups, the B
-    matrices' marked ``lr_scale=ratio`` (``scale_group_rates`` applies it once the optimiser exists)."""
-    params = [p for _, p in named]
-    if not ratio:
-        return params
-    ups = [p for name, p in named if ".lora_B." in name]
-    rest = [p for name, p in named if ".lora_B." not in name]
-    return [{"params": rest}, {"params": ups, "lr_scale": float(ratio)}]
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], ratio: float | None, text_encoders=()) -> list:
+    """The optimiser's parameters: a plain list, or groups. With LoRA+ (``model.lora.plus_ratio``) the B matrices'
+    group is marked ``lr_scale=ratio``; the LoRA of the text encoders named in ``text_encoders`` (by module path)
+    goes in groups of its own marked ``text_encoder`` (its rate: ``model.lora.text_encoder_lr``).
+    ``group_rate`` gives each group its rate once the optimiser exists."""
+    if not ratio and not text_encoders:
+        return [p for _, p in named]
+    groups = []
+    for encoder in (False, True) if text_encoders else (False,):
+        part = [(n, p) for n, p in named if n.split(".", 1)[0] in text_encoders] if encoder else [
+            (n, p) for n, p in named if n.split(".", 1)[0] not in text_encoders]
+        mark = {"text_encoder": True} if encoder else {}
+        if not ratio:
+            groups.append({"params": [p for _, p in part], **mark})
+            continue
+        groups.append({"params": [p for n, p in part if ".lora_B." not in n], **mark})
+        groups.append({"params": [p for n, p in part if ".lora_B." in n], "lr_scale": float(ratio), **mark})
+    return groups
 
 
-def scale_group_rates(optimizer: torch.optim.Optimizer) -> None:
-    """Each group's rate times its ``lr_scale`` (LoRA+'s B matrices), before a schedule takes the rates as its base."""
+def group_rate(group: dict, lr: float, text_encoder_lr: float | None) -> float:
+    """A group's learning rate from the run's ``lr``: the text encoders' own where set, times the LoRA+ scale."""
+    base = text_encoder_lr if group.get("text_encoder") and text_encoder_lr else lr
+    return base * group.get("lr_scale", 1.0)
+
+
+def scale_group_rates(optimizer: torch.optim.Optimizer, text_encoder_lr: float | None = None) -> None:
+    """Each group's own rate (``group_rate``), set before a schedule takes the rates as its base."""
     for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        group["lr"] = group_rate(group, group["lr"], text_encoder_lr)
 
 
 

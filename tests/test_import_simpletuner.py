@@ -359,3 +359,23 @@ def test_no_flavour_and_no_path_is_simpletuners_default_flavour(tmp_path):
         config.write_text(json.dumps({"model_family": family, "model_type": "lora"}))
         res = convert(config)
         assert (res.defaults["preset"], res.get("model.pretrained_model_name_or_path")) == (preset, repo), family
+
+
+def test_text_encoder_training_and_dora_carry_over(tmp_path, capsys):
+    """train_text_encoder: a LoRA on every text encoder the family's pipeline loads one into, at text_encoder_lr;
+    use_dora: model.lora.use_dora. A family whose pipeline loads no encoder LoRA reports the key instead."""
+    from tuner.simpletuner import convert
+
+    config = tmp_path / "sdxl_te.json"
+    settings = {"model_family": "sdxl", "model_type": "lora", "train_text_encoder": True, "text_encoder_lr": 5e-5}
+    config.write_text(json.dumps(settings | {"use_dora": True}))
+    res = convert(config)
+    assert res.get("model.lora.text_encoders") == ["text_encoder", "text_encoder_2"]
+    assert res.get("model.lora.text_encoder_lr") == 5e-5 and res.get("model.lora.use_dora") is True
+    config.write_text(json.dumps(settings | {"model_family": "pixart_sigma"}))
+    res = convert(config)
+    assert res.get("model.lora.text_encoders") is None
+    assert [k for k, _ in res.unmapped] == ["train_text_encoder"]
+    config.write_text(json.dumps(settings | {"train_text_encoder": False}))
+    res = convert(config)
+    assert res.get("model.lora.text_encoder_lr") is None and "text_encoder_lr" in dict(res.unmapped)

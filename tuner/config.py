@@ -275,10 +275,23 @@ def check(cfg: DictConfig, require_steps: bool = True) -> None:
     _check_data(cfg, datasets)
     _check_callbacks(cfg.callbacks)
     _check_quantization(cfg)
+    _check_weight_dtype(cfg)
     problems = optim_problems(cfg.optimizer, cfg.lr_scheduler, cfg.max_train_steps)
     if problems:
         raise ConfigError(problems[0])
     _check_bucket_size(cfg, datasets)
+
+
+def _check_weight_dtype(cfg: DictConfig) -> None:
+    """bf16 trained weights compute under bf16 autocast; stochastic rounding rounds bf16 weights only."""
+    weights = str(getattr(cfg.model.weight_dtype, "value", cfg.model.weight_dtype))
+    if weights == "bf16" and str(getattr(cfg.mixed_precision, "value", cfg.mixed_precision)) != "bf16":
+        raise ConfigError(f"model.weight_dtype=bf16 needs mixed_precision=bf16 (it is {cfg.mixed_precision})")
+    if cfg.optimizer.get("stochastic_rounding") and weights != "bf16":
+        raise ConfigError(
+            "optimizer.stochastic_rounding rounds bf16 weights, and model.weight_dtype=fp32: set model.weight_dtype=bf16 "
+            "(with mixed_precision=bf16), or leave stochastic_rounding off"
+        )
 
 
 def _check_run(cfg: DictConfig, require_steps: bool) -> None:
@@ -316,11 +329,17 @@ def _check_adapter(model: DictConfig) -> None:
         if not 0 <= settings.dropout < 1:
             raise ConfigError(f"model.{name}.dropout={settings.dropout}; valid: 0 up to, not including, 1")
     lora, finetune = model.get("lora"), getattr(model.get("finetune"), "value", model.get("finetune"))
-    if lora is not None and (lora.get("use_dora") or lora.get("plus_ratio") is not None) and finetune != "lora":
-        key = "use_dora" if lora.get("use_dora") else "plus_ratio"
-        raise ConfigError(f"model.lora.{key} shapes a LoRA, and model.finetune={finetune}: set model.finetune=lora")
-    if lora is not None and lora.get("plus_ratio") is not None and not lora.plus_ratio > 0:
-        raise ConfigError(f"model.lora.plus_ratio={lora.plus_ratio}; it must be > 0 (16 is usual), or null for off")
+    if lora is None:
+        return
+    shaping = [k for k in ("use_dora", "plus_ratio", "text_encoders") if lora.get(k) not in (None, False, [])]
+    if shaping and finetune != "lora":
+        raise ConfigError(f"model.lora.{shaping[0]} shapes a LoRA, and model.finetune={finetune}: set model.finetune=lora")
+    for key in ("text_encoder_lr", "text_encoder_target_modules"):
+        if lora.get(key) is not None and not lora.get("text_encoders"):
+            raise ConfigError(f"model.lora.{key} is for the text encoders' LoRA: set model.lora.text_encoders too")
+    for key, usual in (("plus_ratio", "16 is usual), or null for off"), ("text_encoder_lr", "e.g. 5e-5), or null for optimizer.lr")):
+        if lora.get(key) is not None and not lora[key] > 0:
+            raise ConfigError(f"model.lora.{key}={lora[key]}; it must be > 0 ({usual}")
 
 
 def _check_data(cfg: DictConfig, datasets: dict[str, DictConfig]) -> None:

@@ -132,6 +132,7 @@ def check_family(cfg) -> None:
     _check_loss_type(model)
     _check_two_experts(model)
     _check_lora_formats(cfg, cls)
+    _check_text_encoder_lora(model, cls)
     _expert_validation_levels(cfg)
     _settle_text_encoders(cfg, cls)
     steps = {"data": cfg.data.bucket_step}
@@ -238,6 +239,29 @@ def _check_lora_formats(cfg, cls) -> None:
         raise ConfigError(
             "export.lora_formats=[kohya] with model.lora.use_dora: the kohya file would carry the DoRA magnitudes "
             "under names A1111 and ComfyUI do not read; export the DoRA as export.lora_formats=[diffusers]"
+        )
+
+
+def _check_text_encoder_lora(model, cls) -> None:
+    """``model.lora.text_encoders``: encoders the family's pipeline loads a LoRA into (its ``text_encoder_lora_targets``)."""
+    from tuner.config import ConfigError
+
+    wanted = list(model.lora.get("text_encoders") or [])
+    if not wanted:
+        return
+    valid = list(cls.text_encoder_lora_targets)
+    if not valid:
+        raise ConfigError(
+            f"model.lora.text_encoders={wanted}: {model.family}'s pipeline loads no text-encoder LoRA "
+            "(diffusers reads one for sd15, sd2, sdxl, kolors, sd3 and flux); train the denoiser's LoRA alone"
+        )
+    unknown = [name for name in wanted if name not in valid]
+    if unknown or len(set(wanted)) != len(wanted):
+        raise ConfigError(f"model.lora.text_encoders={wanted}: valid for {model.family}: {', '.join(valid)} (each once)")
+    if model.experts is not None:
+        raise ConfigError(
+            "model.lora.text_encoders with model.experts=two_lora: the text encoders are shared by both experts; "
+            "train their LoRA in a run of one expert"
         )
 
 

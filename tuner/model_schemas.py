@@ -58,6 +58,11 @@ class CompileMode(Enum):  # torch.compile's modes
     max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
 
 
+class WeightDtype(Enum):  # the trained weights' dtype (the LoRA, or the whole denoiser of a full fine-tune)
+    fp32 = "fp32"  # fp32 master weights; mixed_precision sets the compute dtype
+    bf16 = "bf16"  # half the memory; with optimizer.stochastic_rounding small updates still add up
+
+
 class LossType(Enum):  # kohya sd-scripts' --loss_type (models/objectives.py)
     l2 = "l2"
     huber = "huber"  # pseudo-Huber: 2c (sqrt(d^2 + c^2) - c)
@@ -78,6 +83,11 @@ class LoraConfig:
     target_modules: list[str] | None = None  # None: the family's default
     use_dora: bool = False  # DoRA (peft): each layer's weight as magnitude x direction, the LoRA on the direction
     plus_ratio: float | None = None  # LoRA+: the B matrices learn at optimizer.lr x this (16 is usual); None: off
+    # Text-encoder LoRA (kohya's default when not network_train_unet_only): the text encoders named here get a LoRA
+    # of the same rank and alpha, trained with the denoiser's; the text-embedding cache is then off
+    text_encoders: list[str] = field(default_factory=list)
+    text_encoder_lr: float | None = None  # their learning rate; None: optimizer.lr
+    text_encoder_target_modules: list[str] | None = None  # None: the family's (CLIP: q/k/v/out_proj)
 
 
 @dataclass
@@ -104,6 +114,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     lycoris: LycorisConfig = field(default_factory=LycorisConfig)
     gradient_checkpointing: bool = False
+    weight_dtype: WeightDtype = WeightDtype.fp32  # bf16: needs mixed_precision=bf16 (kohya's --full_bf16)
     # torch.compile the denoiser in place (nn.Module.compile: weights and their names unchanged); the first steps of
     # each new bucket shape compile (dynamic=None: torch marks a shape dynamic once it changes)
     compile: bool = False

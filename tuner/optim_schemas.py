@@ -15,6 +15,9 @@ class OptimizerConfig:
     _convert_: str = "all"
     lr: float = 1e-4
     weight_decay: float = 1e-2
+    # bf16 weights (model.weight_dtype=bf16) updated in fp32 and rounded to bf16 at random (models/rounding.py);
+    # tuner's, not the optimiser's: it works with every optimiser
+    stochastic_rounding: bool = False
 
 
 @dataclass

@@ -337,6 +337,10 @@ def build_datamodule(cfg: DictConfig, output_dir: Path):
     needs = get_class(cfg.model._target_).data_requirements()  # a class attribute: nothing loads
     if cfg.data.cache_text_embeds and needs.get("cache_text_embeds") is False:
         log.info("text-embedding cache off: %s encodes each prompt with its input image", cfg.model.family)
+    elif cfg.data.cache_text_embeds and cfg.model.lora.get("text_encoders"):
+        log.info("text-embedding cache off: model.lora.text_encoders trains %s, so each prompt is encoded in its step",
+                 ", ".join(cfg.model.lora.text_encoders))
+        needs["cache_text_embeds"] = False
     needs["cache_text_embeds"] = cfg.data.cache_text_embeds and needs.get("cache_text_embeds", True)
     return instantiate(
         cfg.data,
@@ -399,10 +403,18 @@ def build_module(cfg: DictConfig, with_optimizer: bool = True):
         ) from wrapped
 
 
+def optimizer_factory(cfg: DictConfig):
+    """The optimiser's constructor from ``cfg.optimizer``, less tuner's own key (``stochastic_rounding``)."""
+    settings = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    settings.pop("stochastic_rounding", None)
+    return instantiate(settings)
+
+
 def _build_module(cfg: DictConfig, with_optimizer: bool):
     return instantiate(
         cfg.model,
-        optimizer=instantiate(cfg.optimizer) if with_optimizer else None,
+        optimizer=optimizer_factory(cfg) if with_optimizer else None,
+        stochastic_rounding=bool(cfg.optimizer.get("stochastic_rounding")),
         lr_scheduler=instantiate(cfg.lr_scheduler) if with_optimizer else None,
         caption_dropout_probability=cfg.data.caption_dropout_probability,
         mixed_precision=cfg.mixed_precision,

@@ -88,6 +88,10 @@ def fsdp_problems(cfg: DictConfig) -> list[str]:
         problems.append("model.finetune=lycoris: its network lives outside the sharded denoiser; use lora or full")
     if model.experts:
         problems.append("model.experts: two experts in one run are not supported with sharding yet")
+    if _value(model.get("weight_dtype")) == "bf16":
+        problems.append("model.weight_dtype=bf16: sharding keeps fp32 weights and computes in bf16 itself; use fp32")
+    if model.lora.get("text_encoders"):
+        problems.append("model.lora.text_encoders: only the denoiser is sharded, and the encoders' LoRA would not be kept in step")
     if _value(cfg.quantization.base_model_precision) not in ("no_change", None):
         problems.append("quantization.base_model_precision: a quantised denoiser cannot be sharded; use no_change")
     if cfg.callbacks.validation.enabled:

@@ -54,6 +54,7 @@ RUN |= {  # SimpleTuner key -> (tuner key, converter)
     "lora_rank": ("model.lora.rank", _int),
     "lora_alpha": ("model.lora.alpha", float),
     "lora_dropout": ("model.lora.dropout", float),
+    "use_dora": ("model.lora.use_dora", _bool),
     "gradient_checkpointing": ("model.gradient_checkpointing", _bool),
     "noise_offset": ("model.noise_offset", float),
     "input_perturbation": ("model.input_perturbation", float),

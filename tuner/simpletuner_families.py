@@ -61,7 +61,23 @@ def model_section(args: dict, res: Imported, dirs: list[Path]) -> type:
 
     cls = family_class(family)
     _assistant(args, res, cls, st_family, flavour, dirs)
+    _text_encoders(args, res, cls, family)
     return cls
+
+
+def _text_encoders(args: dict, res: Imported, cls: type, family: str) -> None:
+    """train_text_encoder: a LoRA on every text encoder the family's pipeline loads one into."""
+    value, lr = args.pop("train_text_encoder", None), args.pop("text_encoder_lr", None)
+    if value is None or not _on(value):
+        if lr is not None:
+            res.skip("text_encoder_lr", "the text encoders' rate, and train_text_encoder is off")
+        return
+    if not cls.text_encoder_lora_targets:
+        res.skip("train_text_encoder", f"{family}'s pipeline loads no text-encoder LoRA; the denoiser's LoRA trains alone")
+        return
+    res.set("model.lora.text_encoders", list(cls.text_encoder_lora_targets))
+    if lr is not None:
+        res.set("model.lora.text_encoder_lr", float(lr))
 
 
 def _refuse(args: dict) -> None:

@@ -109,8 +109,7 @@ _SECRET_VALUE = re.compile(r"discord(?:app)?\.com/api/webhooks|hooks\.slack\.com
 # Why a key has no tuner equivalent, for keys SimpleTuner configs commonly carry: reason <- keys
 _REASONS = {
     "the VAE loads from the base model's vae/ folder": "pretrained_vae_model_name_or_path vae_dtype",
-    "tuner trains the denoiser only": "train_text_encoder",
-    "tuner's LoRA is plain peft LoRA (no DoRA, default initialisation)": "use_dora lora_init_type",
+    "tuner's LoRA starts as peft's gaussian initialisation": "lora_init_type",
     "model.noise_offset applies to every step": "noise_offset_probability",
     "validation renders one image per prompt": "num_validation_images",
     "SimpleTuner's built-in prompt library is not shipped: give prompts or a prompt_library": "validation_prompt_library",
