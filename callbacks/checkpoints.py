@@ -119,6 +119,12 @@ def compare_identity(saved: dict, current: dict, where: str) -> None:
             f"checkpoint {where} was trained with another model setup ({parts}); resume it with the same "
             "settings, or start a new output_dir"
         )
+    old, new = saved.get("base_model"), current.get("base_model")
+    if old != new and str(old).startswith("sha256:") and str(new).startswith("sha256:"):  # both hashes of files
+        raise CheckpointError(
+            f"checkpoint {where} was trained on another base model (file {old}, this run's {new}); resume with "
+            "the file it was trained on, or start a new output_dir"
+        )
     if saved.get("base_model") not in (None, current.get("base_model")):
         log.warning(
             "checkpoint %s was trained on %s; resuming on %s", where, saved["base_model"], current.get("base_model")

@@ -163,6 +163,8 @@ class AdaptersMixin:
 
     def run_identity(self) -> dict:
         hp = self.hparams
+        from models.trainable import base_identity
+
         return self.identity(
-            hp.family, hp.pretrained_model_name_or_path, hp.finetune, hp.lora, hp.experts or hp.expert, hp.lycoris
+            hp.family, base_identity(hp.pretrained_model_name_or_path), hp.finetune, hp.lora, hp.experts or hp.expert, hp.lycoris
         )

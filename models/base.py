@@ -128,6 +128,8 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         compile_backend: str = "inductor",
         revision: str | None = None,
         variant: str | None = None,
+        base_config: str | None = None,  # (a single-file base: tuner/base_file.py wrote the folder this loads)
+        denoiser_file: str | None = None,
         prediction_type: str | None = None,
         timestep_sampling: str = "uniform",
         logit_mean: float = 0.0,

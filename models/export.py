@@ -94,12 +94,15 @@ def save_kohya(module: Any, adapter: str, path: Path) -> Path:
 
 def kohya_metadata(cfg: Any, family_cls: type, images: int) -> dict[str, str]:
     """kohya's ``ss_*`` training fields (strings) from the run's config, as A1111 and CivitAI show them."""
+    from models.trainable import base_record
+
     model, data = cfg.model, cfg.data
+    source = base_record(model.pretrained_model_name_or_path)  # a single-file base: the file's name, as kohya's
     text_encoders = model.lora.get("text_encoders")
     fields = {
         "ss_network_module": "networks.lora",
         "ss_base_model_version": family_cls.kohya_base_versions.get(model.family, model.family),
-        "ss_sd_model_name": model.pretrained_model_name_or_path,
+        "ss_sd_model_name": Path(source["file"]).name if source else model.pretrained_model_name_or_path,
         "ss_v2": str(model.family == "sd2"),
         "ss_learning_rate": cfg.optimizer.lr,
         "ss_unet_lr": cfg.optimizer.lr,

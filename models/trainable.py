@@ -268,3 +268,21 @@ def model_index(path: str, revision: str | None = None) -> dict | None:
     if not Path(path).exists():
         _INDEXES[key] = index
     return index
+
+
+BASE_MARKER = "tuner_base.json"  # in a diffusers folder tuner wrote from a single-file base (tuner/base_file.py)
+
+
+def base_record(path: str) -> dict | None:
+    """What a folder written from a single-file base was made from (its ``file``, ``identity``); None for others."""
+    import json
+
+    marker = Path(str(path)) / BASE_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def base_identity(path: str) -> str:
+    """The base model as a checkpoint records it: a folder written from a single file is that file's hash (its
+    marker says so), anything else its path or Hub id."""
+    return (base_record(path) or {}).get("identity") or str(path)
+

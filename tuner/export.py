@@ -66,7 +66,9 @@ def lora_source(run: Path) -> Source:
         raise ExportError(f"{run} has no .hydra/config.yaml to name the base model its LoRA was trained on")
     try:
         model = OmegaConf.load(recorded).model
-        family, base = model.family, model.pretrained_model_name_or_path
+        from tuner.base_file import resolve
+
+        family, base = model.family, resolve(model)  # a single-file base: the diffusers folder written from it
         revision, variant = model.get("revision"), model.get("variant")
     except OmegaConfBaseException as err:
         raise ExportError(f"{recorded}: {err}".splitlines()[0]) from None

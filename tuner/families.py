@@ -99,6 +99,10 @@ def check_family(cfg) -> None:
     except ValueError as err:
         raise ConfigError(f"model.family: {err}") from None
     _check_requirements(model.family, cls)
+    from tuner import base_file
+
+    if model.get("base_config") or base_file.uses_base_file(model):
+        base_file.check(model)  # before the family's checks, which may read the checkpoint's configs
     if model.get("control"):
         if not cls.control_class:
             takers = [f for f in families() if family_class(f).control_class]

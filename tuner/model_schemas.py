@@ -107,7 +107,9 @@ class ModelConfig:
     _target_: str = MISSING
     _convert_: str = "all"
     family: str = MISSING
-    pretrained_model_name_or_path: str = MISSING
+    pretrained_model_name_or_path: str = MISSING  # a diffusers folder, a Hub id, or one .safetensors checkpoint
+    base_config: str | None = None  # a single-file base's diffusers layout (configs, tokenizers); None: the family's
+    denoiser_file: str | None = None  # a denoiser-only file replacing the base's denoiser (Flux fine-tunes)
     revision: str | None = None
     variant: str | None = None
     finetune: Finetune = Finetune.lora

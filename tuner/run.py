@@ -318,6 +318,8 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     with phase("load") as report:
         module = build_module(cfg)
         report["what"] = module.summary()
+    # a single-file base: what follows reads the diffusers folder written from it (the dump keeps the file)
+    cfg.model.pretrained_model_name_or_path = module.hparams.pretrained_model_name_or_path
     if rank_zero:  # only once the run has started for real: a refused or failed start leaves the old record
         write_config_dump(composed, output_dir)
     from tuner.lifecycle import configure_export
@@ -369,13 +371,20 @@ _KEY = "model.pretrained_model_name_or_path"
 def check_model_path(path: str) -> None:
     """A local base model must be a diffusers pipeline folder: one line now, instead of the loader's
     several about the Hub. A Hub id (``owner/name``) is tried when it loads (``build_module``)."""
+    from tuner.base_file import SUFFIXES, is_file_path
+
     local = Path(path).expanduser()
+    if is_file_path(path):  # a single-file checkpoint (tuner/base_file.py checks it)
+        return
     if local.is_dir():
         if not (local / "model_index.json").is_file():
             raise ConfigError(f"{_KEY}={path} is a folder but not a diffusers pipeline (it has no model_index.json)")
         return
     if local.exists():
-        raise ConfigError(f"{_KEY}={path} is a file; point it at a diffusers pipeline folder or a Hub id")
+        raise ConfigError(
+            f"{_KEY}={path} is a file; point it at a diffusers pipeline folder, a Hub id, or a single-file checkpoint "
+            f"({', '.join(SUFFIXES)})"
+        )
     if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path or path.count("/") > 1:
         raise ConfigError(f"{_KEY}={path}: no such folder (nor is it a Hub id, owner/name)")
 
@@ -411,8 +420,11 @@ def optimizer_factory(cfg: DictConfig):
 
 
 def _build_module(cfg: DictConfig, with_optimizer: bool):
+    from tuner.base_file import resolve
+
     return instantiate(
         cfg.model,
+        pretrained_model_name_or_path=resolve(cfg.model),  # a single-file base: the folder written from it
         optimizer=optimizer_factory(cfg) if with_optimizer else None,
         stochastic_rounding=bool(cfg.optimizer.get("stochastic_rounding")),
         lr_scheduler=instantiate(cfg.lr_scheduler) if with_optimizer else None,
@@ -440,10 +452,12 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if spec == "latest" and ckpt_path is None and cfg.resume_from_checkpoint == "latest":
         log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from scratch", output_dir)
     if ckpt_path is not None:
+        from tuner.base_file import identity as base_identity
+
         model = cfg.model
         identity = get_class(model._target_).identity(
             model.family,
-            model.pretrained_model_name_or_path,
+            base_identity(model),  # a single-file base: its hash
             model.finetune,
             model.lora,
             model.experts or model.expert,

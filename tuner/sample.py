@@ -99,7 +99,9 @@ def run_source(run: Path, ema: bool) -> Source:
         cfg = OmegaConf.load(recorded)
         model, finetune, defaults = cfg.model, str(cfg.model.finetune), run_defaults(cfg)
         cls = run_class(model)
-        base = str(model.pretrained_model_name_or_path)
+        from tuner.base_file import resolve
+
+        base = resolve(model)  # a single-file base: the diffusers folder written from it
     except (OmegaConfBaseException, ValueError) as err:
         raise SampleError(f"{recorded}: {err}".splitlines()[0]) from None
     if finetune == "full":
