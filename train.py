@@ -1,8 +1,8 @@
 """tuner's entry point: `python train.py [overrides]`. See README.md and conf/train.yaml."""
 
-from tuner.startup import collector_off, skip_mode_probe
+from tuner.runtime.startup import collector_off, skip_mode_probe
 
-collector_off()  # until the libraries have imported (tuner/startup.py): over a second of start-up
+collector_off()  # until the libraries have imported (tuner/runtime/startup.py): over a second of start-up
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -18,7 +18,7 @@ CONF = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from tuner.console import keep_unused_packages_out, quiet_third_parties
+    from tuner.runtime.console import keep_unused_packages_out, quiet_third_parties
 
     keep_unused_packages_out(cfg)  # bitsandbytes only when the run uses it
     quiet_third_parties()  # before the libraries load: their known noise stays out of the console

@@ -6,7 +6,7 @@ DDP's full replica on each GPU. Needs 2+ CUDA GPUs:
 Random weights at FLUX.1's widths (bench/flux_shapes.py); fewer blocks than the real 19 + 38 by default, so
 that DDP's replica (fp32 weights, gradients and AdamW state: 16 bytes a parameter) fits a GPU too. Both
 sides: bf16 autocast, the transformer's own gradient checkpointing, AdamW, one 1024 px image (4096 tokens)
-per GPU with 512 T5 tokens. The sharded side goes through tuner.scale.shard_denoiser with FluxModule's
+per GPU with 512 T5 tokens. The sharded side goes through tuner.runtime.scale.shard_denoiser with FluxModule's
 ``fsdp_blocks``, gathering in bf16 and reducing in fp32, as DenoiserFSDP does under mixed_precision=bf16.
 Reported: the largest ``torch.cuda.max_memory_allocated`` over the ranks, and the median step time after
 the first. Last line (rank 0): ``ddp_peak_gib=… fsdp_peak_gib=… peak_ratio=… ddp_step_ms=… fsdp_step_ms=…
@@ -114,7 +114,7 @@ def main() -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from models.flux import FluxModule
-    from tuner.scale import block_classes, shard_denoiser
+    from tuner.runtime.scale import block_classes, shard_denoiser
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu") if args.cpu else torch.device("cuda", local)

@@ -78,7 +78,7 @@ PROMPT_TOKENS = {"sdxl": 77, "flux": 512}  # CLIP's length; T5's for Flux dev (i
 def write_pipeline(family: str, workdir: Path, smoke: bool, flux_blocks: tuple[int, int]) -> Path:
     """The tiny pipeline (``--smoke``), or the tiny one with a real-shape random denoiser swapped in."""
     from models.tiny import write_pipeline as write
-    from tuner.families import family_class, write_tiny
+    from tuner.config.families import family_class, write_tiny
 
     if smoke:
         return write_tiny(family, workdir / f"{family}-tiny")
@@ -251,7 +251,7 @@ def worker(args) -> None:
     """One side of one case; writes its figures as JSON to ``--result``."""
     import logging
 
-    from tuner.console import quiet_third_parties
+    from tuner.runtime.console import quiet_third_parties
 
     quiet_third_parties()
     logging.disable(logging.WARNING)
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
-    from tuner.console import quiet_third_parties
+    from tuner.runtime.console import quiet_third_parties
 
     quiet_third_parties()
     if not args.smoke and not torch.cuda.is_available():

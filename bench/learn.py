@@ -146,7 +146,7 @@ RECIPES: dict[str, Recipe] = {  # where the default does not fit
 def task_of(family: str, recipe: Recipe) -> str:
     """The toy task ``family`` learns: the recipe's, or ``edit`` for a family that edits an input image (it consumes
     references), ``motion`` for one that trains on clips, else ``caption``."""
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(family)
     if recipe.task:
@@ -159,7 +159,7 @@ def task_of(family: str, recipe: Recipe) -> str:
 
 def lora_targets(family: str, recipe: Recipe) -> str | None:
     """The ``model.lora.target_modules`` override of the recipe's LoRA runs, or None for the family's default."""
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     if recipe.lora_targets:
         return f"model.lora.target_modules={recipe.lora_targets}"
@@ -169,7 +169,7 @@ def lora_targets(family: str, recipe: Recipe) -> str | None:
 def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, recipe: Recipe, extra=(),
           steps: int | None = None) -> float:
     """One run through train.py; returns its wall time in seconds."""
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     lr = recipe.lr_full if finetune == "full" else recipe.lr_lora
     args = [
@@ -222,7 +222,7 @@ def load_trained(family: str, pipe_dir: Path, out: Path, finetune: str):
     """The family's own pipeline with what the run exported, loaded as its model card says."""
     from diffusers import DiffusionPipeline
 
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(family)
     if finetune == "full":
@@ -264,7 +264,7 @@ def card_scheduler(out: Path) -> dict | None:
     from omegaconf import OmegaConf
 
     from models.noise import run_scheduler_change
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
     return run_scheduler_change(family_class(cfg.model.family).noise_schedule, cfg.model)
@@ -276,7 +276,7 @@ def sample(family: str, pipe, recipe: Recipe, seeds: int) -> tuple[list[int], li
     import numpy as np
     import torch
 
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(family)
     size = recipe.size
@@ -331,7 +331,7 @@ def save_grid(images, path: Path) -> None:
 def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), recipe: Recipe | None = None) -> dict:
     """Train ``family`` on the toy set and score its samples: accuracy, times, where the grid is. A full
     fine-tune starts from the learnable pipeline's random denoiser; a LoRA from a base (``pretrain``)."""
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     recipe = recipe or RECIPES.get(family, Recipe())
     pipe_dir = write_tiny(recipe.tiny or family, work / "pipelines" / (recipe.tiny or family), learnable=True)
@@ -380,7 +380,7 @@ def _value(kind: str, text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuner.families import families
+    from tuner.config.families import families
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="*", default=None, help="families (default: every one in conf/model/)")

@@ -116,7 +116,7 @@ def tiny_denoiser(family: str):
     """A builder of the family's tiny denoiser, in the dtype asked (``--smoke``)."""
 
     def build(dtype):
-        from tuner.families import family_class
+        from tuner.config.families import family_class
 
         cls = family_class(family)
         return getattr(cls.tiny_pipeline(family), cls.denoiser_name).to(dtype)
@@ -135,7 +135,7 @@ def bench_optimizers(names: list[str]) -> dict[str, int]:
     from hydra.utils import instantiate
 
     from datamodules.demo import write_images
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
     from tuner.run import optimizer_factory, prepare
 
     logging.disable(logging.WARNING)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def _build(model: str, smoke: bool):
     if smoke:
-        from tuner.families import family_class
+        from tuner.config.families import family_class
 
         cls = family_class(model)
         return getattr(cls.tiny_pipeline(model), cls.denoiser_name).to(torch.bfloat16)

@@ -178,7 +178,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from datamodules.datamodule import DiffusionDataModule, collate
     from datamodules.demo import write_images
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:

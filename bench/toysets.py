@@ -42,7 +42,7 @@ def caption(label: int) -> str:
 
 
 def contrast_for(family: str, size: int = SIZE) -> int:
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     return round(CONTRAST["latent" if family_class(family).latent_space else "pixel"] * SIZE / size)
 

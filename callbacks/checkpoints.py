@@ -169,7 +169,7 @@ class StepCheckpoint(Checkpoint):
 
     # ---- preemption and Ctrl-C -----------------------------------------------------------------
     def _catch_signals(self, trainer: L.Trainer) -> None:
-        """SIGTERM, a first Ctrl-C and the cluster's preemption warning (tuner/cluster.py) ask the run to
+        """SIGTERM, a first Ctrl-C and the cluster's preemption warning (tuner/runtime/cluster.py) ask the run to
         stop after the current optimiser step; ``on_exception`` then writes the checkpoint. A second Ctrl-C
         interrupts at once. (Registered here, after Lightning has installed its own handlers at fit start.)"""
         if threading.current_thread() is not threading.main_thread():
@@ -367,7 +367,7 @@ class FinalExport(L.Callback):
         from callbacks.model_card import write_model_card
 
         refuse_nonfinite(trainer, pl_module, "the final export")
-        with gathered_weights(trainer, pl_module):  # FSDP: whole weights on rank 0 (tuner/scale.py)
+        with gathered_weights(trainer, pl_module):  # FSDP: whole weights on rank 0 (tuner/runtime/scale.py)
             if trainer.is_global_zero:
                 self.weights = pl_module.save_weights(self.output_dir)
         for callback in trainer.callbacks:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def gathered_weights(trainer: L.Trainer, pl_module: L.LightningModule):
     """Around code where rank 0 writes the module's weights; every rank enters it. Under a sharded strategy
-    (its ``gathered_weights``: tuner.scale.DenoiserFSDP) rank 0's denoiser gives full tensors of what trains
+    (its ``gathered_weights``: tuner.runtime.scale.DenoiserFSDP) rank 0's denoiser gives full tensors of what trains
     inside; under any other strategy it does nothing."""
     gather = getattr(trainer.strategy, "gathered_weights", None)
     return gather(pl_module) if gather is not None else nullcontext()

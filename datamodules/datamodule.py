@@ -25,7 +25,7 @@ from datamodules.spec import DATASET_KEYS, SOURCE_OPTIONS
 from datamodules.spec import defaults as spec_defaults
 
 log = logging.getLogger(__name__)
-PHASE = logging.getLogger("tuner.phase")  # one console line per phase (tuner/console.py)
+PHASE = logging.getLogger("tuner.phase")  # one console line per phase (tuner/runtime/console.py)
 
 class EmptyDatasetError(ValueError):
     """No usable image in any dataset, or none at a usable size: raised before any model weights load."""

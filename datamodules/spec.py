@@ -3,7 +3,7 @@ per-dataset overrides.
 
 ``DatasetKeys`` lists every key with its data-level default (``data.<key>``); ``DatasetOverrides`` is
 the same keys, each optional, for one entry of ``data.datasets.<id>`` (null: the data-level value).
-tuner/config.py builds the ``data`` schema on these, and the data module merges them, so a key is
+tuner/config/__init__.py builds the ``data`` schema on these, and the data module merges them, so a key is
 declared once. Imports nothing heavy (the config checks read it before anything loads).
 """
 

@@ -10,7 +10,7 @@ A family (models/sd.py, models/sdxl.py, models/sd3.py, ...) is one class that **
 - ``components``: every module and tokenizer it loads, by subfolder name and class; text encoders are
   those named ``text_encoder*``;
 - ``default_lora_targets`` and ``Options``, a dataclass of family-only knobs (``model.options.<key>``);
-- ``fsdp_blocks``: the denoiser's block class names that ``trainer=fsdp`` shards by (tuner/scale.py).
+- ``fsdp_blocks``: the denoiser's block class names that ``trainer=fsdp`` shards by (tuner/runtime/scale.py).
 
 and implements the **hooks** that differ: ``encode_prompts``, ``denoise`` and ``tiny_pipeline``, plus
 any of ``load_components``, ``pipeline_components``, ``lora_layers`` and ``sample_image`` whose
@@ -128,7 +128,7 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         compile_backend: str = "inductor",
         revision: str | None = None,
         variant: str | None = None,
-        base_config: str | None = None,  # (a single-file base: tuner/base_file.py wrote the folder this loads)
+        base_config: str | None = None,  # (a single-file base: tuner/interop/base_file.py wrote the folder this loads)
         denoiser_file: str | None = None,
         prediction_type: str | None = None,
         timestep_sampling: str = "uniform",

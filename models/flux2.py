@@ -159,7 +159,7 @@ class Flux2Module(DiffusionModule):
 
     @classmethod
     def checkpoint_card(cls, model_cfg) -> dict[str, str]:
-        """The model card's pipeline class and licence, from the checkpoint (tuner/lifecycle.py)."""
+        """The model card's pipeline class and licence, from the checkpoint (tuner/runtime/lifecycle.py)."""
         variant, weights = checkpoint_of(model_cfg)
         card = {"pipeline": (DEV_PIPELINE if variant.dev else "diffusers.Flux2KleinPipeline").rpartition(".")[2]}
         return {**card, "license": weights[1]} if weights else card

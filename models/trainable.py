@@ -270,7 +270,7 @@ def model_index(path: str, revision: str | None = None) -> dict | None:
     return index
 
 
-BASE_MARKER = "tuner_base.json"  # in a diffusers folder tuner wrote from a single-file base (tuner/base_file.py)
+BASE_MARKER = "tuner_base.json"  # in a diffusers folder tuner wrote from a single-file base (tuner/interop/base_file.py)
 
 
 def base_record(path: str) -> dict | None:

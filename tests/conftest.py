@@ -74,7 +74,7 @@ def tuner_home(tmp_path_factory):
 def demo_dir(tmp_path_factory) -> Path:
     """Tiny pipelines for every family plus the demo images, built once for the whole session."""
     from datamodules.demo import write_images
-    from tuner.families import families, write_tiny
+    from tuner.config.families import families, write_tiny
 
     root = tmp_path_factory.mktemp("demo")
     for family in families():
@@ -209,7 +209,7 @@ def generate(pipe, seed: int = 0):
     import numpy as np
     import torch
 
-    from tuner.families import families, family_class
+    from tuner.config.families import families, family_class
 
     # the exact class: IF's two stages are different pipelines
     classes = [family_class(f) for f in families()]

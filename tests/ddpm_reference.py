@@ -66,7 +66,7 @@ def losses(demo_dir: Path, overrides: list[str]) -> list[float]:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     from datamodules.demo import write_images
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     demo = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/tuner-ddpm-reference")
     for family in ("sd15", "sd2", "sdxl"):

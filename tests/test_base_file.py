@@ -11,8 +11,8 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 from callbacks.checkpoints import CheckpointError
-from tuner.base_file import digest
 from tuner.config import ConfigError
+from tuner.interop.base_file import digest
 from tuner.run import prepare, train
 
 ONE_STEP = ("max_train_steps=1", "checkpointing_steps=1")
@@ -55,7 +55,7 @@ def test_a_denoiser_file_replaces_the_bases_denoiser(family, make_cfg, demo_dir,
     pipe = DiffusionPipeline.from_pretrained(demo_dir / family)
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     if family == "sdxl":
-        from tuner.single_file import unet_to_ldm
+        from tuner.interop.single_file import unet_to_ldm
 
         state = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(denoiser).items()}
     else:

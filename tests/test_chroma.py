@@ -111,7 +111,7 @@ def test_lora_target_presets(make_cfg, tmp_path):
 
 
 def test_simpletuner_chroma_imports_to_the_chroma_preset(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "chroma.json"
     config.write_text(json.dumps({"model_family": "chroma", "model_flavour": "hd", "model_type": "lora", "lora_rank": 8}))

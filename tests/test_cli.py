@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file
 
-from tuner.families import families, family_class
+from tuner.config.families import families, family_class
 
 
 def test_quick_start_demo_runs_offline_from_nothing(tmp_path):

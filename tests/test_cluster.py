@@ -84,7 +84,7 @@ def _launcher(*overrides: str) -> dict:
 
 
 def test_the_slurm_submission_is_what_the_config_asks_for(tmp_path, monkeypatch):
-    from tuner.cluster import sbatch_script
+    from tuner.runtime.cluster import sbatch_script
 
     # submitit's SLURM executor looks for srun on the PATH before it writes anything (a login node has it)
     (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")

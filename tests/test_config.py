@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from safetensors.torch import load_file
 
 from tuner.config import ConfigError, unknown_key_hint
-from tuner.families import family_class
+from tuner.config.families import family_class
 from tuner.run import prepare, train
 
 PRESETS = sorted(p.stem for p in Path(CONF, "preset").glob("*.yaml"))
@@ -32,7 +32,7 @@ TINY_VARIANTS = {"wan22-a14b": ("wan22-a14b", 16), "wan22-5b": ("wan22-ti2v", 32
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "tiny"])
 def test_every_preset_trains_on_tiny_weights(preset, make_cfg, demo_dir, tmp_path):
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     preset_cfg = compose_cfg([f"preset={preset}"])
     family = preset_cfg.model.family

@@ -42,7 +42,7 @@ def test_the_tiny_default_prints_phases_and_one_bar_and_no_known_noise(tmp_path)
 
 def test_the_filters_are_narrow():
     """Only the known messages are dropped: other warnings of the same loggers and modules still show."""
-    from tuner.console import quiet_third_parties
+    from tuner.runtime.console import quiet_third_parties
 
     quiet_third_parties()
     seen = []

@@ -11,8 +11,8 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from tuner.export import main
+from tuner.interop.single_file import UnknownKeyError, unet_to_ldm
 from tuner.run import train
-from tuner.single_file import UnknownKeyError, unet_to_ldm
 
 FAMILIES = {"sd15": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -281,7 +281,7 @@ KNOWN = {
 def test_the_layout_at_the_real_sizes_reads_back_with_diffusers(name):
     from diffusers.loaders import single_file_utils as reader
 
-    from tuner import single_file
+    from tuner.interop import single_file
 
     model = _real_size_models()[name]
     kind = name.split("_", 1)[-1] if name.endswith("unet") else name

@@ -77,7 +77,7 @@ def test_dev_shifts_by_resolution_and_a_fixed_shift_overrides_it(make_cfg, tmp_p
 
 
 def test_schnell_has_no_guidance_and_a_fixed_shift(make_cfg, demo_dir, tmp_path):
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     path = write_tiny("flux-schnell", tmp_path / "schnell")
     module = _module(make_cfg, tmp_path, f"model.pretrained_model_name_or_path={path}", "model.options.t5_max_length=256")

@@ -23,7 +23,7 @@ CAPTION = "a red circle on white"
 
 @pytest.fixture(scope="session")
 def dev_dir(tmp_path_factory):
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     return write_tiny("flux2-dev", tmp_path_factory.mktemp("flux2") / "dev")
 
@@ -96,7 +96,7 @@ def test_the_learnable_vae_normalises_to_unit_variance_and_inverts(tmp_path):
     from diffusers import AutoencoderKLFlux2
 
     from models.learnable_vae import toy_images
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     path = write_tiny("flux2", tmp_path / "learnable", learnable=True)
     vae = AutoencoderKLFlux2.from_pretrained(path, subfolder="vae")
@@ -185,7 +185,7 @@ def test_klein_base_validates_with_real_cfg_against_the_empty_prompt(make_cfg, t
 
 
 def test_a_distilled_klein_samples_without_cfg(make_cfg, tmp_path):
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     path = write_tiny("flux2-klein", tmp_path / "distilled")
     index = json.loads((path / "model_index.json").read_text())
@@ -276,7 +276,7 @@ def test_dev_trains_exports_a_lora_its_pipeline_loads_and_a_card_for_dev(make_cf
 
 
 def test_simpletuner_flux2_imports_to_its_presets(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     for flavour, preset, path in (
         ("dev", "flux2-dev", "black-forest-labs/FLUX.2-dev"),

@@ -35,7 +35,7 @@ def _hooked(module) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def schnell(tmp_path_factory) -> Path:
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     return write_tiny("flux-schnell", tmp_path_factory.mktemp("schnell") / "pipeline")
 

@@ -144,7 +144,7 @@ def test_lora_target_presets(make_cfg, tmp_path):
     "given", [{"model_flavour": "kontext"}, {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-Kontext-dev"}]
 )
 def test_simpletuner_flux_kontext_imports_to_its_family_and_preset(tmp_path, given):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "kontext.json"
     config.write_text(json.dumps({"model_family": "flux", "model_type": "lora", "lora_rank": 16, **given}))

@@ -26,7 +26,7 @@ def schnell(tmp_path_factory):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     root = tmp_path_factory.mktemp("schnell")
     path = write_tiny("flux-schnell", root / "pipeline")
@@ -211,7 +211,7 @@ def test_schnell_without_an_adapter_warns_once_and_the_card_says_what_users_will
      ({"assistant_lora_path": "adapters/mine.safetensors"}, "adapters/mine.safetensors")],
 )  # fmt: skip
 def test_simpletuner_schnell_imports_its_assistant_lora_as_the_training_adapter(extra, adapter, tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_family": "flux", "model_flavour": "schnell", "model_type": "lora", **extra}))

@@ -1,4 +1,4 @@
-"""trainer=fsdp: the denoiser sharded across ranks with FSDP2 over the family's blocks (tuner/scale.py).
+"""trainer=fsdp: the denoiser sharded across ranks with FSDP2 over the family's blocks (tuner/runtime/scale.py).
 
 In this process: the config builds the intended strategy, every family's declared blocks exist in its real
 denoiser, and what sharding cannot do is refused before any weight loads. Then one ``torchrun`` launch of
@@ -54,7 +54,7 @@ def test_fsdp_config_builds_the_strategy_for_the_module(make_cfg):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     from tuner import run
-    from tuner.scale import DenoiserFSDP, fsdp_strategy, is_fsdp
+    from tuner.runtime.scale import DenoiserFSDP, fsdp_strategy, is_fsdp
 
     cfg = run.prepare(make_cfg("trainer=fsdp", "mixed_precision=bf16", *QUIET))
     assert is_fsdp(cfg) and run._is_distributed(cfg)  # so a sweep (-m) refuses it, as it does DDP
@@ -86,8 +86,8 @@ FIXED_SIZE = {"z_image": ("t_embedder",)}
 def test_every_family_declares_blocks_its_denoiser_has(demo_dir):
     """Each family's ``fsdp_blocks`` name classes of its real (tiny) denoiser, and they hold most of it."""
     from models.base import resolve
-    from tuner.families import families, family_class
-    from tuner.scale import block_classes
+    from tuner.config.families import families, family_class
+    from tuner.runtime.scale import block_classes
 
     for family in families():
         cls = family_class(family)
@@ -115,7 +115,7 @@ def test_every_family_declares_blocks_its_denoiser_has(demo_dir):
 )
 def test_what_sharding_cannot_do_is_refused_before_load(make_cfg, override, key):
     from tuner.config import ConfigError
-    from tuner.scale import check_sharding
+    from tuner.runtime.scale import check_sharding
 
     cfg = make_cfg("trainer=fsdp", "callbacks.validation.enabled=false", override)
     with pytest.raises(ConfigError, match=f"^trainer=fsdp: {key}"):
@@ -131,7 +131,7 @@ def test_deepspeed_configs_build_the_intended_strategy(make_cfg, stage):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from tuner.config import ConfigError
-    from tuner.scale import check_sharding
+    from tuner.runtime.scale import check_sharding
 
     cfg = make_cfg(f"trainer=deepspeed_zero{stage}", "trainer.strategy.offload_optimizer=true")
     strategy = instantiate(cfg.trainer.strategy)

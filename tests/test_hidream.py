@@ -222,7 +222,7 @@ def test_llama_loads_from_its_own_repo_when_the_checkpoint_has_none(make_cfg, de
 
 
 def test_simpletuner_hidream_imports_to_the_hidream_preset(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "hidream.json"
     config.write_text(

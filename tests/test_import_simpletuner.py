@@ -226,7 +226,7 @@ def test_what_cannot_be_imported_at_all_is_one_line(tmp_path, capsys):
 
 def test_current_key_names_map_like_their_deprecated_aliases():
     """checkpoint_step_interval / validation_step_interval: SimpleTuner's names now (issue 24)."""
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     res = convert(DATA / "flux_lycoris_current.json")
     assert res.get("checkpointing_steps") == 50 and res.get("callbacks.validation.every_n_steps") == 25
@@ -303,7 +303,7 @@ def test_kontext_flavour_trains_kontext_and_what_tuner_cannot_train_is_refused(t
 def test_wan22_flavours_and_the_refiner_keys(tmp_path):
     """Wan 2.2: ti2v-5b-2.2 is the wan22-5b preset; the T2V A14B by its path is wan22-a14b (both experts), and
     SimpleTuner's refiner keys train one expert of it (issue 24). (Mapping only: Wan's check reads its VAE config.)"""
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "ti2v.json"
     config.write_text(json.dumps({"model_family": "wan", "model_flavour": "ti2v-5b-2.2", "model_type": "lora"}))
@@ -348,7 +348,7 @@ def test_the_webuis_saved_config_and_dataloader_are_read(tmp_path, capsys):
 
 def test_no_flavour_and_no_path_is_simpletuners_default_flavour(tmp_path):
     """SimpleTuner trains its DEFAULT_MODEL_FLAVOUR when a config names neither: Flux's is krea (issue 24)."""
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     for family, preset, repo in (
         ("flux", "flux-dev", "black-forest-labs/FLUX.1-Krea-dev"),
@@ -364,7 +364,7 @@ def test_no_flavour_and_no_path_is_simpletuners_default_flavour(tmp_path):
 def test_text_encoder_training_and_dora_carry_over(tmp_path, capsys):
     """train_text_encoder: a LoRA on every text encoder the family's pipeline loads one into, at text_encoder_lr;
     use_dora: model.lora.use_dora. A family whose pipeline loads no encoder LoRA reports the key instead."""
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "sdxl_te.json"
     settings = {"model_family": "sdxl", "model_type": "lora", "train_text_encoder": True, "text_encoder_lr": 5e-5}

@@ -47,6 +47,6 @@ def test_sentencepiece_is_declared_and_installable_as_the_kolors_extra():
 
     from models.kolors import KolorsModule
 
-    assert KolorsModule.requires == {"sentencepiece": "kolors"}  # checked before load: tuner.families
+    assert KolorsModule.requires == {"sentencepiece": "kolors"}  # checked before load: tuner.config.families
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("sentencepiece") for dep in extras["kolors"]) and "kolors" in extras["all"][0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from tuner.families import families, family_class
+from tuner.config.families import families, family_class
 
 # the families whose learnable VAE is models/learnable_vae.py's AutoencoderKL (another VAE class has its own
 # learnable one, tested with its family: Qwen-Image's in tests/test_qwen_image.py)
@@ -20,7 +20,7 @@ PROMPTS = ["top left square", "top right square", "bottom left square", "bottom 
 @pytest.fixture(scope="session")
 def learnable_dir(tmp_path_factory):
     """Learnable tiny pipelines, written on demand once per session."""
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     root = tmp_path_factory.mktemp("learnable")
     return lambda family: write_tiny(family, root / family, learnable=True)

@@ -16,7 +16,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from tuner.families import families, family_class
+from tuner.config.families import families, family_class
 
 sys.path.insert(0, str(ROOT / "bench"))
 

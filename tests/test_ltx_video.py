@@ -189,7 +189,7 @@ def test_the_learnable_vae_is_deterministic_unit_variance_and_invertible(tmp_pat
 
 
 def test_simpletuner_ltxvideo_imports_to_the_ltx_video_preset(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     for flavour, repo in (("0.9.0", "Lightricks/LTX-Video"), ("0.9.5", "Lightricks/LTX-Video-0.9.5"), ("", "Lightricks/LTX-Video-0.9.5")):
         config = tmp_path / f"ltx{flavour}.json"

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tuner.families import families, family_class
+from tuner.config.families import families, family_class
 from tuner.run import train
 
 LOKR = ("model.finetune=lycoris", "model.lycoris.algo=lokr", "model.lycoris.factor=4", "optimizer.lr=5e-3")

@@ -133,7 +133,7 @@ def test_validation_decodes_outside_autocast_in_the_vaes_dtype(make_cfg, tmp_pat
 
 def test_a_missing_family_package_is_a_one_line_config_error():
     from tuner.config import ConfigError
-    from tuner.families import _check_requirements
+    from tuner.config.families import _check_requirements
 
     family = type("Family", (), {"requires": {"no_such_module_for_tuner": "kolors"}})
     with pytest.raises(ConfigError, match='model=kolors needs the no_such_module_for_tuner package: pip install -e ".\\[kolors\\]"'):

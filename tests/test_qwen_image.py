@@ -195,7 +195,7 @@ def test_the_learnable_vae_is_deterministic_unit_variance_and_invertible(tmp_pat
 
 
 def test_simpletuner_qwen_image_imports_to_the_qwen_image_preset(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     for flavour, repo in (("v1.0", "Qwen/Qwen-Image"), ("v2.0", "Qwen/Qwen-Image-2512"), ("", "Qwen/Qwen-Image-2512")):
         config = tmp_path / f"qwen{flavour}.json"

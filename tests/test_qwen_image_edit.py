@@ -21,7 +21,7 @@ CAPTION = "move the square to the other side"
 
 @pytest.fixture(scope="module")
 def plus_dir(tmp_path_factory):
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     return write_tiny("qwen-image-edit-plus", tmp_path_factory.mktemp("plus") / "qwen-image-edit-plus")
 
@@ -176,7 +176,7 @@ def test_lora_target_presets(preset, wrapped, unwrapped, make_cfg, tmp_path):
 
 
 def test_simpletuner_qwen_edit_flavours_import_to_the_edit_family(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     cases = {"edit-v1": "Qwen/Qwen-Image-Edit", "edit-v2": "Qwen/Qwen-Image-Edit-2509", "edit-v2+": "Qwen/Qwen-Image-Edit-2509",
              "edit-v3": "Qwen/Qwen-Image-Edit-2511"}

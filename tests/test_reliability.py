@@ -20,8 +20,8 @@ from conftest import ROOT, run_cli, start_train, wait_for
 from callbacks.checkpoints import CheckpointError, list_checkpoints, resolve_checkpoint
 from datamodules import EmptyDatasetError
 from tuner.config import ConfigError, check
-from tuner.lock import LOCK_NAME, OutputDirLocked, RunLock
 from tuner.run import prepare, resume_checkpoint, train
+from tuner.runtime.lock import LOCK_NAME, OutputDirLocked, RunLock
 
 
 def _start(args: list[str], cwd) -> subprocess.Popen:
@@ -66,7 +66,7 @@ def test_a_second_run_into_a_live_runs_output_dir_is_refused_at_once(demo_dir, t
 def _hold_lock_in_a_child(directory) -> subprocess.Popen:
     code = (
         "import sys, time\n"
-        "from tuner.lock import RunLock\n"
+        "from tuner.runtime.lock import RunLock\n"
         f"RunLock({str(directory)!r}).acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(120)\n"

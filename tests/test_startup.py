@@ -1,4 +1,4 @@
-"""Start-up shortcuts of the command line (tuner/startup.py): the garbage collector held off while the
+"""Start-up shortcuts of the command line (tuner/runtime/startup.py): the garbage collector held off while the
 libraries import and back on before weights load; Hydra's probe compose of ``hydra.mode`` skipped only
 where nothing can set that key."""
 
@@ -13,7 +13,7 @@ from hydra._internal.hydra import Hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
-from tuner.startup import imports_done, mode_groups, mode_is_unset, skip_mode_probe
+from tuner.runtime.startup import imports_done, mode_groups, mode_is_unset, skip_mode_probe
 
 CONF = ROOT / "conf"
 

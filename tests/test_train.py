@@ -10,7 +10,7 @@ import torch
 from conftest import generate
 from safetensors.torch import load_file
 
-from tuner.families import families, family_class
+from tuner.config.families import families, family_class
 from tuner.run import train
 
 FAMILIES = list(families())  # conf/model/*.yaml: a new family joins this matrix with no edit here
@@ -234,7 +234,7 @@ def test_each_family_yaml_shows_its_options_with_their_defaults(family):
 
     import yaml
 
-    from tuner.families import CONF
+    from tuner.config.families import CONF
 
     doc = yaml.safe_load((CONF / "model" / f"{family}.yaml").read_text())
     declared = {f.name: f.default for f in dataclasses.fields(family_class(family).Options)}

@@ -13,10 +13,10 @@ from safetensors import safe_open
 
 from callbacks.model_card import write_model_card
 from models.encoders import t5_with_mask
+from tuner.config.families import write_tiny
 from tuner.export import single_file
-from tuner.families import write_tiny
-from tuner.lifecycle import card_info
 from tuner.run import build_module, prepare
+from tuner.runtime.lifecycle import card_info
 
 CAPTION = "A Photo of Zelda "
 T5_FAMILIES = {"deepfloyd_if": "encoder_hidden_states", "deepfloyd_if_sr": "encoder_hidden_states", "pixart_sigma": "prompt_embeds"}

@@ -12,7 +12,7 @@ import torch
 from probes import denoiser_calls as _hooked
 from probes import quiet_pipeline as _pipe
 
-from tuner.families import write_tiny
+from tuner.config.families import write_tiny
 from tuner.run import build_module, prepare
 
 CAPTION = "a red circle on white"
@@ -166,7 +166,7 @@ def test_one_wan22_a14b_expert_trains_its_own_transformer_below_or_above_the_che
 
 
 def test_simpletuner_wan_imports_to_the_wan_presets(tmp_path):
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     cases = (
         ("t2v-480p-1.3b-2.1", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan21-1.3b"),

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from tuner.families import write_tiny
+from tuner.config.families import write_tiny
 from tuner.run import build_datamodule, build_module, ensure_demo_assets, prepare, train
 
 BOUNDARY = 0.875  # the tiny A14B's boundary_ratio (T2V-A14B's)

@@ -179,7 +179,7 @@ ADAPTER = "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v{
 def test_simpletuner_z_image_imports_to_its_preset_and_assistant_lora(tmp_path, flavour, extra, preset, path, adapter):
     """SimpleTuner's Turbo flavours train with Ostris's assistant LoRA by default (v1 or v2 by flavour); tuner's
     training adapter takes it, or none where it is disabled; the base has none."""
-    from tuner.simpletuner import convert
+    from tuner.interop.simpletuner import convert
 
     config = tmp_path / "z_image.json"
     config.write_text(json.dumps({"model_family": "z_image", "model_flavour": flavour, "model_type": "lora", **extra}))
@@ -197,7 +197,7 @@ def test_the_learnable_transformer_is_twice_as_wide_as_its_patch(tmp_path):
     from diffusers import ZImageTransformer2DModel
 
     from models.learnable import WIDTH_OVER_PATCH
-    from tuner.families import write_tiny
+    from tuner.config.families import write_tiny
 
     path = write_tiny("z_image", tmp_path / "z_image", learnable=True)
     transformer = ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer")

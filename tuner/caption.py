@@ -181,7 +181,7 @@ def caption_all(todo: list[Path], model, processor, dtype, args) -> tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuner.console import quiet_third_parties
+    from tuner.runtime.console import quiet_third_parties
 
     args = parse_args(argv)
     root = Path(args.dir)

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.single_file import ExportError, check_supported
+from tuner.interop.single_file import ExportError, check_supported
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -59,14 +59,14 @@ def lora_source(run: Path) -> Source:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from tuner.families import run_class
+    from tuner.config.families import run_class
 
     recorded = run / ".hydra" / "config.yaml"
     if not recorded.is_file():
         raise ExportError(f"{run} has no .hydra/config.yaml to name the base model its LoRA was trained on")
     try:
         model = OmegaConf.load(recorded).model
-        from tuner.base_file import resolve
+        from tuner.interop.base_file import resolve
 
         family, base = model.family, resolve(model)  # a single-file base: the diffusers folder written from it
         revision, variant = model.get("revision"), model.get("variant")
@@ -110,7 +110,7 @@ def trained_scheduler(run: Path, base_scheduler):
     from omegaconf import OmegaConf
 
     from models.noise import build
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     model = OmegaConf.load(run / ".hydra" / "config.yaml").model
     return build(family_class(model.family).noise_schedule, dict(base_scheduler.config), model).sampling_scheduler()
@@ -120,7 +120,7 @@ def single_file(path: Path, out: Path, half: bool = False, merge_lora: bool = Fa
     """Export ``path`` (see the module docstring) to ``out``; fp16 with ``half``."""
     import torch
 
-    from tuner.single_file import to_ldm
+    from tuner.interop.single_file import to_ldm
 
     if out.suffix != ".safetensors":
         raise ExportError(f"{out}: the output file must end in .safetensors")

@@ -3,7 +3,7 @@ a SimpleTuner config as a tuner experiment, run with `python train.py +experimen
 
 Every key it cannot carry over is listed with the reason, on stderr and at the top of the YAML; secrets are
 left out, and it says where they go instead. The written experiment then goes through tuner's own config
-checks (no weights load). The mapping itself is tuner/simpletuner.py.
+checks (no weights load). The mapping itself is tuner/interop/simpletuner.py.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and not args.force:
         print(f"tuner: error: {output} exists; add --force to overwrite it", file=sys.stderr)
         return 2
-    from tuner.simpletuner import SimpleTunerError, convert
+    from tuner.interop.simpletuner import SimpleTunerError, convert
 
     try:
         result = convert(args.config, args.backend)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tuner.console import quiet_third_parties
+    from tuner.runtime.console import quiet_third_parties
 
     quiet_third_parties()  # before the family classes load diffusers and transformers
     sys.exit(main())

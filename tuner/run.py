@@ -18,9 +18,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tuner.cluster import is_submitit_launcher, launcher_tasks
 from tuner.config import ConfigError, check
-from tuner.console import phase
+from tuner.runtime.cluster import is_submitit_launcher, launcher_tasks
+from tuner.runtime.console import phase
 
 log = logging.getLogger("tuner")
 
@@ -54,7 +54,7 @@ def setup_logging(output_dir: Path, rank_zero: bool) -> None:
     INFO always, and ``debug.log`` too at DEBUG."""
     import lightning  # noqa: F401  (it installs console handlers on import; they are replaced below)
 
-    from tuner.console import PHASE, ConsoleFormatter, ConsoleLevel
+    from tuner.runtime.console import PHASE, ConsoleFormatter, ConsoleLevel
 
     level = os.environ.get("TUNER_LOG_LEVEL", "WARNING").upper()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -132,10 +132,10 @@ def prepare(cfg: DictConfig, require_steps: bool = True) -> DictConfig:
         )
     # From here on a plain, fully resolved config: enums become their names, interpolations values.
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    from tuner.families import check_family
+    from tuner.config.families import check_family
 
     check_family(plain)
-    from tuner.scale import check_sharding
+    from tuner.runtime.scale import check_sharding
 
     check_sharding(plain)  # FSDP / DeepSpeed: what they cannot do, refused before load
     return plain
@@ -146,7 +146,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None, module=Non
 
     steps = cfg.max_train_steps if cfg.max_train_steps and cfg.max_train_steps > 0 else -1
     epochs = cfg.num_train_epochs if steps < 0 else -1
-    from tuner.lifecycle import lifecycle_callbacks
+    from tuner.runtime.lifecycle import lifecycle_callbacks
 
     callbacks = lifecycle_callbacks(cfg, output_dir, datamodule)
     if cfg.logger:
@@ -162,7 +162,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, datamodule=None, module=Non
         trainer_cfg = OmegaConf.merge(cfg.trainer, {"strategy": {"find_unused_parameters": True}})
     extra = {}
     if module is not None:
-        from tuner.scale import fsdp_strategy, is_fsdp
+        from tuner.runtime.scale import fsdp_strategy, is_fsdp
 
         if is_fsdp(cfg):  # sharding follows the family's declared blocks
             extra["strategy"] = fsdp_strategy(cfg, module)
@@ -220,8 +220,8 @@ def ensure_demo_assets(cfg: DictConfig, pipeline: bool = True) -> None:
     """Write the tiny demo pipeline (unless ``pipeline`` is off: the dataset doctor) and images under
     ``demo_assets_dir`` if they are not there yet."""
     from datamodules.demo import write_clips, write_images, write_references
-    from tuner.families import write_tiny
-    from tuner.paired import DEMO_CLIPS, DEMO_REFERENCES
+    from tuner.config.families import write_tiny
+    from tuner.config.paired import DEMO_CLIPS, DEMO_REFERENCES
 
     root = Path(cfg.demo_assets_dir)
     # only what this run uses (a run of the tiny preset on its own model or data writes neither)
@@ -241,7 +241,7 @@ def user_error(err: BaseException) -> BaseException | None:
     from callbacks.checkpoints import CheckpointError
     from datamodules import EmptyDatasetError
     from models.guard import NonFiniteError
-    from tuner.lock import OutputDirLocked
+    from tuner.runtime.lock import OutputDirLocked
 
     kinds = (ConfigError, EmptyDatasetError, CheckpointError, OutputDirLocked, NonFiniteError)
     seen: set[int] = set()
@@ -282,10 +282,10 @@ def train(cfg: DictConfig) -> float | None:
     the final epoch-mean train loss (None when stopped by SIGTERM / Ctrl-C).
 
     Rank 0 holds ``<output_dir>/.tuner.lock`` from before it writes anything until it returns, so a
-    second run into the same folder is refused at once (tuner.lock)."""
+    second run into the same folder is refused at once (tuner.runtime.lock)."""
     from contextlib import nullcontext
 
-    from tuner.lock import RunLock
+    from tuner.runtime.lock import RunLock
 
     composed = cfg.copy()
     cfg = prepare(cfg)
@@ -322,7 +322,7 @@ def _train(cfg: DictConfig, composed: DictConfig, output_dir: Path, lock) -> flo
     cfg.model.pretrained_model_name_or_path = module.hparams.pretrained_model_name_or_path
     if rank_zero:  # only once the run has started for real: a refused or failed start leaves the old record
         write_config_dump(composed, output_dir)
-    from tuner.lifecycle import configure_export
+    from tuner.runtime.lifecycle import configure_export
 
     configure_export(module, cfg, datamodule, output_dir)
     datamodule.attach_encoders(**module.data_encoders())
@@ -356,10 +356,10 @@ def build_datamodule(cfg: DictConfig, output_dir: Path):
 def import_family(cfg: DictConfig) -> None:
     """Import the family's component classes (diffusers, transformers, peft with them): the last of the
     start-up imports, after which the garbage collector that train.py held off goes back on, before any
-    weight loads (tuner/startup.py)."""
+    weight loads (tuner/runtime/startup.py)."""
     from hydra.utils import get_class
 
-    from tuner.startup import imports_done
+    from tuner.runtime.startup import imports_done
 
     get_class(cfg.model._target_).component_classes()
     imports_done()
@@ -371,10 +371,10 @@ _KEY = "model.pretrained_model_name_or_path"
 def check_model_path(path: str) -> None:
     """A local base model must be a diffusers pipeline folder: one line now, instead of the loader's
     several about the Hub. A Hub id (``owner/name``) is tried when it loads (``build_module``)."""
-    from tuner.base_file import SUFFIXES, is_file_path
+    from tuner.interop.base_file import SUFFIXES, is_file_path
 
     local = Path(path).expanduser()
-    if is_file_path(path):  # a single-file checkpoint (tuner/base_file.py checks it)
+    if is_file_path(path):  # a single-file checkpoint (tuner/interop/base_file.py checks it)
         return
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -420,7 +420,7 @@ def optimizer_factory(cfg: DictConfig):
 
 
 def _build_module(cfg: DictConfig, with_optimizer: bool):
-    from tuner.base_file import resolve
+    from tuner.interop.base_file import resolve
 
     return instantiate(
         cfg.model,
@@ -445,14 +445,14 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     from hydra.utils import get_class
 
     from callbacks.checkpoints import check_resumable, resolve_checkpoint
-    from tuner.cluster import auto_resume
+    from tuner.runtime.cluster import auto_resume
 
     spec = auto_resume(cfg.resume_from_checkpoint)  # a cluster job carries on where it stopped
     ckpt_path = resolve_checkpoint(spec, output_dir / "checkpoints")
     if spec == "latest" and ckpt_path is None and cfg.resume_from_checkpoint == "latest":
         log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from scratch", output_dir)
     if ckpt_path is not None:
-        from tuner.base_file import identity as base_identity
+        from tuner.interop.base_file import identity as base_identity
 
         model = cfg.model
         identity = get_class(model._target_).identity(
@@ -483,7 +483,7 @@ def fit(trainer, module, datamodule, ckpt_path: str | None, output_dir: Path) ->
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:
             # SIGTERM, Ctrl-C or a cluster's preemption warning: the step finished and its checkpoint is
-            # written; a clean exit, or a requeue of the cluster job (tuner/cluster.py).
+            # written; a clean exit, or a requeue of the cluster job (tuner/runtime/cluster.py).
             if trainer.is_global_zero:
                 print(
                     f"tuner: stopped at step {trainer.global_step}; checkpoint in {output_dir / 'checkpoints'}; "
@@ -491,7 +491,7 @@ def fit(trainer, module, datamodule, ckpt_path: str | None, output_dir: Path) ->
                 )
             checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
             if checkpoints.preempted_by is not None:
-                from tuner.cluster import requeue
+                from tuner.runtime.cluster import requeue
 
                 requeue(checkpoints.preempted_by, checkpoints.requeue_handler)
             return False

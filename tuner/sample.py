@@ -45,7 +45,7 @@ def family_of_pipeline(class_name: str) -> type:
     """The family (its class) whose pipeline, or control pipeline, is ``class_name``; the first in
     ``families()`` order when several share one (sd15 and sd2 both use StableDiffusionPipeline)."""
     from models.base import pipeline_name, resolve
-    from tuner.families import families, family_class
+    from tuner.config.families import families, family_class
 
     for family in families():
         cls = family_class(family)
@@ -74,7 +74,7 @@ FAMILY_DEFAULTS = {"steps": 25, "guidance": 7.5, "size": (1024, 1024), "negative
 
 
 def run_defaults(cfg) -> dict:
-    """Validation's settings of the run, as tuner.lifecycle's ``validation_callback`` reads them."""
+    """Validation's settings of the run, as tuner.runtime.lifecycle's ``validation_callback`` reads them."""
     val = cfg.callbacks.validation
     side = int(val.resolution or (cfg.data.resolution if cfg.data.resolution >= 16 else 1024))
     return {
@@ -92,14 +92,14 @@ def run_source(run: Path, ema: bool) -> Source:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from tuner.families import run_class
+    from tuner.config.families import run_class
 
     recorded = run / ".hydra" / "config.yaml"
     try:
         cfg = OmegaConf.load(recorded)
         model, finetune, defaults = cfg.model, str(cfg.model.finetune), run_defaults(cfg)
         cls = run_class(model)
-        from tuner.base_file import resolve
+        from tuner.interop.base_file import resolve
 
         base = resolve(model)  # a single-file base: the diffusers folder written from it
     except (OmegaConfBaseException, ValueError) as err:
@@ -165,7 +165,7 @@ def load_pipeline(source: Source, dtype, device: str, ema: bool):
 
 def _is_control(cls: type) -> bool:
     """Whether ``cls`` is a family's control class (its pipeline differs from the base model's own)."""
-    from tuner.families import families, family_class
+    from tuner.config.families import families, family_class
 
     return cls not in {family_class(f) for f in families()}
 

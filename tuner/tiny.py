@@ -11,10 +11,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuner.console import quiet_third_parties
+    from tuner.runtime.console import quiet_third_parties
 
     quiet_third_parties()  # before the families' libraries load
-    from tuner.families import tiny_names
+    from tuner.config.families import tiny_names
 
     parser = argparse.ArgumentParser(prog="python -m tuner.tiny", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         path = write_images(args.dir, seed=args.seed)
     else:
-        from tuner.families import write_tiny
+        from tuner.config.families import write_tiny
 
         path = write_tiny(args.family, args.dir, seed=args.seed, learnable=args.learnable)
     print(path)

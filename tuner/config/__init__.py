@@ -17,8 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from datamodules.spec import CaptionStrategy, DatasetKeys, DatasetOverrides
-from tuner.hints import suggest, unknown_key_hint  # noqa: F401 - unknown_key_hint re-exported (train.py)
-from tuner.model_schemas import (  # noqa: F401 - re-exported: the model group's schema
+from tuner.config.hints import suggest, unknown_key_hint  # noqa: F401 - unknown_key_hint re-exported (train.py)
+from tuner.config.model_schemas import (  # noqa: F401 - re-exported: the model group's schema
     Expert,
     Experts,
     Finetune,
@@ -30,7 +30,7 @@ from tuner.model_schemas import (  # noqa: F401 - re-exported: the model group's
     PredictionType,
     TimestepSampling,
 )
-from tuner.optim_schemas import (
+from tuner.config.optim_schemas import (
     AdafactorConfig,
     Adam8bitConfig,
     AdamWConfig,

@@ -1,5 +1,5 @@
 """Typed schemas of the ``model`` group: the family-independent model keys, the adapter settings and their
-enums. Part of tuner/config.py's schema (it re-exports these); nothing here imports torch."""
+enums. Part of tuner/config/__init__.py's schema (it re-exports these); nothing here imports torch."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from tuner.simpletuner_common import (  # what the importer's modules share
+from tuner.interop.simpletuner_common import (  # what the importer's modules share
     Imported,
     SimpleTunerError,
     _bool,
@@ -29,9 +29,9 @@ from tuner.simpletuner_common import (  # what the importer's modules share
     _unwrap,
     expand,
 )
-from tuner.simpletuner_data import data_section
-from tuner.simpletuner_families import model_section, simpletuner_defaults
-from tuner.simpletuner_tables import (  # the name tables: SimpleTuner's keys and values -> tuner's
+from tuner.interop.simpletuner_data import data_section
+from tuner.interop.simpletuner_families import model_section, simpletuner_defaults
+from tuner.interop.simpletuner_tables import (  # the name tables: SimpleTuner's keys and values -> tuner's
     _OPTIMIZERS,
     GENERIC,
     LOGGERS,
@@ -103,7 +103,7 @@ def _run(args: dict, res: Imported) -> None:
 
 
 def _optimizer(args: dict, res: Imported) -> None:
-    from tuner import optim_schemas
+    from tuner.config import optim_schemas
 
     name = args.pop("optimizer", None)
     if name is not None and str(name).lower() not in OPTIMIZERS:

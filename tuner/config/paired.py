@@ -1,5 +1,5 @@
 """Paired-data and video settings against what the family consumes, checked before anything loads (from
-``tuner.families.check_family``): a family that trains on (target, reference) pairs needs references; a
+``tuner.config.families.check_family``): a family that trains on (target, reference) pairs needs references; a
 control image or a reference goes only to a family that reads it; a mask goes with ``model.masked_loss``.
 """
 
@@ -132,7 +132,7 @@ def check_paired(cfg, cls) -> None:
 
 
 def _families_taking(kind: str) -> list[str]:
-    from tuner.families import families, family_class
+    from tuner.config.families import families, family_class
 
     return [f for f in families() if kind in family_class(f).conditioning_kinds]
 

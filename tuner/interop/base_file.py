@@ -42,7 +42,7 @@ def family_base(family: str) -> str:
     """The family's base repo: ``pretrained_model_name_or_path`` in conf/model/<family>.yaml."""
     import yaml
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{family}.yaml"
+    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{family}.yaml"
     return str(yaml.safe_load(conf.read_text())["pretrained_model_name_or_path"])
 
 
@@ -92,7 +92,7 @@ def identity(model_cfg: Any) -> str:
 
 
 def denoiser_name(model_cfg: Any) -> str:
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     return family_class(model_cfg.family).denoiser_name
 
@@ -100,7 +100,7 @@ def denoiser_name(model_cfg: Any) -> str:
 def check(model_cfg: Any) -> None:
     """Before anything loads: the files exist and the family's classes read single files."""
     from tuner.config import ConfigError
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(model_cfg.family)
     path, denoiser = str(model_cfg.pretrained_model_name_or_path), model_cfg.get("denoiser_file")
@@ -171,7 +171,7 @@ def _local(config: str) -> dict:
 
 
 def _from_single_file(model_cfg: Any, config: str, out: Path) -> None:
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(model_cfg.family).pipeline_class
     path = str(Path(str(model_cfg.pretrained_model_name_or_path)).expanduser())
@@ -182,7 +182,7 @@ def _from_single_file(model_cfg: Any, config: str, out: Path) -> None:
 def _with_denoiser(model_cfg: Any, config: str, out: Path) -> None:
     """The base's folder (a local one, or the Hub snapshot of all but its denoiser) linked in, and the denoiser
     read from its file into its own subfolder."""
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(model_cfg.family)
     name = cls.denoiser_name

@@ -30,7 +30,7 @@ def card_info(cfg: DictConfig, datamodule, validation_prompts: dict[str, str]) -
     """What the model card shows, from the settled config and the scanned data (no secrets in either)."""
     from models.base import pipeline_name
     from models.noise import run_scheduler_change
-    from tuner.families import run_class
+    from tuner.config.families import run_class
 
     model, data = cfg.model, cfg.data
     family = run_class(model)
@@ -158,7 +158,7 @@ def lifecycle_callbacks(cfg: DictConfig, output_dir: Path, datamodule=None) -> l
                 close_timeout=hook.exit_timeout,
             )
         )
-    for name, spec in cfg.callbacks.extra.items():  # the user's own, checked before load (tuner/config.py)
+    for name, spec in cfg.callbacks.extra.items():  # the user's own, checked before load (tuner/config/__init__.py)
         log.info("callback %s: %s", name, spec._target_)
         out.append(instantiate(spec))
     return out

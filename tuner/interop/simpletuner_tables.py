@@ -1,4 +1,4 @@
-"""The name tables of the SimpleTuner import (tuner/simpletuner.py): SimpleTuner's families, flavours,
+"""The name tables of the SimpleTuner import (tuner/interop/simpletuner.py): SimpleTuner's families, flavours,
 optimisers, schedulers and quantisation levels as tuner names them, how secrets are recognised, and why the
 keys tuner has no equivalent for are left out."""
 
@@ -33,7 +33,7 @@ FLAVOURS.update(
 FAMILIES["hidream"], PRESETS["hidream"] = "hidream", "hidream"  # SimpleTuner's flavours: full (its default), dev, fast
 FLAVOURS.update({("hidream", f): f"HiDream-ai/HiDream-I1-{f.title()}" for f in ("full", "dev", "fast")})
 # SimpleTuner's Z-Image flavours: turbo, turbo-ostris-v2 (Turbo with assistant LoRA v1 or v2: ASSISTANT), base;
-# ostris-de-turbo swaps in another transformer. The base has its own preset (tuner/simpletuner.py).
+# ostris-de-turbo swaps in another transformer. The base has its own preset (tuner/interop/simpletuner.py).
 FAMILIES["z_image"], PRESETS["z_image"] = "z_image", "z-image"
 FLAVOURS.update({("z_image", f): "Tongyi-MAI/Z-Image-Turbo" for f in ("turbo", "turbo-ostris-v2")})
 FLAVOURS[("z_image", "base")] = "Tongyi-MAI/Z-Image"

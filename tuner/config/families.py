@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @cache
@@ -99,7 +99,7 @@ def check_family(cfg) -> None:
     except ValueError as err:
         raise ConfigError(f"model.family: {err}") from None
     _check_requirements(model.family, cls)
-    from tuner import base_file
+    from tuner.interop import base_file
 
     if model.get("base_config") or base_file.uses_base_file(model):
         base_file.check(model)  # before the family's checks, which may read the checkpoint's configs
@@ -112,7 +112,7 @@ def check_family(cfg) -> None:
             )
         model._target_ = cls.control_class
         cls = run_class(model)
-    from tuner.paired import check_frames, check_paired, wire_demo_clips, wire_demo_references
+    from tuner.config.paired import check_frames, check_paired, wire_demo_clips, wire_demo_references
 
     wire_demo_references(cfg, cls)
     wire_demo_clips(cfg, cls)

@@ -1,4 +1,4 @@
-"""The model side of the SimpleTuner import (tuner/simpletuner.py): model_family, model_flavour and model_type as
+"""The model side of the SimpleTuner import (tuner/interop/simpletuner.py): model_family, model_flavour and model_type as
 tuner's family, preset and base model, the adapter (LoRA, LyCORIS, the assistant LoRA) and the refiner expert;
 settings that would make tuner train something else are refused. ``simpletuner_defaults`` then puts SimpleTuner's
 own defaults where the config leaves a key out and the preset's value differs."""
@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tuner.simpletuner_common import (
+from tuner.interop.simpletuner_common import (
     CONF,
     Imported,
     SimpleTunerError,
@@ -23,7 +23,7 @@ from tuner.simpletuner_common import (
     _put,
     tried,
 )
-from tuner.simpletuner_tables import (
+from tuner.interop.simpletuner_tables import (
     DEFAULT_FLAVOUR,
     FAMILIES,
     FLAVOURS,
@@ -57,7 +57,7 @@ def model_section(args: dict, res: Imported, dirs: list[Path]) -> type:
     if finetune == "lycoris":
         _lycoris(args.pop("lycoris_config", None), res, dirs)
     _expert(args, res)
-    from tuner.families import family_class
+    from tuner.config.families import family_class
 
     cls = family_class(family)
     _assistant(args, res, cls, st_family, flavour, dirs)

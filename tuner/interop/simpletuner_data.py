@@ -1,4 +1,4 @@
-"""The data side of the SimpleTuner import (tuner/simpletuner.py): the config's global dataset keys and each
+"""The data side of the SimpleTuner import (tuner/interop/simpletuner.py): the config's global dataset keys and each
 backend of a multidatabackend.json, as ``data`` and ``data.datasets.<id>``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tuner.simpletuner_common import (
+from tuner.interop.simpletuner_common import (
     Imported,
     SimpleTunerError,
     _bool,
@@ -24,7 +24,7 @@ from tuner.simpletuner_common import (
     expand,
     tried,
 )
-from tuner.simpletuner_tables import GENERIC, REASONS
+from tuner.interop.simpletuner_tables import GENERIC, REASONS
 
 # dataset keys with the same name in tuner, global (data-level defaults) or per backend -> converter
 DATA = {"resolution": _size, "crop": _bool, "crop_aspect_buckets": _floats, "repeats": _int, "probability": float}

@@ -1,5 +1,5 @@
-"""What the SimpleTuner importer's modules share (tuner/simpletuner.py, tuner/simpletuner_data.py,
-tuner/simpletuner_families.py): the ``Imported`` result and its error, value converters, path lookup, placeholders,
+"""What the SimpleTuner importer's modules share (tuner/interop/simpletuner.py, tuner/interop/simpletuner_data.py,
+tuner/interop/simpletuner_families.py): the ``Imported`` result and its error, value converters, path lookup, placeholders,
 secrets. Each of those modules builds on this one; none of them imports another's helpers."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from tuner.simpletuner_tables import _SECRET_KEY, _SECRET_VALUE
+from tuner.interop.simpletuner_tables import _SECRET_KEY, _SECRET_VALUE
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 class SimpleTunerError(ValueError):
