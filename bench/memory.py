@@ -136,7 +136,8 @@ def bench_optimizers(names: list[str]) -> dict[str, int]:
 
     from datamodules.demo import write_images
     from tuner.config.families import write_tiny
-    from tuner.run import optimizer_factory, prepare
+    from tuner.run import prepare
+    from tuner.runtime.model import optimizer_factory
 
     logging.disable(logging.WARNING)
     out = {}

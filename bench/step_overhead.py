@@ -49,7 +49,7 @@ def _compose(demo: Path, out: Path, args):
 def _module(cfg):
     from hydra.utils import instantiate
 
-    from tuner.run import optimizer_factory
+    from tuner.runtime.model import optimizer_factory
 
     torch.manual_seed(cfg.seed)
     return instantiate(
