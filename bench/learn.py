@@ -73,6 +73,7 @@ from toysets import (
     nearest_class,
     templates,
     write_edit_set,
+    write_generic_clips,
     write_generic_set,
     write_motion_set,
     write_toy_set,
@@ -98,6 +99,7 @@ class Recipe:
     task: str = ""  # caption, edit or motion ("": edit for a family that edits its input, motion for video, else caption)
     contrast: int = 0  # levels the square is above the background (0: toysets.CONTRAST for the family's kind)
     tiny: str = ""  # one of the family's tiny variants to learn on (--recipe tiny=flux2-dev); "": the family's own
+    clip_base: bool = False  # the motion task: the LoRA's base trains on generic clips (write_generic_clips), not images
     text_tokens: int = 0  # the prompt's length in tokens, trained and sampled (model.options.max_sequence_length); 0: the family's
 
 
@@ -212,10 +214,15 @@ def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) 
     """The LoRA's base: the learnable pipeline trained in full on generic shapes, so that it denoises, as a
     real base model does before anyone trains a LoRA on it (a LoRA on a random denoiser learned nothing in
     1000 steps: SD3 0.25). Written once per work folder; returns its ``pipeline/`` and the time it took."""
-    out = work / "runs" / f"{family}-base"
+    clips = task_of(family, recipe) == "motion" and recipe.clip_base
+    out = work / "runs" / f"{family}-base{'-clips' if clips else ''}"
     if (out / "pipeline" / "model_index.json").is_file():
         return out / "pipeline", 0.0
-    data = write_generic_set(work / f"generic-{recipe.size}", recipe.size)
+    if clips:  # a video model's base has seen clips move
+        data = write_generic_clips(work / f"generic-clips-{recipe.size}", recipe.size)
+        extra = (*extra, f"data.num_frames={MOTION_FRAMES}")
+    else:
+        data = write_generic_set(work / f"generic-{recipe.size}", recipe.size)
     if task_of(family, recipe) == "edit":  # an edit model's base learns to copy its input: each image is its own reference
         extra = (*extra, f"data.conditioning.reference.path={data}")
     seconds = train(family, pipe_dir, data, out, "full", recipe, extra, steps=recipe.base_steps)

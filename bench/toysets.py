@@ -149,6 +149,36 @@ def write_generic_set(path: Path, size: int = SIZE, count: int = 64, seed: int =
     return path
 
 
+def write_generic_clips(path: Path, size: int = SIZE, count: int = 64, seed: int = 1) -> Path:
+    """The generic set as clips, for a video family's LoRA base (the motion task): each generic image drifting
+    ``MOTION_FRAMES`` frames at a random velocity (up to ``MOTION_STEP`` px a frame on each axis, wrapping around),
+    captioned with its colour as the images are, never with a direction: the base learns that clips move, the LoRA
+    which way a caption says. Lossless FFV1, as the motion set."""
+    import random
+
+    import av
+    import numpy as np
+    from PIL import Image
+
+    if path.is_dir() and any(path.iterdir()):
+        return path
+    images = write_generic_set(path.with_name(path.name + "-frames"), size, count, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    step = MOTION_STEP * size // SIZE
+    for file in sorted(images.glob("*.png")):
+        pixels = np.asarray(Image.open(file).convert("RGB"))
+        vx, vy = rng.randint(-step, step), rng.randint(-step, step)
+        with av.open(str(path / f"{file.stem}.mkv"), "w") as container:
+            stream = container.add_stream("ffv1", rate=MOTION_FPS)
+            stream.width, stream.height, stream.pix_fmt = size, size, "bgr0"
+            for t in range(MOTION_FRAMES):
+                frame = np.roll(pixels, (vy * t, vx * t), axis=(0, 1))
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(stream.encode())
+    return path
+
+
 def low_res(label: int, factor: int, contrast: int, size: int = SIZE):
     """The class image downsampled as IF stage II's training downsamples its target, in [-1, 1]."""
     import numpy as np
