@@ -36,7 +36,7 @@ copy: its generic shapes are paired with themselves.
 the image (its path centred), captioned with the direction it moves ("left moving square"), trained at
 ``data.num_frames=9`` and scored by the nearest class clip over every frame. Wan's full fine-tune passes it (1.00:
 ``--recipe task=motion steps=6000 lr_full=1e-3 text_tokens=24``); at the recipe's 5e-3 its transformer learned to
-ignore the prompt. Its LoRA (on a base that saw only still images) and LTX-Video do not pass yet (bench/README.md),
+ignore the prompt. Its LoRA (on a base of still images, or of drifting clips) and LTX-Video do not pass yet (bench/README.md),
 so the video families' recipes learn the caption task on images, which they train as 1-frame clips and sample as
 one frame (``task=caption``).
 
