@@ -99,10 +99,7 @@ def check_family(cfg) -> None:
     except ValueError as err:
         raise ConfigError(f"model.family: {err}") from None
     _check_requirements(model.family, cls)
-    from tuner.interop import base_file
-
-    if model.get("base_config") or base_file.uses_base_file(model):
-        base_file.check(model)  # before the family's checks, which may read the checkpoint's configs
+    _check_base_file(model)  # before the family's checks, which may read the checkpoint's configs
     if model.get("control"):
         if not cls.control_class:
             takers = [f for f in families() if family_class(f).control_class]
@@ -206,6 +203,14 @@ def _settle_text_encoders(cfg, cls) -> None:
             raise ConfigError(
                 f"quantization.text_encoders.{name}: {cfg.model.family} has no such text encoder; valid: {', '.join(names)}"
             )
+
+
+def _check_base_file(model) -> None:
+    """A single-file base or a denoiser file (tuner/interop/base_file.py): the files and the family's loaders."""
+    from tuner.interop import base_file
+
+    if model.get("base_config") or base_file.uses_base_file(model):
+        base_file.check(model)
 
 
 def _check_requirements(family: str, cls) -> None:
