@@ -1,4 +1,8 @@
-"""Images in an S3 bucket (or an S3-compatible store such as MinIO or R2): ``s3://bucket/prefix/``.
+"""Images and clips in an S3 bucket (or an S3-compatible store such as MinIO or R2): ``s3://bucket/prefix/``.
+
+An image is fetched whole. A video clip is read as it is consumed, by ranged GETs pinned to the listed ETag
+(``ObjectStream``): probing reads its headers, and decoding seeks to the frame window, so a long clip is never
+downloaded whole.
 
 boto3 is imported only when the source is used, so that this module (which ``open_source`` always
 imports) loads without it. Credentials come from the standard AWS chain (environment, profile,
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from datamodules.sources import MEDIA_EXTENSIONS, Item, Source, SourceError, register
+from datamodules.video import VIDEO_EXTENSIONS
 
 _READ_ATTEMPTS = 4  # GET + body read, on top of botocore's own retries of the request
 _BACKOFF_S = 0.5
@@ -23,6 +28,10 @@ _DENIED_CODES = frozenset(
     {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_CHANGED_CODES = frozenset({"PreconditionFailed", "412"})
+# A clip's ranged reads: the first fetch reads this much ahead, each further sequential fetch twice as much, up to
+# the most; a seek starts again from the first (a probe reads a few headers, a decode streams a window).
+READ_AHEAD_FIRST, READ_AHEAD_MOST = 256 << 10, 8 << 20
 
 
 def parse_s3_path(path: str) -> tuple[str, str]:
@@ -149,8 +158,9 @@ class S3Source(Source):
                 version=etag,
             )
 
-    def _get(self, key: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist.
+    def _get(self, key: str, span: tuple[int, int] | None = None, etag: str = "") -> bytes | None:
+        """The object's bytes (``span``: bytes first to last, inclusive; ``etag``: only from that version), or None
+        when it does not exist.
 
         botocore retries the request itself (5xx, throttling, refused connections); this also retries
         a body cut off mid-read, which botocore does not. Failures become OSError, which the data
@@ -159,15 +169,22 @@ class S3Source(Source):
         self._s3()  # first: a SourceError, not an ImportError, when boto3 is missing
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
+        request = {"Bucket": self.bucket, "Key": key}
+        if span is not None:
+            request["Range"] = f"bytes={span[0]}-{span[1]}"
+        if etag:
+            request["IfMatch"] = f'"{etag}"'
         for attempt in range(_READ_ATTEMPTS):
             try:
-                response = self._s3().get_object(Bucket=self.bucket, Key=key)
+                response = self._s3().get_object(**request)
                 with response["Body"] as body:
                     return body.read()
             except ClientError as err:
                 code = _error_code(err)
                 if code in _MISSING_CODES:
                     return None
+                if code in _CHANGED_CODES:
+                    raise OSError(f"s3://{self.bucket}/{key} changed while it was read (ETag no longer {etag})") from None
                 raise OSError(f"cannot read s3://{self.bucket}/{key}: {code or err}") from None
             except (NoCredentialsError, PartialCredentialsError) as err:
                 raise OSError(f"cannot read s3://{self.bucket}/{key}: {err}") from None
@@ -179,6 +196,8 @@ class S3Source(Source):
 
     def open(self, item: Item) -> BinaryIO:
         key = self.prefix + item.key
+        if posixpath.splitext(key)[1].lower() in VIDEO_EXTENSIONS and item.size > 0:
+            return ObjectStream(self, key, item.size, item.version)
         data = self._get(key)
         if data is None:
             raise OSError(f"s3://{self.bucket}/{key} no longer exists")
@@ -192,3 +211,53 @@ class S3Source(Source):
 
     def identity(self) -> str:
         return f"s3:{self.endpoint_url or 'aws'}:{self.url}"
+
+
+class ObjectStream(io.RawIOBase):
+    """An S3 object as a seekable file read on demand: each read past what is held fetches the next span by a
+    ranged GET, reading further ahead while reads stay sequential (``READ_AHEAD_FIRST`` doubling up to
+    ``READ_AHEAD_MOST``). Every GET names the listed ETag, so an object replaced mid-read fails with OSError
+    rather than mixing two versions. ``fetched`` and ``requests`` count what came over the network."""
+
+    def __init__(self, source: S3Source, key: str, size: int, etag: str = ""):
+        super().__init__()
+        self._source, self._key, self._size, self._etag = source, key, size, etag
+        self._pos = 0
+        self._held, self._held_at = b"", 0
+        self._ahead = READ_AHEAD_FIRST
+        self.fetched = self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if start + offset < 0:
+            raise OSError(f"negative seek position {start + offset}")
+        self._pos = start + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        if self._pos >= self._size or not len(buffer):
+            return 0
+        offset = self._pos - self._held_at
+        if not 0 <= offset < len(self._held):
+            sequential = self._pos == self._held_at + len(self._held) and self.requests
+            self._ahead = min(2 * self._ahead, READ_AHEAD_MOST) if sequential else READ_AHEAD_FIRST
+            last = min(self._size, self._pos + max(len(buffer), self._ahead)) - 1
+            data = self._source._get(self._key, (self._pos, last), self._etag)
+            if not data:
+                raise OSError(f"s3://{self._source.bucket}/{self._key} ended at byte {self._pos} of {self._size}")
+            self._held, self._held_at, offset = data, self._pos, 0
+            self.fetched += len(data)
+            self.requests += 1
+        n = min(len(buffer), len(self._held) - offset)
+        buffer[:n] = self._held[offset : offset + n]
+        self._pos += n
+        return n

@@ -201,3 +201,63 @@ def test_no_credentials_is_a_clear_error(server, monkeypatch):
 def test_path_without_bucket(path):
     with pytest.raises(SourceError, match="no bucket"):
         S3Source(path)
+
+
+def _noise_clip(path, frames: int = 160, fps: int = 24, side: int = 128) -> None:
+    """An mp4 of random frames (incompressible, so the object is megabytes), at a high bitrate, a keyframe every 24."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = side
+        stream.pix_fmt, stream.bit_rate, stream.gop_size = "yuv420p", 40_000_000, 24
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_a_clip_on_s3_is_probed_and_decoded_by_ranged_reads_not_downloaded_whole(server, tmp_path):
+    pytest.importorskip("av")
+    import numpy as np
+
+    from datamodules.scan import probe_item
+    from datamodules.source_s3 import ObjectStream
+    from datamodules.video import decode, probe_clip
+
+    local = tmp_path / "long.mp4"
+    _noise_clip(local)
+    s3 = boto3.client("s3", endpoint_url=server["url"], region_name="us-east-1")
+    s3.create_bucket(Bucket="tuner-clips")
+    s3.put_object(Bucket="tuner-clips", Key="clips/long.mp4", Body=local.read_bytes())
+    source = S3Source("s3://tuner-clips/clips/", {"endpoint_url": server["url"]})
+    (item,) = source.items()
+    assert item.size > 3_000_000
+
+    with source.open(item) as fp:  # the probe: the headers at both ends, not the frames between
+        assert isinstance(fp, ObjectStream)
+        width, height, clip = probe_clip(fp)
+        probed = fp.fetched
+    with local.open("rb") as f:
+        assert (width, height, clip) == (128, 128, probe_clip(f)[2]) and clip.frames == 160
+    assert probed < item.size / 5, (probed, item.size)
+    assert probe_item(source, item)[0][:2] == (128, 128)
+
+    window = list(range(140, 149))  # 9 frames near the end: a seek to their keyframe, then a stream
+    with source.open(item) as fp:
+        frames = decode(fp, clip, window, lambda image: image)
+        decoded, requests = fp.fetched, fp.requests
+    with local.open("rb") as f:
+        expected = decode(f, clip, window, lambda image: image)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, expected, strict=True))
+    assert decoded < item.size / 2 and requests < 12, (decoded, requests, item.size)
+    print(f"s3 clip {item.size} bytes: probe fetched {probed}, a 9-frame window {decoded} in {requests} GETs")
+
+    # the object replaced between the listing and the read: refused, not two versions mixed
+    s3.put_object(Bucket="tuner-clips", Key="clips/long.mp4", Body=local.read_bytes()[:-1])
+    with pytest.raises(OSError, match="changed while it was read"), source.open(item) as fp:
+        probe_clip(fp)
