@@ -139,14 +139,15 @@ def _editable(config) -> dict:
     return {k: v for k, v in config.items() if k != "_use_default_values"}
 
 
-def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
+def reshape_transformer(pipe, seed: int = 0, name: str = "transformer") -> dict[str, float]:
     """Make a transformer denoiser able to learn a spatial task, as a real one can: at least
     ``WIDTH_OVER_PATCH`` times as wide as its patch (more heads of the same width, so Flux's rotary axes
     stay; the widths its config repeats, SD3's caption projection and PixArt's cross-attention, follow) and,
     where it has a sin-cos position code, one whose tokens differ (``POSITION_SPACING``). PixArt computes
     its code from the config (``interpolation_scale``); SD3 stores its code with its weights, so the sharper
-    one is written there. Returns what was changed."""
-    denoiser = getattr(pipe, "transformer", None)
+    one is written there. ``name``: the pipeline's component (``transformer_2``: Wan 2.2 A14B's second expert).
+    Returns what was changed."""
+    denoiser = getattr(pipe, name, None)
     if denoiser is not None and {"dim", "n_heads", "all_patch_size"} <= set(denoiser.config):
         return _widen_z_image(pipe, denoiser, seed)
     if denoiser is None or "num_attention_heads" not in denoiser.config:
@@ -186,7 +187,7 @@ def reshape_transformer(pipe, seed: int = 0) -> dict[str, float]:
             embed.pos_embed.copy_(code.float().unsqueeze(0))
         changed["position_spacing"] = POSITION_SPACING
     if changed:
-        pipe.register_modules(transformer=new)
+        pipe.register_modules(**{name: new})
     return changed
 
 
@@ -241,6 +242,8 @@ def make_learnable(pipe, seed: int = 0) -> dict[str, float]:
     was measured and changed."""
     sharpen_text_encoders(pipe, seed)
     reshaped = reshape_transformer(pipe, seed)
+    if getattr(pipe, "transformer_2", None) is not None:  # a second expert (Wan 2.2 A14B): shaped alike, its own draw
+        reshape_transformer(pipe, seed + 1, name="transformer_2")
     old = getattr(pipe, "vae", None)
     if old is None:
         levels = deepen_unet(pipe, PIXEL_SIZE, seed)

@@ -4,8 +4,12 @@ decoder, three 2x space-time steps), 16 channels a block, 16 latent channels, bu
 no 4x patching, so it compresses 8x in space and 8x in time (clips of 8k + 1 frames, one frame an image).
 
 - The encoder is an 8x8 box filter of the image's RGB, rotated into the latent channels by a fixed orthonormal map:
-  its stride-2 space-time convolutions average 2x2 pixels of one frame (the causal frame: latent frame k is input
-  frame 8k). The one norm that cannot be bypassed (``norm_out``, an RMS norm over channels with no affine) sees each
+  its stride-2 space-time convolutions average 2x2 pixels of two frames, the current and the one before, so latent
+  frame 0 is input frame 0 alone (the causal padding repeats it) and latent frame k >= 1 the mean of frames
+  8k - 7 ... 8k, as a real causal video VAE packs one frame first and then 8 at a time. A clip's first latent frame
+  is therefore sharp and the later ones smeared along the motion: the only cue a transformer with relative positions
+  in time has of which frame comes first (without it, the motion task learned the axis of a motion but not its
+  direction: bench/README.md). The one norm that cannot be bypassed (``norm_out``, an RMS norm over channels with no affine) sees each
   signal as ``LINEAR + a`` beside ``LINEAR - a`` and a large constant, so it divides by a constant (to ~1e-6);
   ``conv_out`` reads ``a`` as half the pair's difference after the SiLU, over the SiLU's slope there (the even
   orders cancel in the difference) and times the norm's divisor.
@@ -20,7 +24,7 @@ no 4x patching, so it compresses 8x in space and 8x in time (clips of 8k + 1 fra
 - ``latents_mean`` / ``latents_std`` (the VAE's buffers, the pipeline's per-channel normalisation) give every
   channel zero mean and unit variance on images; ``scaling_factor`` stays 1.
 - The decoder inverts it: the latents back to RGB, each up-sampler copying a value to its 2x2x2 block (the first
-  frame's copy dropped, as the causal layout does).
+  frame's copy dropped, as the causal layout does), so a latent frame k >= 1 decodes to 8 equal frames, their mean.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def learnable_ltx_vae(seed: int = 0):
         for block in enc.down_blocks:
             for down in block.downsamplers or ():
                 for i in range(USED):
-                    down.conv.weight[i, i, -1, 1:3, 1:3] = 0.25  # rows and columns 2i, 2i+1 of frame 2t
+                    down.conv.weight[i, i, 1:3, 1:3, 1:3] = 0.125  # frames 2t - 1 and 2t, rows and columns 2i, 2i+1
         _marks(enc.down_blocks[2].downsamplers[0].conv)
         _signals_out(enc.conv_out.conv, q, tap=-1)
         enc.conv_out.conv.bias[LATENTS] = LOGVAR

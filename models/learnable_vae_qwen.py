@@ -104,9 +104,10 @@ def _signals_out(conv, mix: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def set_latent_stats(vae, images: torch.Tensor) -> dict[str, float]:
+def set_latent_stats(vae, images: torch.Tensor, block: int = 8) -> dict[str, float]:
     """Give every latent channel of ``images`` (N, 3, H, W) zero mean and unit variance through the config's
-    ``latents_mean`` / ``latents_std``. Returns what was measured."""
+    ``latents_mean`` / ``latents_std``. Returns what was measured (the reconstruction against ``block`` x
+    ``block`` box filters, the VAE's own)."""
     frames = images[:, :, None]  # (N, 3, 1, H, W)
     mean = vae.encode(frames).latent_dist.mean  # (N, 16, 1, h, w)
     centre, spread = mean.mean(dim=(0, 2, 3, 4)), mean.std(dim=(0, 2, 3, 4))
@@ -114,14 +115,14 @@ def set_latent_stats(vae, images: torch.Tensor) -> dict[str, float]:
     posterior = vae.encode(frames).latent_dist
     latents = (posterior.mean - centre.view(1, -1, 1, 1, 1)) / spread.view(1, -1, 1, 1, 1)
     recon = vae.decode(posterior.mean).sample[:, :, 0]
-    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 8), scale_factor=8, mode="nearest")
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, block), scale_factor=block, mode="nearest")
     return {
         "posterior_std_over_latent_std": float((posterior.std / spread.view(1, -1, 1, 1, 1)).max()),
         "latent_mean": float(latents.mean()),
         "latent_std": float(latents.std()),
         "latent_std_min_channel": float(latents.std(dim=(0, 2, 3, 4)).min()),
         "reconstruction_mse": float((recon - images).pow(2).mean()),
-        "reconstruction_mse_vs_8x8_blocks": float((recon - blocks).pow(2).mean()),
+        "reconstruction_mse_vs_blocks": float((recon - blocks).pow(2).mean()),
     }
 
 

@@ -1,6 +1,6 @@
 """The learnable tiny Wan 2.1 VAE: models/learnable_vae_qwen.py's VAE (Qwen-Image's VAE is Wan 2.1's, the same
 modules and weight names) loaded into an ``AutoencoderKLWan``, its ``latents_mean`` / ``latents_std`` measured
-on toy images. Wan 2.2's 48-channel residual VAE has no learnable version yet.
+on toy images; and Wan 2.2's 48-channel residual VAE (TI2V-5B's), built on the same pattern (``wan22_vae``).
 
 It takes clips of F = 4k + 1 frames, laid out as the real one's latents are: frame 0 alone, then each group of 4
 frames in one latent frame, 1/8 in space. Only the temporal convolutions (``time_conv``) of the resamplers are set
@@ -19,6 +19,14 @@ frames.
   writes two frames per input frame from the two halves of its output channels: both halves copy the current
   frame (last tap only, so neither the causal zero padding nor the cached frames matter), and two in a row
   repeat it 4 times.
+
+Wan 2.2's VAE (``is_residual``, a 2x2 pixel patch folded into 12 channels before the encoder, 48 latent channels at
+1/16 in space, 1/4 in time) is set the same way, in its own layout: every convolution of the residual blocks and
+resamplers is zero, so each down (up) block is its parameter-free shortcut alone, ``AvgDown3D`` (``DupUp3D``):
+with the channels kept (all ``dim_mult`` 1) that is a 2x2 (2x2x2) average (nearest copy). ``conv_in`` reads the
+patch's mean RGB, so a latent is a 16x16 box filter of its pixels (and of 4 frames, as above: the shortcut's
+zero padding in time scales frame 0's channels alike, which the RMS norm undoes), and the decoder gives each
+latent's RGB back to its 16x16 block.
 """
 
 from __future__ import annotations
@@ -34,13 +42,54 @@ def make_wan_vae(config, seed: int = 0) -> tuple[object, dict[str, float]]:
     and what was measured."""
     from diffusers import AutoencoderKLWan
 
-    if config.is_residual or config.z_dim != 16:
-        raise NotImplementedError("a learnable Wan 2.2 VAE (48 channels, residual) is not built yet; use wan21")
-    vae = AutoencoderKLWan(base_dim=WIDTH, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-    vae.load_state_dict(learnable_qwen_vae(seed).state_dict(), strict=True)
-    _set_time_convs(vae)
+    if config.is_residual:
+        vae = wan22_vae(config, seed)
+    elif config.z_dim == 16:
+        vae = AutoencoderKLWan(base_dim=WIDTH, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+        vae.load_state_dict(learnable_qwen_vae(seed).state_dict(), strict=True)
+        _set_time_convs(vae)
+    else:
+        raise NotImplementedError(f"no learnable Wan VAE of {config.z_dim} channels without is_residual")
     _mark_borders(vae, seed)
-    return vae, set_latent_stats(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)))
+    block = 8 * (getattr(config, "patch_size", None) or 1)
+    return vae, set_latent_stats(vae, toy_images(64, 64, torch.Generator().manual_seed(seed)), block=block)
+
+
+def wan22_vae(config, seed: int = 0):
+    """Wan 2.2's residual VAE in ``config``'s latent layout (its z_dim, patch and temporal steps), set as the module
+    docstring says; its ``latents_mean`` / ``latents_std`` still to be measured."""
+    from diffusers import AutoencoderKLWan
+
+    from models.learnable_vae_qwen import LOGVAR, _norm_out, _signals_in, _signals_out
+
+    patch = config.patch_size or 1
+    vae = AutoencoderKLWan(
+        base_dim=WIDTH, z_dim=config.z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+        temperal_downsample=list(config.temperal_downsample), in_channels=3 * patch**2, out_channels=3 * patch**2,
+        patch_size=config.patch_size, scale_factor_spatial=config.scale_factor_spatial,
+        scale_factor_temporal=config.scale_factor_temporal,
+    )
+    z_dim = config.z_dim
+    q, _ = torch.linalg.qr(torch.randn(z_dim, SIGNALS, generator=torch.Generator().manual_seed(seed)))
+    # patchify puts colour c's 2x2 pixels in channels c * patch^2 ...: the encoder reads their mean, the decoder
+    # writes each colour to all of them
+    spread = torch.repeat_interleave(torch.eye(SIGNALS), patch**2, dim=1)  # (3, 3 patch^2)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for module in vae.modules():
+            if type(module).__name__ == "WanRMS_norm":
+                module.gamma.fill_(1.0)
+        _signals_in(vae.encoder.conv_in, spread / patch**2)
+        _signals_in(vae.decoder.conv_in, q.T)
+        _norm_out(vae.encoder.norm_out)
+        _norm_out(vae.decoder.norm_out)
+        _signals_out(vae.encoder.conv_out, q)
+        vae.encoder.conv_out.bias[z_dim:] = LOGVAR
+        _signals_out(vae.decoder.conv_out, spread.T)
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            conv.weight[:, :, 0, 0, 0] = torch.eye(conv.out_channels)
+    return vae
 
 
 # A real VAE's latents differ at the image's border (its convolutions' zero padding); the box filter's do not. A

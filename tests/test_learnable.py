@@ -266,3 +266,69 @@ def test_the_learnable_wan_vaes_latents_mark_the_border_as_a_real_vaes_do():
     assert float(apart[1:-1, 1:-1].max()) < 1e-6
     assert 0.5 < float(apart[0, 3]) < 3 and 0.5 < float(apart[3, -1]) < 3 and float(apart[0, 0]) > float(apart[0, 3])
     assert float((vae.decode(z).sample - flat).abs().max()) < 1e-4
+
+
+@torch.no_grad()
+def test_the_learnable_wan22_vae_is_wan22s_layout_a_16x16_box_filter_4_frames_a_latent_frame():
+    """TI2V-5B's VAE (residual, 2x2 patch, 48 channels at 1/16, 4x in time), learnable: unit-variance latents, frame 0
+    alone and then each group of 4 frames' mean, decoded back to 16x16 blocks; the border marked as Wan 2.1's."""
+    from models.learnable import toy_images
+    from models.learnable_vae_wan import make_wan_vae
+    from models.wan import WanModule
+
+    config = WanModule.tiny_pipeline("wan22-ti2v").vae.config
+    vae, measured = make_wan_vae(config)
+    assert (vae.config.is_residual, vae.config.z_dim, vae.config.patch_size, vae.config.scale_factor_spatial) == (
+        True, 48, 2, 16)
+    assert measured["posterior_std_over_latent_std"] < 0.01 and 0.95 < measured["latent_std"] < 1.05
+    assert measured["reconstruction_mse_vs_blocks"] < 1e-6
+
+    clip = _moving_square_and_noise(9, 64, torch.Generator().manual_seed(5))
+    latents = vae.encode(clip).latent_dist.mean
+    assert latents.shape == (2, 48, 3, 4, 4)
+    torch.testing.assert_close(latents[:, :, :1], vae.encode(clip[:, :, :1]).latent_dist.mean, rtol=0, atol=1e-5)
+    for j in (1, 2):
+        group = clip[:, :, 4 * j - 3 : 4 * j + 1].mean(dim=2, keepdim=True)
+        torch.testing.assert_close(latents[:, :, j : j + 1], vae.encode(group).latent_dist.mean, rtol=0, atol=1e-4)
+    assert float((latents[:, :, 1] - latents[:, :, 2]).abs().max()) > 0.1
+
+    images = toy_images(6, 64, torch.Generator().manual_seed(11))
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 16), scale_factor=16)
+    blocky = blocks.view(2, 3, 3, 64, 64).transpose(1, 2)
+    blocky = torch.cat([blocky[:, :, :1], blocky[:, :, 1:].repeat_interleave(4, dim=2)], dim=2)
+    assert float((vae.decode(vae.encode(blocky).latent_dist.mean).sample - blocky).abs().max()) < 1e-4
+
+    flat = torch.tensor([-0.3, -0.2, 0.1]).view(1, 3, 1, 1, 1).expand(1, 3, 1, 128, 128)
+    z = vae.encode(flat).latent_dist.mean
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    apart = ((z - z[..., 4:5, 4:5]) / std).pow(2).sum(1)[0, 0]  # (8, 8)
+    assert float(apart[1:-1, 1:-1].max()) < 1e-6 and 0.5 < float(apart[0, 3]) < 3
+    assert float((vae.decode(z).sample - flat).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["wan22-a14b", "wan22-ti2v"])
+def test_the_wan22_variants_have_learnable_pipelines(variant, tmp_path):
+    """``python -m tuner.tiny <variant> --learnable``: A14B's two experts are both widened (each its own draw); TI2V
+    gets the learnable 48-channel residual VAE and a transformer widened for its 48 x 2 x 2 patch."""
+    import diffusers
+
+    from models.learnable import toy_images
+    from tuner.config.families import write_tiny
+
+    pipe = diffusers.WanPipeline.from_pretrained(write_tiny(variant, tmp_path / variant, learnable=True))
+    experts = [pipe.transformer] + ([pipe.transformer_2] if variant == "wan22-a14b" else [])
+    patch = pipe.transformer.config.in_channels * 4
+    for expert in experts:
+        width = expert.config.num_attention_heads * expert.config.attention_head_dim
+        assert width >= 2 * patch
+    if variant == "wan22-a14b":
+        assert not torch.equal(pipe.transformer.proj_out.weight, pipe.transformer_2.proj_out.weight)
+        assert pipe.config.boundary_ratio == 0.875
+    else:
+        assert pipe.vae.config.is_residual and pipe.vae.config.z_dim == 48 and patch == 192
+    images = toy_images(4, 64, torch.Generator().manual_seed(2))[:, :, None]
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.mean
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    assert 0.6 < float(((latents - mean) / std).std()) < 1.4
