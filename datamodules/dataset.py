@@ -16,7 +16,7 @@ from datamodules.cache import CorruptEntry, TensorCache, cache_key
 from datamodules.images import load_mask, load_rgb, mask_tensor, resize_and_crop, to_tensor
 from datamodules.scan import DECODE_ERRORS, Sample
 from datamodules.sources import Source
-from datamodules.video import ANIMATED_EXTENSIONS, decode, decode_animation, window
+from datamodules.video import ANIMATED_EXTENSIONS, decode, decode_animation, mask_on_grid, window
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class BucketedImageDataset(Dataset):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # crops and caption draws repeat exactly on resume
         if sample.clip is not None:
-            return self._clip(sample, rng)
+            return self._clip(sample, rng)[:4]
         with self.sources[sample.dataset].open(sample.item) as fp:
             cover = sample.bucket
             if sample.scale_to is not None:  # a detail crop: decode at least as large as it is scaled to
@@ -87,14 +87,17 @@ class BucketedImageDataset(Dataset):
         with self.sources[sample.dataset].open(sample.item) as fp:
             frames = (decode_animation if animated else decode)(fp, sample.clip, indices, fit)
         pixels = torch.stack([to_tensor(f) for f in frames], dim=1)  # (3, F, H, W)
-        return pixels, crop[0], rng, (sample.width, sample.height)
+        return pixels, crop[0], rng, (sample.width, sample.height), indices
 
     def paired(self, index: int, epoch: int) -> dict[str, Any]:
         """The target's pixels and crop, with its companions through the same bucket and crop box (a reference
         with a bucket of its own is centre-cropped to it): ``pixels`` (3, H, W), ``crop`` (top, left),
         ``reference_pixels`` [(3, H_r, W_r)] by slot, ``control_pixels`` (3, H, W), ``mask`` (1, H, W) in [0, 1]."""
         sample = self.samples[index]
-        pixels, crop, rng, decoded = self._target(index, epoch)
+        if sample.clip is not None:
+            pixels, crop, rng, decoded, indices = self._clip(sample, random.Random(f"{self.seed}:{epoch}:{index}"))
+        else:
+            (pixels, crop, rng, decoded), indices = self._target(index, epoch), None
         out: dict[str, Any] = {"pixels": pixels, "crop": crop, "rng": rng}
 
         def aligned(img: Image.Image, resample: Image.Resampling) -> Image.Image:
@@ -105,6 +108,9 @@ class BucketedImageDataset(Dataset):
             with self.sources[sample.dataset].open(sample.item) as fp:
                 out["mask"] = mask_tensor(aligned(load_mask(fp, from_alpha=True), Image.Resampling.NEAREST))
         for c in sample.companions:
+            if c.clip is not None and indices is not None:  # a mask or control clip: the target's frames, aligned
+                out.update(self._companion_clip(c, indices, aligned))
+                continue
             with self.sources[c.source].open(c.item) as fp:
                 if c.kind == "mask":
                     out["mask"] = mask_tensor(aligned(load_mask(fp), Image.Resampling.NEAREST))
@@ -117,7 +123,27 @@ class BucketedImageDataset(Dataset):
                 out.setdefault("reference_pixels", []).append(to_tensor(image))
             else:
                 out["control_pixels"] = to_tensor(image)
+        if indices is not None:  # a still mask or control of a clip holds for each of its frames
+            for key in ("mask", "control_pixels"):
+                if key in out and out[key].ndim == 3:
+                    out[key] = out[key].unsqueeze(1).expand(-1, len(indices), -1, -1).contiguous()
         return out
+
+    def _companion_clip(self, c, indices: list[int], aligned) -> dict[str, torch.Tensor]:
+        """A clip's mask or control clip: the same source frames as its target's window, each brought to the
+        target's bucket and crop box: ``mask`` (1, F, H, W) or ``control_pixels`` (3, F, H, W)."""
+        animated = PurePosixPath(c.item.key).suffix.lower() in ANIMATED_EXTENSIONS
+        if c.kind == "mask":
+            def fit(frame: Image.Image) -> Image.Image:
+                return aligned(frame.convert("L"), Image.Resampling.NEAREST)
+        else:
+            def fit(frame: Image.Image) -> Image.Image:
+                return aligned(frame.convert("RGB"), Image.Resampling.LANCZOS)
+        with self.sources[c.source].open(c.item) as fp:
+            frames = (decode_animation if animated else decode)(fp, c.clip, indices, fit)
+        if c.kind == "mask":
+            return {"mask": torch.stack([mask_tensor(f) for f in frames], dim=1)}
+        return {"control_pixels": torch.stack([to_tensor(f) for f in frames], dim=1)}
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -227,9 +253,7 @@ def encode_entries(paired: list[dict[str, Any]], encode) -> list[dict[str, torch
         for entry, control in zip(entries, controls, strict=True):
             entry["control"] = control
     if "mask" in paired[0]:
-        masks = torch.nn.functional.interpolate(
-            torch.stack([p["mask"] for p in paired]), encoded.shape[-2:], mode="area"
-        )
+        masks = mask_on_grid(torch.stack([p["mask"] for p in paired]), encoded.shape[2:])  # a clip's packed in time
         for entry, mask in zip(entries, masks, strict=True):
             entry["mask"] = mask
     return entries

@@ -21,6 +21,7 @@ from pathlib import PurePosixPath
 from datamodules.scan import spec_bucket
 from datamodules.sources import Item, Source, SourceError, open_source
 from datamodules.spec import CONDITIONING_KINDS
+from datamodules.video import Clip
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Companion:
     width: int
     height: int
     bucket: tuple[int, int] | None = None  # its own (w, h) bucket; None: its target's bucket and crop box
+    clip: Clip | None = None  # a mask or control clip of a clip target: the target's frames are taken from it
 
 
 @dataclass
@@ -122,8 +124,13 @@ def pair(
                 lacking.setdefault(index, reason)
                 continue
             width, height, *_ = result
+            clip, unusable = companion_clip(kind, item, result, samples[index].clip)
+            if unusable:
+                report.missing.append({"path": samples[index].item.location, "reason": unusable})
+                lacking.setdefault(index, unusable)
+                continue
             bucket = spec_bucket(width, height, spec) if kind == "reference" and own_bucket else None
-            found[index].append(Companion(kind, slot, key, item, width, height, bucket))
+            found[index].append(Companion(kind, slot, key, item, width, height, bucket, clip))
             report.pairs += 1
         report.orphans += orphans
     paired = []
@@ -133,6 +140,32 @@ def pair(
             continue
         paired.append(dataclasses.replace(sample, companions=tuple(found[index])))
     return paired, reports
+
+
+def companion_clip(kind: str, item: Item, probed: tuple, target: Clip | None) -> tuple[Clip | None, str | None]:
+    """(the companion's clip, or None for a still; why it cannot serve, or None). A mask or control of a clip may be a
+    still (it holds for every frame) or a clip of at least the target's frames at its frame rate, whose frames the
+    target's window takes. A reference is an image; an image's companion a still (an animation's first frame)."""
+    moving = len(probed) >= 5 and probed[4] > 1  # (w, h, note, fps, frames): a video or an animation
+    if not moving or target is None:
+        if moving and suffix_is_video(item.key):
+            return None, f"{kind} {item.location} is a video clip; its target is an image"
+        return None, None
+    clip = Clip(float(probed[3]), int(probed[4]))
+    if kind == "reference":
+        return None, f"reference {item.location} is a clip; a reference is an image"
+    if clip.frames < target.frames or abs(clip.fps - target.fps) > 0.01 * target.fps:
+        return None, (
+            f"{kind} clip {item.location} has {clip.frames} frames at {clip.fps:g} fps; its clip has {target.frames} "
+            f"at {target.fps:g} fps (a {kind} clip needs as many frames at the same rate)"
+        )
+    return clip, None
+
+
+def suffix_is_video(key: str) -> bool:
+    from datamodules.video import VIDEO_EXTENSIONS
+
+    return PurePosixPath(key).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def _match_by_stem(source: Source, samples: list) -> tuple[dict[int, Item | None], list[dict]]:

@@ -184,3 +184,29 @@ def decode_animation(fp: BinaryIO, clip: Clip, indices: list[int], transform: Ca
             img.seek(frame)
             converted[frame] = transform(img.convert("RGB"))
     return [converted[shown[i]] for i in indices]
+
+
+def pack_frames(mask, latent_frames: int):
+    """A clip's per-frame mask (B, 1, F, H, W) on its latents' frames, as a causal video VAE packs them: latent frame
+    0 is frame 0, each later one the mean of its group of (F - 1) / (latent_frames - 1) frames."""
+    frames = mask.shape[2]
+    if frames == latent_frames:
+        return mask
+    if latent_frames == 1:
+        return mask.mean(dim=2, keepdim=True)
+    group = (frames - 1) // (latent_frames - 1)
+    rest = mask[:, :, 1 : 1 + group * (latent_frames - 1)].unflatten(2, (latent_frames - 1, group)).mean(dim=3)
+    import torch
+
+    return torch.cat([mask[:, :, :1], rest], dim=2)
+
+
+def mask_on_grid(mask, grid):
+    """A loss mask averaged down to the latent grid ``grid`` ((h, w), or (frames, h, w) for a clip's latents): "area",
+    so a latent's weight is the share of its pixels (and frames) that train. A still mask (B, 1, H, W) stays 4-D."""
+    import torch.nn.functional as F
+
+    if mask.ndim == 5:
+        mask = pack_frames(mask, grid[0])
+        return mask if mask.shape[-2:] == tuple(grid[-2:]) else F.interpolate(mask, (mask.shape[2], *grid[-2:]), mode="area")
+    return mask if mask.shape[-2:] == tuple(grid[-2:]) else F.interpolate(mask, tuple(grid[-2:]), mode="area")

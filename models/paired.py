@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 # What a family may declare in ``conditioning_kinds`` (a mask is every family's, through model.masked_loss).
 CONSUMED_KINDS = ("reference", "control")
@@ -75,7 +74,9 @@ class PairedMixin:
         (B, 1, h, w) on its device; None otherwise. A latent's weight is the share of its pixels that train."""
         if not self.hparams.masked_loss:
             return None
-        mask = batch["mask"].to(pred.device, torch.float32)  # (B, 1, H, W)
-        if mask.shape[-2:] != pred.shape[-2:]:
-            mask = F.interpolate(mask, pred.shape[-2:], mode="area")
-        return mask.unsqueeze(2) if pred.ndim == 5 else mask  # a clip: the same mask on every frame
+        from datamodules.video import mask_on_grid
+
+        mask = batch["mask"].to(pred.device, torch.float32)  # (B, 1, H, W), or (B, 1, F, H, W) for clips
+        mask = mask_on_grid(mask, pred.shape[2:])
+        return mask.unsqueeze(2) if pred.ndim == 5 and mask.ndim == 4 else mask  # a still mask: on every frame
+

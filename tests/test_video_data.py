@@ -267,3 +267,74 @@ def test_a_validation_clip_reaches_wandb_as_a_video(tmp_path, monkeypatch):
     logger.experiment.finish()
     (copy,) = run_dir.rglob("media/videos/validation/clip_*.mp4")  # the run's own copy of the clip
     assert copy.read_bytes() == path.read_bytes()
+
+
+def test_a_clip_takes_a_mask_clip_frame_for_frame_or_a_still_mask_on_every_frame(tmp_path):
+    """Masked loss on clips: a mask clip gives the target's own window of frames (random windows included), a still
+    mask holds for every frame, a mask clip shorter than its target is a recorded skip, and the loss packs a
+    per-frame mask in time as the VAE packs the frames."""
+    from datamodules.video import pack_frames
+
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    data.mkdir(), masks.mkdir()
+    for name in ("walk", "still_masked", "short_mask"):
+        write_clip(data / f"{name}.mp4", frames=24, fps=8)
+    write_clip(masks / "walk.mp4", frames=24, fps=8)  # frame i at grey STEP * i, as its target's
+    Image.new("L", (64, 48), 255).save(masks / "still_masked.png")
+    write_clip(masks / "short_mask.mp4", frames=6, fps=8)
+    report = tmp_path / "report.json"
+    dm = DiffusionDataModule(
+        path=str(data), resolution=32, resolution_type="pixel", bucket_step=16, num_frames=5, video=True,
+        frame_sampling="random", batch_size=1, conditioning={"mask": {"path": str(masks)}}, report_path=str(report),
+    )
+    samples = {s.item.key: s for s in dm.scan()}
+    assert sorted(samples) == ["still_masked.mp4", "walk.mp4"]
+    skipped = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in json.loads(report.read_text())["skipped"]}
+    assert "has 6 frames at 8 fps; its clip has 24 at 8 fps" in skipped["short_mask.mp4"]
+
+    dataset = BucketedImageDataset(dm.samples, dm.sources, 0)
+    for epoch in (0, 1, 2):
+        item = dataset[(dm.samples.index(samples["walk.mp4"]), epoch)]
+        assert item["pixels"].shape == (3, 5, 32, 48) and item["mask"].shape == (1, 5, 32, 48)
+        target = ((item["pixels"].mean(dim=(0, 2, 3)) + 1) * 127.5 / STEP).round()
+        mask = (item["mask"].mean(dim=(0, 2, 3)) * 255 / STEP).round()
+        assert target.tolist() == mask.tolist()  # the same source frames, wherever the window fell
+    still = dataset[(dm.samples.index(samples["still_masked.mp4"]), 0)]["mask"]
+    assert still.shape == (1, 5, 32, 48) and bool((still == 1).all())
+
+    per_frame = torch.arange(9.0).view(1, 1, 9, 1, 1).expand(2, 1, 9, 4, 4)
+    packed = pack_frames(per_frame, 3)  # Wan: frame 0, then frames 1-4 and 5-8
+    assert packed.shape == (2, 1, 3, 4, 4) and packed[0, 0, :, 0, 0].tolist() == [0.0, 2.5, 6.5]
+
+
+def test_a_wan_run_whose_mask_clips_are_all_black_learns_nothing(make_cfg, demo_dir, tmp_path):
+    """The mask clips reach the loss, frame by frame: black everywhere, the loss is 0 and no gradient reaches the LoRA."""
+    from safetensors.torch import load_file
+
+    from datamodules.demo import write_clips
+    from tuner.run import train
+
+    clips = write_clips(demo_dir / "clips")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in clips.iterdir():
+        if path.suffix == ".mp4":
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                size, frames, fps = (stream.width, stream.height), stream.frames, int(stream.average_rate)
+            with av.open(str(masks / path.name), "w") as container:  # as long as its clip, black
+                stream = container.add_stream("mpeg4", rate=fps)
+                stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+                for _ in range(frames):
+                    for packet in stream.encode(av.VideoFrame.from_image(Image.new("RGB", size))):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+        elif path.suffix == ".png":
+            with Image.open(path) as img:
+                Image.new("L", img.size, 0).save(masks / path.name)
+    cfg = make_cfg("model=wan", "model.masked_loss=true", f"data.conditioning.mask.path={masks}", "max_train_steps=2",
+                   "optimizer.lr=5e-2", "callbacks.validation.enabled=false", "callbacks.ema.enabled=false")
+    assert train(cfg) == 0.0
+    state = load_file(Path(cfg.output_dir) / "pytorch_lora_weights.safetensors")
+    assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k or "lora.up" in k) == 0.0
