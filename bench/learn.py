@@ -185,7 +185,7 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
         f"model.lora.rank={recipe.rank}",
         f"data.path={data}",
         f"data.resolution={recipe.size}",
-        f"data.bucket_step={max(16, family_class(family).pixel_multiple)}",  # the tiny preset's 16; LTX's VAE 32
+        f"data.bucket_step={bucket_step(family, pipe_dir)}",
         f"data.batch_size={recipe.batch_size}",
         "data.caption_dropout_probability=0.1",  # the unconditional prompt classifier-free guidance needs
         f"max_train_steps={steps or (recipe.steps if finetune == 'full' else recipe.lora_steps)}",
@@ -210,6 +210,16 @@ def train(family: str, pipe_dir: Path, data: Path, out: Path, finetune: str, rec
 
 
 
+def bucket_step(family: str, pipe_dir: Path) -> int:
+    """The tiny preset's 16, or the checkpoint's edge multiple where larger (LTX's VAE 32; Wan 2.2 TI2V's 16x VAE 32)."""
+    from omegaconf import OmegaConf
+
+    from tuner.config.families import family_class
+
+    model_cfg = OmegaConf.create({"pretrained_model_name_or_path": str(pipe_dir), "revision": None})
+    return max(16, family_class(family).pixel_multiple_for(model_cfg))
+
+
 def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) -> tuple[Path, float]:
     """The LoRA's base: the learnable pipeline trained in full on generic shapes, so that it denoises, as a
     real base model does before anyone trains a LoRA on it (a LoRA on a random denoiser learned nothing in
@@ -225,8 +235,24 @@ def pretrain(family: str, pipe_dir: Path, work: Path, recipe: Recipe, extra=()) 
         data = write_generic_set(work / f"generic-{recipe.size}", recipe.size)
     if task_of(family, recipe) == "edit":  # an edit model's base learns to copy its input: each image is its own reference
         extra = (*extra, f"data.conditioning.reference.path={data}")
-    seconds = train(family, pipe_dir, data, out, "full", recipe, extra, steps=recipe.base_steps)
+    seconds = train_full(family, pipe_dir, data, out, recipe, extra, steps=recipe.base_steps)
     return out / "pipeline", seconds
+
+
+def two_transformers(pipe_dir: Path) -> bool:
+    """Whether the pipeline holds two expert transformers (Wan 2.2 A14B: ``transformer`` and ``transformer_2``)."""
+    index = json.loads((Path(pipe_dir) / "model_index.json").read_text())
+    return (index.get("transformer_2") or [None])[0] is not None
+
+
+def train_full(family: str, pipe_dir: Path, data: Path, out: Path, recipe: Recipe, extra=(), steps: int | None = None):
+    """A full fine-tune; of both experts where the pipeline has two transformers, one run each (a run trains one:
+    ``model.expert``), the low-noise expert's on the high-noise run's pipeline. Returns the seconds it took."""
+    if not two_transformers(pipe_dir):
+        return train(family, pipe_dir, data, out, "full", recipe, extra, steps)
+    high = out.parent / f"{out.name}-high-noise"
+    seconds = train(family, pipe_dir, data, high, "full", recipe, (*extra, "model.expert=high_noise"), steps)
+    return seconds + train(family, high / "pipeline", data, out, "full", recipe, (*extra, "model.expert=low_noise"), steps)
 
 
 def load_trained(family: str, pipe_dir: Path, out: Path, finetune: str):
@@ -239,7 +265,10 @@ def load_trained(family: str, pipe_dir: Path, out: Path, finetune: str):
     if finetune == "full":
         return DiffusionPipeline.from_pretrained(out / "pipeline")
     pipe = DiffusionPipeline.from_pretrained(pipe_dir)
-    if finetune == "experts":
+    if finetune == "experts" and getattr(pipe, "transformer_2", None) is not None:  # Wan 2.2 A14B: as its card says
+        pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_high_noise.safetensors")
+        pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_low_noise.safetensors", load_into_transformer_2=True)
+    elif finetune == "experts":
         load_experts(cls, pipe, out)
     else:
         cls.load_lora(pipe, out)
@@ -362,7 +391,10 @@ def learn(family: str, finetune: str, work: Path, seeds: int = 4, extra=(), reci
     else:
         data = write_toy_set(work / f"toy-{recipe.size}-{contrast}", contrast, recipe.size)
     out = work / "runs" / f"{family}-{finetune}"
-    train_s = train(family, pipe_dir, data, out, finetune, recipe, extra)
+    if finetune == "full":
+        train_s = train_full(family, pipe_dir, data, out, recipe, extra)
+    else:
+        train_s = train(family, pipe_dir, data, out, finetune, recipe, extra)
     start = time.perf_counter()
     labels, predicted, images = sample(family, load_trained(family, pipe_dir, out, finetune), recipe, seeds)
     save_grid(images, out / "learn_grid.png")

@@ -272,6 +272,11 @@ class DiffusionModule(AdaptersMixin, EncodersMixin, PairedMixin, OptimizationMix
         """Components to leave out when the full pipeline is written from the base checkpoint."""
         return {name: None for name in self.components if not self.wanted(name)}
 
+    def denoiser_slot(self) -> str:
+        """The pipeline component the trained denoiser is written as in a full export: ``denoiser_name``, or the
+        expert's own where a checkpoint's experts are components of their own (Wan 2.2 A14B's ``transformer_2``)."""
+        return self.denoiser_name
+
     # ---- setup ----------------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -32,7 +32,7 @@ def save_weights(module: Any, directory: str | Path, full_pipeline: bool = True,
         # copies loaded for training; only the trained denoiser comes from memory.
         pipe = module.pipeline_class.from_pretrained(
             hp.pretrained_model_name_or_path,
-            **{module.denoiser_name: module.denoiser},
+            **{module.denoiser_slot(): module.denoiser},  # an A14B expert's run: into its own transformer
             scheduler=module.noise.sampling_scheduler(),
             revision=hp.revision,
             variant=hp.variant,

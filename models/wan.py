@@ -15,7 +15,8 @@ Wan causal 3-D VAE's latents, conditioned on UMT5-XXL; trained exactly as ``WanP
   (B, f * h/2 * w/2), and so does ``denoise``.
 - Wan 2.2 A14B (``transformer_2``, ``boundary_ratio``): ``model.experts=two_lora`` trains a LoRA on each transformer
   in one run (models/experts.py; split at the checkpoint's ``boundary_ratio``), validation hands the pipeline both;
-  ``model.expert=high_noise`` trains ``transformer`` alone (levels above the boundary), ``low_noise`` ``transformer_2``.
+  ``model.expert=high_noise`` trains ``transformer`` alone (levels above the boundary), ``low_noise`` ``transformer_2``
+  (a full fine-tune writes it back there).
 - Validation samples an ``options.validation_frames`` clip (9; 1 gives an image) with the pipeline's own CFG
   (``guidance_scale``, negative prompt "" by default) and returns its frames.
 """
@@ -53,15 +54,8 @@ class WanOptions:
 def prompt_embeds(tokenizer, encoder, prompts: Sequence[str], max_length: int, device) -> torch.Tensor:
     """WanPipeline's ``_get_t5_prompt_embeds``: UMT5's last hidden states of the real tokens, zero-padded to
     ``max_length`` (B, max_length, D). ``prompts`` are already cleaned."""
-    tokens = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     mask = tokens.attention_mask.to(device)
     hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state
     return hidden * mask[..., None].to(hidden.dtype)  # the pipeline's cut to the real tokens, padded back with zeros
@@ -159,6 +153,11 @@ class WanModule(DiffusionModule):
             if name == self.denoiser_name and two and hp.experts == "two_lora":
                 out["transformer_2"] = cls.from_pretrained(path, subfolder="transformer_2", **kwargs)
         return out
+
+    def denoiser_slot(self) -> str:
+        """An A14B expert's run writes its transformer back into the expert's own slot (``transformer_2``: low noise)."""
+        expert = self.hparams.expert
+        return EXPERT_DENOISERS[expert] if self.boundary_ratio is not None and expert in EXPERT_DENOISERS else "transformer"
 
     def pipeline_components(self) -> dict:
         out = {**super().pipeline_components(), "expand_timesteps": self.expand_timesteps}

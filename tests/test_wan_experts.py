@@ -100,3 +100,20 @@ def test_a_two_expert_run_exports_what_wanpipeline_loads_and_resumes_exactly(a14
          generator=torch.Generator().manual_seed(0))
     assert {name for name, _ in calls} == set(EXPERT_OF)  # the pipeline switched experts at its boundary
     assert all((t >= BOUNDARY * 1000) == (name == "transformer") for name, t in calls)
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_a_full_fine_tune_of_one_expert_exports_it_into_its_own_transformer(expert, a14b, make_cfg, tmp_path):
+    """``model.expert=low_noise`` trains ``transformer_2``: the exported A14B pipeline has it there, the other expert
+    as the base has it, and the boundary kept, so a second run can train the other expert on top."""
+    from diffusers import WanPipeline
+
+    train(make_cfg("model=wan", f"model.pretrained_model_name_or_path={a14b}", "model.finetune=full",
+                   f"model.expert={expert}", "optimizer.lr=1e-3", "max_train_steps=2", "callbacks.validation.enabled=false",
+                   output_dir=tmp_path / "out"))
+    base, out = WanPipeline.from_pretrained(a14b), WanPipeline.from_pretrained(tmp_path / "out" / "pipeline")
+    assert out.config.boundary_ratio == BOUNDARY
+    for name, owner in EXPERT_OF.items():
+        theirs, ours = getattr(base, name).state_dict(), getattr(out, name).state_dict()
+        changed = any(not torch.equal(ours[k], theirs[k]) for k in theirs)
+        assert changed == (owner == expert), name
