@@ -338,3 +338,26 @@ def test_a_wan_run_whose_mask_clips_are_all_black_learns_nothing(make_cfg, demo_
     assert train(cfg) == 0.0
     state = load_file(Path(cfg.output_dir) / "pytorch_lora_weights.safetensors")
     assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k or "lora.up" in k) == 0.0
+
+
+def test_clips_in_webdataset_shards_and_a_table_give_the_same_frames_as_from_a_folder(tmp_path):
+    """Every source holds clips: a shard's .mp4 member (with its .txt) and a jsonl row naming an .mp4 are probed, given
+    their window and decoded exactly as the same clip in a folder."""
+    import webdataset as wds
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_clip(folder / "walk.mp4", frames=24, fps=8)
+    (folder / "walk.txt").write_text("a walk")
+    with wds.TarWriter(str(tmp_path / "shard-000.tar"), encoder=False) as writer:
+        writer.write({"__key__": "walk", "mp4": (folder / "walk.mp4").read_bytes(), "txt": b"a walk"})
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"file_name": str(folder / "walk.mp4"), "text": "a walk"}) + "\n")
+    frames = {}
+    for name, path in (("folder", folder), ("shards", tmp_path / "shard-000.tar"), ("table", tmp_path / "meta.jsonl")):
+        dm = DiffusionDataModule(path=str(path), resolution=32, resolution_type="pixel", bucket_step=16, num_frames=5,
+                                 frame_rate=4, video=True, batch_size=1, caption_strategy="textfile" if name == "folder" else None)
+        (sample,) = dm.scan()
+        assert (sample.caption, sample.clip, sample.num_frames) == ("a walk", Clip(8.0, 24), 5), name
+        frames[name] = BucketedImageDataset(dm.samples, dm.sources, 0)[(0, 0)]["pixels"]
+    assert frames["folder"].shape == (3, 5, 32, 48)
+    assert torch.equal(frames["folder"], frames["shards"]) and torch.equal(frames["folder"], frames["table"])
