@@ -51,6 +51,8 @@ class PairReport:
 def companion_entry(companion: Companion) -> dict:
     """A companion as the report lists it beside its target."""
     own = {"bucket": list(companion.bucket)} if companion.bucket is not None else {}
+    if companion.clip is not None:  # a mask or control clip: what its target's window is taken from
+        own["clip"] = {"fps": companion.clip.fps, "frames": companion.clip.frames}
     return {"kind": companion.kind, "path": companion.item.location, **own}
 
 

@@ -291,6 +291,9 @@ def test_a_clip_takes_a_mask_clip_frame_for_frame_or_a_still_mask_on_every_frame
     assert sorted(samples) == ["still_masked.mp4", "walk.mp4"]
     skipped = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in json.loads(report.read_text())["skipped"]}
     assert "has 6 frames at 8 fps; its clip has 24 at 8 fps" in skipped["short_mask.mp4"]
+    usable = {u["path"].rsplit("/", 1)[-1]: u for u in json.loads(report.read_text())["usable"]}
+    assert usable["walk.mp4"]["companions"] == [{"kind": "mask", "path": str(masks / "walk.mp4"),
+                                                 "clip": {"fps": 8.0, "frames": 24}}]
 
     dataset = BucketedImageDataset(dm.samples, dm.sources, 0)
     for epoch in (0, 1, 2):
