@@ -23,18 +23,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 import learn  # noqa: E402  (bench/learn.py)
 
 PASS = 0.9
-PREFERRED = ("sd15", "sd3", "deepfloyd_if", "ltx_video")  # the cheapest of their kinds
+PREFERRED = ("sd15", "sd3", "deepfloyd_if", "wan")  # the cheapest of their kinds
 # Kinds the suite does not run yet, and why (bench/learn.py still runs them)
 PENDING: dict[str, str] = {}
 # Each family's own bench recipe (its rate; IF's 32x32 images), but a 1000-step full fine-tune runs half as long
 # here: those have headroom (500 steps gave 1.00 where these pass). IF's 800 steps run as they are, and so do
-# LTX-Video's 1000 on the caption task (500 gave 0.625; ~40 s).
+# LTX-Video's 1000 on the caption task (500 gave 0.625; ~40 s) under TUNER_LEARN=all.
 CI_STEPS = 500
 FULL_LENGTH = {"ltx_video"}
+# A video family learns the caption task here (the motion task takes ~6000 steps): Wan with 24 text rows for 1000
+# steps (1.00 at lr 5e-3 and at 1e-3, ~30 s; at the pipeline's 512 rows it needs 3000). It stands for the video kind
+# rather than LTX-Video, whose caption task sits on an edge at 1000 steps: changes at float-rounding level in its
+# VAE gave 1.00, 0.62 or 0.75, and 1500 or 2000 steps no better (bench/README.md).
+CI_CHANGES = {"wan": ["task=caption", "text_tokens=24", "steps=1000"]}
 
 
 def ci_recipe(family: str) -> learn.Recipe:
     """The bench's recipe, shorter; a video family's caption-task recipe (the motion task takes ~6000 steps)."""
+    if family in CI_CHANGES:
+        return learn.recipe_for(family, CI_CHANGES[family])
     recipe = learn.recipe_for(family, ["task=caption"] if family in learn.CAPTION_RECIPES else [])
     keep = recipe.steps < 1000 or family in FULL_LENGTH
     return dataclasses.replace(recipe, steps=recipe.steps if keep else CI_STEPS)
