@@ -189,6 +189,8 @@ def decode_animation(fp: BinaryIO, clip: Clip, indices: list[int], transform: Ca
 def pack_frames(mask, latent_frames: int):
     """A clip's per-frame mask (B, 1, F, H, W) on its latents' frames, as a causal video VAE packs them: latent frame
     0 is frame 0, each later one the mean of its group of (F - 1) / (latent_frames - 1) frames."""
+    import torch
+
     frames = mask.shape[2]
     if frames == latent_frames:
         return mask
@@ -196,8 +198,6 @@ def pack_frames(mask, latent_frames: int):
         return mask.mean(dim=2, keepdim=True)
     group = (frames - 1) // (latent_frames - 1)
     rest = mask[:, :, 1 : 1 + group * (latent_frames - 1)].unflatten(2, (latent_frames - 1, group)).mean(dim=3)
-    import torch
-
     return torch.cat([mask[:, :, :1], rest], dim=2)
 
 
